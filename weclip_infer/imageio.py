@@ -1,0 +1,151 @@
+"""Safe image decoding: any PIL mode, EXIF orientation, pixel limits, clear errors.
+
+Every entry point that reads user images (predictor, batch CLI, datasets, the TorchServe handler)
+goes through ``load_image`` so that bad input always produces the same ``ImageDecodeError``.
+"""
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+__all__ = ["ImageDecodeError", "load_image", "DEFAULT_MAX_PIXELS", "save_png_atomic", "atomic_write_bytes"]
+
+DEFAULT_MAX_PIXELS = 40_000_000  # 40 MP; decompression bombs beyond this are refused
+
+ImageSource = Union[str, os.PathLike, bytes, bytearray, np.ndarray, Image.Image]
+
+
+class ImageDecodeError(ValueError):
+    """An input could not be decoded as an image; ``.source`` and ``.reason`` say which and why."""
+
+    def __init__(self, source: str, reason: str):
+        super().__init__(f"{source}: {reason}")
+        self.source = source
+        self.reason = reason
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        if mode.startswith("I;16") and hi <= 65535:
+            arr = arr / 257.0
+        elif hi > lo:
+            arr = (arr - lo) / (hi - lo) * 255.0
+        g = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+        return Image.fromarray(np.stack([g] * 3, axis=-1))
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))  # transparent → white
+        return Image.alpha_composite(bg, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def load_image(src: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS, name: str | None = None) -> np.ndarray:
+    """Decode ``src`` (path, bytes, PIL image or array) into an H×W×3 uint8 RGB array.
+
+    Applies EXIF orientation; converts L/P/RGBA/CMYK/16-bit to RGB. Raises ``ImageDecodeError``
+    for missing, empty, non-image, truncated or oversized (> ``max_pixels``) input.
+    """
+    label = name or (str(src) if isinstance(src, (str, os.PathLike)) else f"<{type(src).__name__}>")
+    if isinstance(src, np.ndarray):
+        arr = src
+        if arr.ndim == 2:
+            arr = np.stack([arr] * 3, axis=-1)
+        if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
+            raise ImageDecodeError(label, f"expected an H×W, H×W×3 or H×W×4 array, got shape {arr.shape}")
+        if arr.shape[2] == 1:
+            arr = np.repeat(arr, 3, axis=2)
+        arr = arr[..., :3]
+        if arr.shape[0] < 1 or arr.shape[1] < 1:
+            raise ImageDecodeError(label, f"empty image of shape {arr.shape}")
+        if arr.shape[0] * arr.shape[1] > max_pixels:
+            raise ImageDecodeError(label, f"image has {arr.shape[0] * arr.shape[1]} pixels, more than the limit {max_pixels}")
+        if arr.dtype != np.uint8:
+            if np.issubdtype(arr.dtype, np.floating) and arr.max(initial=0) <= 1.0:
+                arr = arr * 255.0
+            arr = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+        return np.ascontiguousarray(arr)
+    if isinstance(src, Image.Image):
+        img = src
+    else:
+        if isinstance(src, (bytes, bytearray)):
+            data = bytes(src)
+        else:
+            path = Path(src)
+            if not path.exists():
+                raise ImageDecodeError(label, "file not found")
+            if not path.is_file():
+                raise ImageDecodeError(label, "not a regular file")
+            data = path.read_bytes()
+        if len(data) == 0:
+            raise ImageDecodeError(label, "empty file (0 bytes)")
+        try:
+            img = Image.open(io.BytesIO(data))
+        except UnidentifiedImageError:
+            raise ImageDecodeError(label, "not a recognised image format") from None
+        except Exception as e:  # noqa: BLE001 - any decoder failure is a bad input
+            raise ImageDecodeError(label, f"cannot open image: {e}") from None
+    w, h = img.size
+    if w < 1 or h < 1:
+        raise ImageDecodeError(label, f"empty image of size {w}x{h}")
+    if w * h > max_pixels:
+        raise ImageDecodeError(label, f"image has {w * h} pixels ({w}x{h}), more than the limit {max_pixels}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            img = _to_rgb(img)
+            arr = np.asarray(img, dtype=np.uint8)
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        raise ImageDecodeError(label, f"decompression bomb refused: {e}") from None
+    except OSError as e:
+        raise ImageDecodeError(label, f"corrupt or truncated image: {e}") from None
+    except Exception as e:  # noqa: BLE001
+        raise ImageDecodeError(label, f"cannot decode image: {e}") from None
+    return np.ascontiguousarray(arr)
+
+
+def atomic_write_bytes(path: Union[str, os.PathLike], data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temp file in the same folder + ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def save_png_atomic(path: Union[str, os.PathLike], array: np.ndarray, palette: np.ndarray | None = None) -> None:
+    """Save a H×W label map (palette PNG when ``palette`` is given) or H×W×3 image atomically."""
+    arr = np.asarray(array)
+    if arr.ndim == 2:
+        img = Image.fromarray(arr.astype(np.uint8), mode="L")
+        if palette is not None:
+            img = Image.fromarray(arr.astype(np.uint8), mode="P")
+            img.putpalette(np.asarray(palette, dtype=np.uint8).reshape(-1).tolist())
+    else:
+        img = Image.fromarray(arr.astype(np.uint8))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
