@@ -1,0 +1,96 @@
+"""DenseCRF post-processing (spec §8.2)."""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+
+from weclip_infer import crf
+from weclip_infer.crf import CRFUnavailableError, crf_available, dense_crf
+
+needs_crf = pytest.mark.skipif(not crf_available(), reason="pydensecrf not installed (pip install 'weclip-infer[crf]')")
+
+
+def _two_region_problem(seed: int = 0, h: int = 40, w: int = 56):
+    """Image with a flat red left part and a flat blue right part (wavy boundary), true labels,
+    and noisy probabilities whose argmax is wrong on roughly a third of the pixels."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    boundary = w // 2 + (3 * np.sin(yy / 5.0)).astype(int)
+    labels = (xx >= boundary).astype(np.int64)
+    image = np.zeros((h, w, 3), np.uint8)
+    image[labels == 0] = (200, 30, 30)
+    image[labels == 1] = (30, 30, 200)
+    logits = np.stack([(labels == 0), (labels == 1)]).astype(np.float32) * 0.8
+    logits += rng.normal(0.0, 1.0, size=logits.shape).astype(np.float32)
+    probs = np.exp(logits - logits.max(0, keepdims=True))
+    probs /= probs.sum(0, keepdims=True)
+    return image, probs.astype(np.float32), labels
+
+
+@needs_crf
+def test_crf_cleans_noisy_probabilities():
+    image, probs, labels = _two_region_problem()
+    acc_in = (probs.argmax(0) == labels).mean()
+    q = dense_crf(image, probs)
+    assert q.shape == probs.shape and q.dtype == np.float32
+    np.testing.assert_allclose(q.sum(0), 1.0, atol=1e-4)
+    acc_out = (q.argmax(0) == labels).mean()
+    assert acc_in < 0.85  # the input really is noisy
+    assert acc_out > acc_in
+    assert acc_out > 0.97
+
+
+@needs_crf
+def test_crf_accepts_torch_and_non_square_sizes():
+    torch = pytest.importorskip("torch")
+    image, probs, _ = _two_region_problem(h=17, w=31)
+    q_np = dense_crf(image, probs, iters=3)
+    q_t = dense_crf(torch.from_numpy(image), torch.from_numpy(probs), iters=3)
+    assert q_np.shape == (2, 17, 31)
+    np.testing.assert_allclose(q_np, q_t, atol=1e-6)
+    # a non-contiguous (transposed) image view works too
+    img_t = np.ascontiguousarray(image.transpose(1, 0, 2)).transpose(1, 0, 2)
+    assert not img_t.flags["C_CONTIGUOUS"]
+    np.testing.assert_allclose(dense_crf(img_t, probs, iters=3), q_np, atol=1e-6)
+
+
+@needs_crf
+def test_zero_iterations_returns_input_distribution():
+    image, probs, _ = _two_region_problem(h=8, w=8)
+    q = dense_crf(image, probs, iters=0)
+    np.testing.assert_allclose(q, np.clip(probs, 1e-5, 1) / np.clip(probs, 1e-5, 1).sum(0), atol=1e-5)
+
+
+def test_shape_validation():
+    image, probs, _ = _two_region_problem(h=10, w=12)
+    with pytest.raises(ValueError, match="10×12.*12×10|upsample"):
+        dense_crf(image, probs.transpose(0, 2, 1).copy())
+    with pytest.raises(ValueError, match="H×W×3"):
+        dense_crf(image[..., 0], probs)
+    with pytest.raises(ValueError, match="uint8"):
+        dense_crf(image.astype(np.float32), probs)
+    with pytest.raises(ValueError, match="C×H×W"):
+        dense_crf(image, probs[0])
+    with pytest.raises(ValueError, match="NaN"):
+        bad = probs.copy()
+        bad[0, 0, 0] = np.nan
+        dense_crf(image, bad)
+    with pytest.raises(ValueError, match="iters"):
+        dense_crf(image, probs, iters=-1)
+
+
+def test_missing_pydensecrf_raises_with_install_hint(monkeypatch):
+    # None in sys.modules makes `import pydensecrf...` raise ImportError, as if not installed
+    monkeypatch.setitem(sys.modules, "pydensecrf", None)
+    monkeypatch.setitem(sys.modules, "pydensecrf.densecrf", None)
+    monkeypatch.setitem(sys.modules, "pydensecrf.utils", None)
+    assert crf_available() is False
+    image, probs, _ = _two_region_problem(h=6, w=6)
+    with pytest.raises(CRFUnavailableError) as ei:
+        dense_crf(image, probs)
+    msg = str(ei.value)
+    assert 'pip install "weclip-infer[crf]"' in msg and "pydensecrf2==1.1" in msg
+    assert isinstance(ei.value, ImportError) and isinstance(ei.value, RuntimeError)
+    assert crf.INSTALL_HINT in msg

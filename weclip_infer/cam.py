@@ -1,0 +1,180 @@
+"""Initial CAMs by GradCAM on the frozen last CLIP block (CLIP-ES style, spec §2) and box masks.
+
+The reference runs one forward + backward of block N per image and per present class. Here all
+(image, class) pairs of a batch are one batch of block-N forwards and one backward: each pair
+gets its own copy of its image's block-(N−1) tokens, and the summed target
+``Σ_n p_n[j_n]`` is differentiated once. Pairs do not interact (LayerNorm, attention and MLP act
+within one sample), so the gradient of the sum w.r.t. pair n's activation equals
+``∂p_n[j_n]/∂A_n`` exactly — the per-class loop's gradient (``tests/test_cam.py`` checks it).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from .backbone import FrozenCLIP, run_block
+
+__all__ = ["CAMOutput", "class_keys", "initial_cam", "initial_cam_per_class", "box_mask", "box_masks", "minmax_normalize"]
+
+
+@dataclass
+class CAMOutput:
+    """Result of ``initial_cam`` for a batch.
+
+    ``cams``: per image a ``K_i×h×w`` tensor in [0, 1] (ascending class order);
+    ``keys``: per image the ``K_i`` 0-based foreground class ids;
+    ``attn_last``: ``B×L×L`` head-averaged attention of block N (spec §2.3 last item);
+    ``probs``: per image ``K_i×(K_i+n_bg)`` softmax scores of each GradCAM target's forward;
+    ``tokens_last``: ``B×L×D`` output of block N.
+    """
+
+    cams: list
+    keys: list
+    attn_last: torch.Tensor
+    probs: list
+    tokens_last: torch.Tensor
+
+
+def class_keys(cls_labels: torch.Tensor) -> list[list[int]]:
+    """``B×(C−1)`` multi-hot → per image the present 0-based class ids, ascending (§11.2 item 20)."""
+    return [torch.nonzero(row > 0.5).flatten().tolist() for row in cls_labels]
+
+
+def minmax_normalize(x: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """``(x − min) / (max(x − min) + eps)`` over the last two dims (spec §2.3)."""
+    flat = x.flatten(-2)
+    mn = flat.min(dim=-1, keepdim=True).values
+    flat = flat - mn
+    mx = flat.max(dim=-1, keepdim=True).values
+    return (flat / (mx + eps)).reshape(x.shape)
+
+
+def initial_cam(backbone: FrozenCLIP, tokens_prev: torch.Tensor, hw: tuple[int, int], keys: Sequence[Sequence[int]],
+                text_fg: torch.Tensor, text_bg: torch.Tensor, logit_scale: Optional[float] = None) -> CAMOutput:
+    """GradCAM initial CAMs for every present class of every image (spec §2.2–§2.3).
+
+    ``tokens_prev``: ``B×L×D`` output of block N−1 (no grad needed); ``keys``: present classes
+    per image; ``text_fg``: ``(C−1)×E``, ``text_bg``: ``n_bg×E`` L2-normalised text embeddings;
+    ``logit_scale``: softmax scale (default: the CLIP's ``exp(logit_scale)``, 100 for OpenAI).
+    """
+    B, L, D = tokens_prev.shape
+    h, w = hw
+    scale = float(backbone.logit_scale_exp) if logit_scale is None else float(logit_scale)
+    blk = backbone.blocks[backbone.num_blocks - 1]
+    pairs = [(b, j) for b in range(B) for j in range(len(keys[b]))]
+    tokens_prev = tokens_prev.detach()
+    attn_last = torch.empty(B, L, L, dtype=tokens_prev.dtype, device=tokens_prev.device)
+    tokens_last = torch.empty_like(tokens_prev)
+    cams: list = [tokens_prev.new_zeros(len(k), h, w) for k in keys]
+    probs: list = [tokens_prev.new_zeros(len(k), len(k) + text_bg.shape[0]) for k in keys]
+    empty = [b for b in range(B) if not keys[b]]
+    if empty:  # images without classes still need block N's attention map
+        with torch.no_grad():
+            out, a = run_block(blk, tokens_prev[empty], need_attn=True)
+        attn_last[empty], tokens_last[empty] = a, out
+    if not pairs:
+        return CAMOutput(cams, [list(k) for k in keys], attn_last, probs, tokens_last)
+
+    img_idx = torch.tensor([b for b, _ in pairs], device=tokens_prev.device)
+    x = tokens_prev[img_idx]  # N×L×D
+    kmax = max(len(k) for k in keys)
+    n_bg = text_bg.shape[0]
+    # Per pair the text matrix [T_fg[keys_b]; T_bg], padded to kmax fg rows (padding masked out).
+    tfg = text_fg.new_zeros(len(pairs), kmax, text_fg.shape[1])
+    valid = torch.zeros(len(pairs), kmax + n_bg, dtype=torch.bool, device=x.device)
+    target = torch.zeros(len(pairs), dtype=torch.long, device=x.device)
+    for n, (b, j) in enumerate(pairs):
+        kb = keys[b]
+        tfg[n, : len(kb)] = text_fg[kb]
+        valid[n, : len(kb)] = True
+        target[n] = j
+    valid[:, kmax:] = True
+    text = F.normalize(torch.cat([tfg, text_bg.unsqueeze(0).expand(len(pairs), -1, -1)], dim=1), dim=-1, eps=1e-12)
+
+    with torch.enable_grad():
+        act = blk.ln_1(x).detach().requires_grad_(True)  # hooked activation: ln_1 output (§2.3)
+        out, attn = run_block(blk, x, need_attn=True, ln1_out=act)
+        v = backbone.pooled_embedding(out)  # N×E
+        logits = scale * torch.einsum("ne,nke->nk", v, text)
+        logits = logits.masked_fill(~valid, float("-inf"))
+        p = torch.softmax(logits, dim=-1)
+        tgt = p.gather(1, target[:, None]).sum()
+        (grad,) = torch.autograd.grad(tgt, act)
+    act, grad = act.detach()[:, 1:], grad[:, 1:]  # drop CLS → N×hw×D
+    alpha = grad.mean(dim=1, keepdim=True)  # channel weights: mean of the gradient over x, y
+    cam = torch.relu((act * alpha).sum(-1)).reshape(-1, h, w)
+    cam = minmax_normalize(cam)
+    p = p.detach()
+    for n, (b, j) in enumerate(pairs):
+        cams[b][j] = cam[n]
+        kb = len(keys[b])
+        probs[b][j] = torch.cat([p[n, :kb], p[n, kmax:]])
+    first = {}
+    for n, (b, _) in enumerate(pairs):
+        first.setdefault(b, n)
+    idx = torch.tensor([first[b] for b in sorted(first)], device=x.device)
+    bs = torch.tensor(sorted(first), device=x.device)
+    attn_last[bs] = attn.detach()[idx]
+    tokens_last[bs] = out.detach()[idx]
+    return CAMOutput(cams, [list(k) for k in keys], attn_last, probs, tokens_last)
+
+
+def initial_cam_per_class(backbone: FrozenCLIP, tokens_prev: torch.Tensor, hw: tuple[int, int], keys, text_fg, text_bg,
+                          logit_scale: Optional[float] = None) -> list:
+    """Reference formulation: one block-N forward + backward per image and class (spec §2.3).
+    Slow; kept to prove the batched ``initial_cam`` equal to it."""
+    h, w = hw
+    scale = float(backbone.logit_scale_exp) if logit_scale is None else float(logit_scale)
+    blk = backbone.blocks[backbone.num_blocks - 1]
+    out_cams = []
+    for b, kb in enumerate(keys):
+        text = F.normalize(torch.cat([text_fg[list(kb)], text_bg], 0), dim=-1)
+        cams = []
+        for j in range(len(kb)):
+            x = tokens_prev[b : b + 1].detach()
+            with torch.enable_grad():
+                act = blk.ln_1(x).detach().requires_grad_(True)
+                out, _ = run_block(blk, x, need_attn=True, ln1_out=act)
+                p = torch.softmax(scale * backbone.pooled_embedding(out) @ text.t(), dim=-1)
+                (g,) = torch.autograd.grad(p[0, j], act)
+            a, g = act.detach()[0, 1:], g[0, 1:]
+            cam = torch.relu(a @ g.mean(0)).reshape(1, h, w)
+            cams.append(minmax_normalize(cam)[0])
+        out_cams.append(torch.stack(cams) if cams else tokens_prev.new_zeros(0, h, w))
+    return out_cams
+
+
+def box_mask(cam: torch.Tensor | np.ndarray, threshold: float) -> np.ndarray:
+    """CLIP-ES box-mask indicator of one CAM (spec §2.4): ``h×w`` float32 in {0, 1}.
+
+    ``s = uint8(floor(255·cam))``; foreground ``s > int(θ·max(s))``; one rectangle per
+    8-connected component (OpenCV contours trace 8-connected components; hole contours lie
+    inside their component's rectangle, so they add nothing); rectangle ends are exclusive and
+    clipped to ``w−1``/``h−1`` (§11.2 item 6).
+    """
+    c = cam.detach().cpu().numpy() if isinstance(cam, torch.Tensor) else np.asarray(cam)
+    h, w = c.shape
+    s = np.floor(c.astype(np.float32) * 255.0).clip(0, 255).astype(np.uint8)
+    t = int(threshold * int(s.max()))
+    fg = s > t
+    out = np.zeros((h, w), dtype=np.float32)
+    if not fg.any():
+        return out
+    lab, _ = ndimage.label(fg, structure=np.ones((3, 3), dtype=bool))
+    for sl in ndimage.find_objects(lab):
+        y0, x0 = sl[0].start, sl[1].start
+        y1, x1 = min(sl[0].stop, h - 1), min(sl[1].stop, w - 1)
+        out[y0:y1, x0:x1] = 1.0
+    return out
+
+
+def box_masks(cams: torch.Tensor, threshold: float) -> torch.Tensor:
+    """``K×h×w`` CAMs → ``K×h×w`` box masks (float, same device)."""
+    if cams.shape[0] == 0:
+        return cams.new_zeros(cams.shape)
+    return torch.from_numpy(np.stack([box_mask(c, threshold) for c in cams])).to(cams.device, cams.dtype)

@@ -1,0 +1,254 @@
+"""The WeCLIP model: frozen CLIP + decoder + online pseudo labels (spec §0).
+
+One module serves training (``forward`` with labels → losses), inference (``segment`` →
+logits; also what export traces) and inspection (``trace`` → every named intermediate).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .backbone import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, FrozenCLIP, load_clip
+from .cam import box_masks, class_keys, initial_cam, minmax_normalize
+from .config import WeCLIPConfig, load_config
+from .decoder import WeCLIPDecoder, count_parameters
+from .losses import affinity_labels, affinity_loss, segmentation_loss
+from .par import cam_stack, pixel_adaptive_refine, pseudo_labels_from_cams
+from .refine import apply_transition, patch_attention, refine_affinity, sinkhorn_transition, static_refine_map
+from .text import ClassSpec, resolve_classes, text_embeddings
+
+__all__ = ["WeCLIP", "build_model", "select_device"]
+
+
+def select_device(device: Optional[Union[str, torch.device]] = None) -> torch.device:
+    """``None``/``"auto"`` → CUDA when available, else CPU; otherwise the given device."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but CUDA is not available (use --device cpu)")
+    return dev
+
+
+class WeCLIP(nn.Module):
+    """WeCLIP (spec §0). Build with ``build_model``.
+
+    Attributes: ``backbone`` (``FrozenCLIP``), ``decoder`` (``WeCLIPDecoder``, the only trainable
+    part), ``classes`` (``ClassSpec``), buffers ``text_fg`` ``(C−1)×E`` and ``text_bg`` ``n_bg×E``.
+    """
+
+    def __init__(self, cfg: WeCLIPConfig, backbone: FrozenCLIP, classes: ClassSpec, text_fg: torch.Tensor,
+                 text_bg: torch.Tensor):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = backbone
+        self.classes = classes
+        n = backbone.num_blocks
+        self.feature_blocks = n - 1 if cfg.decoder.input_blocks == "code" else n  # §3.1 / §11.1
+        d = cfg.decoder
+        self.decoder = WeCLIPDecoder(self.feature_blocks, backbone.width, classes.num_classes, d.dim, d.num_layers,
+                                     d.num_heads, d.mlp_ratio, d.dropout)
+        self.register_buffer("text_fg", text_fg.float().clone(), persistent=False)
+        self.register_buffer("text_bg", text_bg.float().clone(), persistent=False)
+        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if cfg.backbone.normalize == "imagenet" else (CLIP_MEAN, CLIP_STD)
+        self.register_buffer("pixel_mean", torch.tensor(mean).reshape(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(std).reshape(1, 3, 1, 1), persistent=False)
+        self.iter_num = 0  # forward counter of the RFM switch (§4.1)
+        r = cfg.refine
+        self._attn_blocks = n if r.refine_map == "as" else min(n, max(r.static_blocks, r.candidate_blocks))
+        if r.candidate_blocks > n or r.static_blocks > n:
+            raise ValueError(f"refine.candidate_blocks/static_blocks exceed the backbone depth ({n})")
+
+    # ---- basic pieces ---------------------------------------------------------------------------
+    @property
+    def num_classes(self) -> int:
+        return self.classes.num_classes
+
+    def normalize(self, images_uint8: torch.Tensor) -> torch.Tensor:
+        """``B×3×H×W`` 0..255 RGB → normalised input (spec §1.2)."""
+        return (images_uint8.float() - self.pixel_mean) / self.pixel_std
+
+    def _features(self, images: torch.Tensor, attn_blocks: int):
+        """Frozen CLIP blocks without grad. Returns ``(feats, attn, hw)``; ``attn`` covers the
+        last ``attn_blocks`` of blocks ``1..N−1`` (block N's map comes from GradCAM)."""
+        bb = self.backbone
+        n_run = max(self.feature_blocks, bb.num_blocks - 1)
+        with torch.no_grad():
+            p = bb.patch_size
+            hw = (images.shape[-2] // p, images.shape[-1] // p)
+            t = bb.embed(images)
+            feats, attns = [], []
+            first_attn = bb.num_blocks - attn_blocks  # 0-based index of the first block whose map is needed
+            for i, blk in enumerate(bb.blocks[:n_run]):
+                from .backbone import run_block
+
+                t, a = run_block(blk, t, need_attn=i >= first_attn)
+                feats.append(t)
+                if a is not None:
+                    attns.append(a)
+        return feats, attns, hw
+
+    def segment(self, images: torch.Tensor) -> torch.Tensor:
+        """Inference forward shared by the predictor, training eval and export.
+
+        ``images`` ``B×3×H×W`` normalised → logits ``B×C×(H//p)×(W//p)``.
+        """
+        feats, _, hw = self._features(images, attn_blocks=0)
+        logits, _ = self.decoder(feats[: self.feature_blocks], hw)
+        return logits
+
+    # ---- pseudo labels ----------------------------------------------------------------------------
+    def _use_rfm(self, use_rfm: Optional[bool]) -> bool:
+        if use_rfm is not None:
+            return bool(use_rfm)
+        r = self.cfg.refine
+        return r.use_rfm and self.iter_num > r.rfm_switch_iter
+
+    def _pseudo_labels(self, images, feats, attns, hw, aff, keys, use_rfm: bool, record: Optional[dict] = None):
+        """Spec §2, §4, §5 (Appendix A) for a batch. Returns ``B×H×W`` int64 pseudo labels."""
+        r = self.cfg.refine
+        bb = self.backbone
+        H, W = images.shape[-2:]
+        tokens_prev = feats[bb.num_blocks - 2]
+        cam = initial_cam(bb, tokens_prev, hw, keys, self.text_fg, self.text_bg, r.cam_logit_scale)
+        maps = patch_attention(list(attns) + [cam.attn_last])  # B×n×hw×hw, last block last
+        boxes = [box_masks(c, r.box_threshold) for c in cam.cams]
+        refined, trans = cam.cams, None
+        if r.use_refinement:
+            if use_rfm:
+                rmap, scores, keep = refine_affinity(maps, aff, r)
+            else:
+                rmap, scores, keep = static_refine_map(maps, r.static_blocks), None, None
+            trans = sinkhorn_transition(rmap, r.sinkhorn_iters, r.power)
+            refined = [apply_transition(trans[b], cam.cams[b], boxes[b]) for b in range(len(keys))]
+        hr = [F.interpolate(minmax_normalize(c)[None], size=(H, W), mode="bilinear", align_corners=False)[0]
+              if c.shape[0] else c.new_zeros(0, H, W) for c in refined]
+        stack, valid = cam_stack(hr, r.bg_power)
+        p = self.cfg.par
+        par_out = pixel_adaptive_refine(images, stack, p.dilations, p.num_iter, p.w1, p.w2)
+        labels = pseudo_labels_from_cams(par_out, valid, keys)
+        if record is not None:
+            record.update(cam_keys=cam.keys, cam_init=cam.cams, clip_probs=cam.probs, attn_last=cam.attn_last,
+                          box_mask=boxes, use_rfm=use_rfm, transition=trans, cam_refined=refined,
+                          cam_refined_hr=hr, par_in=stack, cam_par=par_out, par_valid=valid, pseudo_label=labels)
+            if r.use_refinement:
+                record.update(refine_map=rmap, layer_scores=scores, layer_keep=keep)
+            # the static refinement as well, for comparison (§4.1)
+            st = sinkhorn_transition(static_refine_map(maps, r.static_blocks), r.sinkhorn_iters, r.power)
+            record["cam_static"] = [apply_transition(st[b], cam.cams[b], boxes[b]) for b in range(len(keys))]
+        return labels
+
+    # ---- training forward --------------------------------------------------------------------------
+    def forward(self, images: torch.Tensor, cls_labels: Optional[torch.Tensor] = None,
+                masks: Optional[torch.Tensor] = None, use_rfm: Optional[bool] = None) -> Any:
+        """Training: ``images`` ``B×3×H×W`` normalised, ``cls_labels`` ``B×(C−1)`` multi-hot →
+        dict ``loss``, ``loss_seg``, ``loss_aff``, ``seg_logits``, ``pseudo_label``, ``affinity``.
+        Fully supervised mode takes ``masks`` ``B×H×W`` instead. Without labels: ``segment``."""
+        if cls_labels is None and masks is None:
+            return self.segment(images)
+        return self._train_step(images, cls_labels, masks, use_rfm, record=None)
+
+    def _train_step(self, images, cls_labels, masks, use_rfm, record: Optional[dict]):
+        if self.training or self.cfg.refine.count_eval_forwards:
+            self.iter_num += 1
+        fully = self.cfg.decoder.fully_supervised
+        attn_blocks = 0 if fully else self._attn_blocks
+        feats, attns, hw = self._features(images, attn_blocks=max(attn_blocks, 0))
+        fu = self.decoder.fuse_features(feats[: self.feature_blocks], hw)
+        logits, dec_attn = self.decoder.head(fu, need_weights=record is not None)
+        out: dict = {"seg_logits": logits}
+        if record is not None:
+            record.update(features=[f[:, 1:].transpose(1, 2).reshape(f.shape[0], -1, *hw) for f in feats],
+                          tokens=feats, attn=attns, fu=fu, decoder_attn=dec_attn, hw=hw,
+                          text_fg=self.text_fg, text_bg=self.text_bg, seg_logits=logits)
+        if fully:
+            if masks is None:
+                raise ValueError("fully supervised mode needs ground-truth masks")
+            loss = segmentation_loss(logits, masks, kind="ce")
+            out.update(loss=loss, loss_seg=loss, loss_aff=loss.new_zeros(()), pseudo_label=masks)
+            return out
+        if cls_labels is None:
+            raise ValueError("weakly supervised training needs image-level labels (cls_labels)")
+        keys = class_keys(cls_labels)
+        aff = self.decoder.affinity(fu)
+        pseudo = self._pseudo_labels(images, feats, attns, hw, aff, keys, self._use_rfm(use_rfm), record)
+        aff_target = affinity_labels(pseudo, hw, self.cfg.loss.aff_radius)
+        loss_seg = segmentation_loss(logits, pseudo, self.cfg.loss.seg)
+        loss_aff = affinity_loss(aff, aff_target, self.cfg.loss.aff)
+        loss = loss_seg + self.cfg.loss.aff_weight * loss_aff
+        out.update(loss=loss, loss_seg=loss_seg, loss_aff=loss_aff, pseudo_label=pseudo, affinity=aff)
+        if record is not None:
+            record.update(affinity=aff, affinity_target=aff_target, loss_seg=loss_seg, loss_aff=loss_aff, loss=loss)
+        return out
+
+    @torch.no_grad()
+    def pseudo_labels(self, images: torch.Tensor, cls_labels: torch.Tensor, use_rfm: Optional[bool] = None) -> torch.Tensor:
+        """Online pseudo labels ``B×H×W`` for normalised ``images`` and multi-hot ``cls_labels``."""
+        feats, attns, hw = self._features(images, attn_blocks=self._attn_blocks)
+        aff = self.decoder.affinity(self.decoder.fuse_features(feats[: self.feature_blocks], hw))
+        return self._pseudo_labels(images, feats, attns, hw, aff, class_keys(cls_labels), self._use_rfm(use_rfm))
+
+    def trace(self, images: torch.Tensor, cls_labels: torch.Tensor, use_rfm: Optional[bool] = None) -> dict:
+        """Every named intermediate of one training forward (no parameter update; the forward
+        counter is not advanced). ``images`` ``B×3×H×W`` normalised (spec §1.2), ``cls_labels``
+        ``B×(C−1)`` multi-hot. ``use_rfm``: None → regime implied by the counter.
+
+        Keys (``h=H//p``, ``w=W//p``, ``hw=h·w``, ``L=1+hw``; per-image lists where ``K_i`` differs):
+
+        * ``features``: list over decoder-input blocks of ``B×D×h×w`` (CLS removed);
+          ``tokens``: same as ``B×L×D`` with CLS; ``attn``: list of ``B×L×L`` head-averaged maps
+          for the blocks the refinement uses (all blocks 1..N−1 here), CLS included;
+          ``attn_last``: ``B×L×L`` (block N, from GradCAM).
+        * ``text_fg`` ``(C−1)×E``, ``text_bg`` ``n_bg×E``.
+        * ``cam_keys``: per image the 0-based class ids; ``clip_probs``: per image ``K×(K+n_bg)``.
+        * ``cam_init``: per image ``K×h×w`` GradCAM in [0,1]; ``box_mask``: per image ``K×h×w``.
+        * ``cam_static``: per image ``K×h×w`` static-refined CAM; ``refine_map``: ``B×hw×hw`` (R or
+          Â); ``layer_scores``/``layer_keep``: ``B×k`` (RFM only); ``transition``: ``B×hw×hw``;
+          ``cam_refined``: per image ``K×h×w``; ``cam_refined_hr``: per image ``K×H×W``.
+        * ``par_in``/``cam_par``: ``B×(1+Kmax)×H×W`` (bg first; padded channels invalid per
+          ``par_valid``); ``pseudo_label``: ``B×H×W`` int64.
+        * ``seg_logits`` ``B×C×h×w``; ``fu`` ``B×dim×h×w``; ``affinity`` ``B×hw×hw``;
+          ``affinity_target`` ``B×hw×hw`` uint8 (1/0/255); ``loss_seg``, ``loss_aff``, ``loss``.
+        """
+        record: dict = {}
+        saved = self.iter_num
+        old_attn = self._attn_blocks
+        self._attn_blocks = self.backbone.num_blocks
+        try:
+            self._train_step(images, cls_labels, None, use_rfm, record)
+        finally:
+            self.iter_num = saved
+            self._attn_blocks = old_attn
+        return record
+
+    def extra_repr(self) -> str:
+        return f"classes={self.num_classes}, decoder_params={count_parameters(self.decoder):,}"
+
+
+def build_model(config: Union[WeCLIPConfig, Mapping, str, Path, None] = None, device=None,
+                text_fg: Optional[torch.Tensor] = None, text_bg: Optional[torch.Tensor] = None,
+                clip: Optional[nn.Module] = None, keep_text_tower: bool = False) -> WeCLIP:
+    """Build a ``WeCLIP`` from a config (dataclass, dict or YAML path).
+
+    Text embeddings are computed once with the CLIP text tower unless given (checkpoints carry
+    them); the text tower is then dropped unless ``keep_text_tower``.
+    """
+    cfg = load_config(config)
+    dev = select_device(device)
+    classes = resolve_classes(cfg.text)
+    if clip is None:
+        clip = load_clip(cfg.backbone, device="cpu")
+    backbone = FrozenCLIP(clip)
+    if text_fg is None or text_bg is None:
+        text_fg = text_embeddings(backbone, classes.prompts, classes.templates)
+        text_bg = text_embeddings(backbone, classes.bg_prompts, classes.templates)
+    if text_fg.shape[0] != len(classes.names):
+        raise ValueError(f"text_fg has {text_fg.shape[0]} rows but there are {len(classes.names)} classes")
+    if not keep_text_tower:
+        backbone.drop_text_tower()
+    model = WeCLIP(cfg, backbone, classes, text_fg, text_bg)
+    return model.to(dev)

@@ -1,0 +1,96 @@
+"""Pixel-adaptive refinement (PAR, from AFA) and online pseudo labels (spec §5).
+
+Vectorised over the whole batch and all classes: images with fewer classes are padded with
+all-zero channels, which stay zero under PAR (it is linear in the CAMs) and are excluded from
+the argmax.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["NEIGHBOUR_OFFSETS", "par_kernel", "pixel_adaptive_refine", "cam_stack", "pseudo_labels_from_cams"]
+
+# (dy, dx) of the 8 neighbours in the order of spec §5.2.
+NEIGHBOUR_OFFSETS = [(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)]
+
+
+def _neighbours(x: torch.Tensor, dilations: Sequence[int]) -> list[torch.Tensor]:
+    """The 8·len(dilations) dilated neighbours of every pixel, replicate-padded; each ``B×C×H×W``."""
+    H, W = x.shape[-2:]
+    out = []
+    for d in dilations:
+        p = F.pad(x, (d, d, d, d), mode="replicate")
+        for dy, dx in NEIGHBOUR_OFFSETS:
+            out.append(p[..., d + dy * d : d + dy * d + H, d + dx * d : d + dx * d + W])
+    return out
+
+
+def par_kernel(image: torch.Tensor, dilations: Sequence[int], w1: float = 0.3, w2: float = 0.01) -> torch.Tensor:
+    """PAR affinity kernel from the (normalised) guide image (spec §5.2).
+
+    ``image``: ``B×3×H×W`` → ``B×n×H×W`` with ``n = 8·len(dilations)``; rows sum to ``1 + w2``.
+    """
+    nb = torch.stack(_neighbours(image, dilations), dim=2)  # B×3×n×H×W
+    std = nb.std(dim=2, keepdim=True)  # unbiased, over the neighbour values (not differences)
+    a = ((nb - image.unsqueeze(2)).abs() / (std + 1e-8) / w1) ** 2
+    a_rgb = -a.mean(dim=1)  # mean over colour channels → B×n×H×W
+    k = torch.softmax(a_rgb, dim=1)
+    dist = torch.tensor([d * (math.sqrt(2.0) if dy and dx else 1.0) for d in dilations for dy, dx in NEIGHBOUR_OFFSETS],
+                        dtype=image.dtype, device=image.device)
+    a_pos = -((dist / (dist.std() + 1e-8) / w1) ** 2)
+    k = k + w2 * torch.softmax(a_pos, dim=0).reshape(1, -1, 1, 1)
+    return k
+
+
+@torch.no_grad()
+def pixel_adaptive_refine(image: torch.Tensor, cams: torch.Tensor, dilations: Sequence[int] = (1, 2, 4, 8, 12, 24),
+                          num_iter: int = 20, w1: float = 0.3, w2: float = 0.01) -> torch.Tensor:
+    """Propagate ``cams`` (``B×K×H×W``) ``num_iter`` times with the image-derived kernel.
+
+    The guide image is resized (bilinear, ``align_corners=True``) to the CAM size (a no-op when
+    they match, as in training). Returns ``B×K×H×W``.
+    """
+    if image.shape[-2:] != cams.shape[-2:]:
+        image = F.interpolate(image, size=cams.shape[-2:], mode="bilinear", align_corners=True)
+    kern = par_kernel(image.float(), dilations, w1, w2)
+    x = cams.float()
+    for _ in range(num_iter):
+        acc = torch.zeros_like(x)
+        for i, nb in enumerate(_neighbours(x, dilations)):
+            acc.addcmul_(nb, kern[:, i : i + 1])
+        x = acc
+    return x
+
+
+def cam_stack(cams_hr: Sequence[torch.Tensor], bg_power: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image ``K_i×H×W`` CAMs → padded ``B×(1+Kmax)×H×W`` stack ``[bg; CAM_1..CAM_K]`` with
+    ``bg = (1 − max_k CAM_k)^bg_power`` (spec §5.1) and a ``B×(1+Kmax)`` validity mask."""
+    B = len(cams_hr)
+    H, W = cams_hr[0].shape[-2:]
+    kmax = max(c.shape[0] for c in cams_hr)
+    ref = cams_hr[0]
+    out = ref.new_zeros(B, 1 + kmax, H, W)
+    valid = torch.zeros(B, 1 + kmax, dtype=torch.bool, device=ref.device)
+    for b, c in enumerate(cams_hr):
+        k = c.shape[0]
+        bg = (1 - c.max(dim=0).values) ** bg_power if k else torch.ones(H, W, dtype=ref.dtype, device=ref.device)
+        out[b, 0] = bg
+        out[b, 1 : 1 + k] = c
+        valid[b, : 1 + k] = True
+    return out, valid
+
+
+def pseudo_labels_from_cams(cams: torch.Tensor, valid: torch.Tensor, keys: Sequence[Sequence[int]]) -> torch.Tensor:
+    """``M_p = valid_key[argmax_c cams]`` (spec §5.2): ``B×(1+Kmax)×H×W`` → ``B×H×W`` int64
+    with values in {0} ∪ {c_k + 1}; padded channels never win."""
+    masked = cams.masked_fill(~valid[:, :, None, None], float("-inf"))
+    idx = masked.argmax(dim=1)
+    lut = torch.zeros(valid.shape, dtype=torch.long, device=cams.device)
+    for b, kb in enumerate(keys):
+        if kb:
+            lut[b, 1 : 1 + len(kb)] = torch.tensor([k + 1 for k in kb], device=cams.device)
+    return torch.gather(lut, 1, idx.flatten(1)).reshape(idx.shape)
