@@ -56,6 +56,7 @@ __all__ = [
     "PlacedObject",
     "Sample",
     "generate_sample",
+    "rasterize_object",
     "iter_samples",
     "caption_for",
     "all_captions",
@@ -155,7 +156,7 @@ class WorldConfig:
     min_objects: int = 1
     max_objects: int = 3
     single_object_prob: float = 0.5
-    min_scale: float = 0.15
+    min_scale: float = 0.18
     max_scale: float = 0.45
     min_visible_frac: float = 0.5
     max_place_tries: int = 20
@@ -205,14 +206,15 @@ class WorldConfig:
 
 @dataclass
 class PlacedObject:
-    """One drawn object: class id (0-based), centre (x, y) in pixels, radius in pixels, angle (rad)
-    and base RGB colour."""
+    """One drawn object: class id (0-based), centre (x, y) in pixels, radius in pixels, angle
+    (radians, counter-clockwise), base RGB colour and shape parameters (e.g. a ring's inner radius)."""
 
     class_id: int
     center: tuple[float, float]
     radius: float
     angle: float
     color: tuple[int, int, int]
+    params: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -458,6 +460,19 @@ def _local_sd(size: int, cx: float, cy: float, r: float, angle: float, sd, param
     return (slice(y0, y1), slice(x0, x1)), d.astype(np.float32, copy=False), u, v
 
 
+def rasterize_object(obj: PlacedObject, size: int) -> np.ndarray:
+    """Full (unoccluded) size×size boolean mask of ``obj``: pixels whose centre lies inside it.
+
+    Uses exactly the rasterisation of :func:`generate_sample`, so for a sample the visible region
+    of object ``k`` (``Sample.instances == k + 1``) is this mask minus those of later objects.
+    """
+    win, d, _, _ = _local_sd(size, obj.center[0], obj.center[1], obj.radius, obj.angle,
+                             _SHAPES[obj.class_id], obj.params)
+    out = np.zeros((size, size), dtype=bool)
+    out[win] = d <= 0
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # Captions
 # --------------------------------------------------------------------------------------------
@@ -467,8 +482,8 @@ def _with_article(p: str) -> str:
 
 def _join(items: Sequence[str]) -> str:
     items = list(items)
-    if len(items) == 1:
-        return items[0]
+    if len(items) <= 1:
+        return items[0] if items else ""
     return ", ".join(items[:-1]) + " and " + items[-1]
 
 
@@ -592,7 +607,8 @@ def generate_sample(seed: int, index: int, cfg: Optional[WorldConfig] = None) ->
         inst[win][inside] = k
         areas.append(area)
         visible.append(area)
-        obj = PlacedObject(cls, (float(cx), float(cy)), float(r), float(angle), tuple(int(round(float(c))) for c in np.clip(color, 0, 255)))
+        obj = PlacedObject(cls, (float(cx), float(cy)), float(r), float(angle),
+                           tuple(int(round(float(c))) for c in np.clip(color, 0, 255)), dict(params))
         placed.append((cls, win, d, u, v, obj))
 
     # ---- rendering
@@ -631,7 +647,13 @@ def generate_sample(seed: int, index: int, cfg: Optional[WorldConfig] = None) ->
     mask = lut[inst]
     # every kept object has visible pixels (placement guarantees it), so this equals unique(mask) - 1
     classes = sorted(int(p[0]) for p, vis in zip(placed, visible) if vis > 0)
-    captions = [_random_caption(classes, background, r_cap, cfg.caption_form_weights) for _ in range(cfg.n_captions)]
+    captions: list[str] = []
+    for _ in range(cfg.n_captions):
+        for _try in range(8):  # prefer distinct captions
+            c = _random_caption(classes, background, r_cap, cfg.caption_form_weights)
+            if c not in captions:
+                break
+        captions.append(c)
     return Sample(image=image, mask=mask, classes=classes, background=background, captions=captions,
                   instances=inst, objects=objects, seed=int(seed), index=int(index))
 
@@ -736,7 +758,7 @@ def write_voc_layout(out_dir: Union[str, os.PathLike], n_train: int, n_val: int,
             old = None
         if old is None or any(old.get(k) != v for k, v in ident.items()):
             raise ValueError(f"{out} holds a demo world made with other settings (see {meta_path}); "
-                             "use another folder or overwrite=True")
+                             "use another folder or overwrite (--overwrite)")
     (out / "JPEGImages").mkdir(parents=True, exist_ok=True)
     (out / "SegmentationClassAug").mkdir(parents=True, exist_ok=True)
     counts = {"train": int(n_train), "val": int(n_val), "test": int(n_test)}
