@@ -368,7 +368,7 @@ def _load_local(path: Path, cfg: BackboneConfig) -> nn.Module:
         if model_cfg is not None and model_cfg.get("patch_stem") and cfg.patch_stem != model_cfg["patch_stem"]:
             cfg = BackboneConfig(**{**cfg.__dict__, "patch_stem": model_cfg["patch_stem"]})
         clip = _create(cfg, model_cfg)
-        _load_state(clip, sd, path, allow_missing_text=meta.get("text_tower") == "pruned")
+        _load_state(clip, sd, path, allow_missing_text=meta.get("text_tower") == "absent")
         return clip
     try:
         if _is_torchscript(path):
@@ -423,6 +423,8 @@ def save_clip(clip: nn.Module, path: str | os.PathLike, model_cfg: dict, patch_s
 
     sd = {k: v.detach().contiguous().cpu() for k, v in clip.state_dict().items()}
     meta = {"open_clip_cfg": json.dumps({**model_cfg, "patch_stem": patch_stem}), "format": "weclip_infer.clip/1"}
+    if not any(k.startswith("transformer.") for k in sd):
+        meta["text_tower"] = "absent"  # image tower only (text embeddings live in the WeCLIP checkpoint)
     if text_token_ids is not None and "token_embedding.weight" in sd:
         ids = torch.tensor(sorted(set(int(i) for i in text_token_ids)), dtype=torch.long)
         table = sd.pop("token_embedding.weight")

@@ -128,7 +128,7 @@ def load_checkpoint(path: Union[str, os.PathLike], device=None, clip_weights: Op
     _load_decoder(model, dec, str(weights))
     from .model import select_device
 
-    return model.to(select_device(device))
+    return model.to(select_device(device)).eval()
 
 
 def _load_decoder(model, sd: Mapping[str, torch.Tensor], source: str) -> None:
@@ -192,7 +192,7 @@ def import_reference_checkpoint(path: Union[str, os.PathLike], config: Union[WeC
             raise CheckpointError(f"{p}: classifier has {n_cls} classes but text.dataset={cfg.text.dataset} has {expected}")
         model = build_model(cfg, device="cpu")
     _load_decoder(model, dec, str(p))
-    return model.to(select_device(device))
+    return model.to(select_device(device)).eval()
 
 
 def main(argv=None) -> int:

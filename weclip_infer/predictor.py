@@ -159,7 +159,10 @@ class Segmenter:
     # ---- inference ------------------------------------------------------------------------------
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
         """``H×W×3`` uint8 → normalised ``1×3×H×W`` on the device, resized to the long side."""
-        x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
+        arr = np.ascontiguousarray(image)
+        if not arr.flags.writeable:
+            arr = arr.copy()
+        x = torch.from_numpy(arr).permute(2, 0, 1)[None].float()
         x = (x - self._mean) / self._std
         return resize_long_side(x.to(self.device), self.long_side)
 

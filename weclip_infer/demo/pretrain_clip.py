@@ -1,0 +1,497 @@
+"""Pre-train the small demo CLIP from scratch on the procedural demo world (CPU, bf16 autocast).
+
+``python -m weclip_infer.demo.pretrain_clip --minutes 35 --out weclip_infer/assets/demo_clip``
+
+The model is an open_clip ``CLIP`` built from a config dict through :func:`weclip_infer.backbone.load_clip`
+(``clip_weights="random"``, ``patch_stem="conv"``), i.e. the same code path that later loads the
+shipped weights. The image tower pools by **averaging the patch tokens after ``ln_post``**
+(open_clip ``pool_type="avg"``), which is exactly WeCLIP's ``FrozenCLIP.pooled_embedding``
+(spec §2.2), so the GradCAM of WeCLIP differentiates the very embedding that was trained.
+
+Training data are generated on the fly (:func:`weclip_infer.demo.world.generate_sample` on the
+``pretrain`` index range), one random caption per image drawn from the sample's caption forms
+(objects + background, objects only, WeCLIP's origami template, background only). Images are
+normalised like WeCLIP feeds them (ImageNet mean/std on 0..255, spec §1.2).
+
+Loss: symmetric InfoNCE with **multi-positive targets**: caption ``j`` counts as a positive for
+image ``i`` whenever it is a correct description of image ``i`` (same visible class set when the
+caption names objects, same background when it names one). Identical captions in a batch (e.g.
+two "grass." captions) are therefore positives of each other's images instead of false negatives.
+
+Every ``--eval-every`` seconds (and at the end) the script logs to ``pretrain_log.csv`` and
+stdout: loss, images/s, zero-shot top-1 on held-out single-object val images, and the mIoU of
+WeCLIP's initial GradCAM, of the static-refined CAM and of the pseudo label (static refinement +
+PAR) on held-out val images, computed through :func:`weclip_infer.model.build_model`. It also
+checkpoints ``clip.safetensors`` (token table pruned to the world's vocabulary) and
+``provenance.json``.
+
+Determinism: samples, captions and initialisation are functions of ``--seed``; with ``--steps``
+the run is deterministic up to floating-point thread effects. With ``--minutes`` the cosine
+schedule follows elapsed time, so the exact number of steps depends on the machine's speed.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import math
+import os
+import platform
+import sys
+import time
+from itertools import combinations, permutations
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from weclip_infer.backbone import IMAGENET_MEAN, IMAGENET_STD, load_clip, save_clip
+from weclip_infer.config import BackboneConfig
+from weclip_infer.demo.world import (
+    BACKGROUND_NAMES,
+    CLASS_NAMES,
+    CLASS_PROMPTS,
+    ORIGAMI_TEMPLATE,
+    SPLIT_OFFSETS,
+    WorldConfig,
+    caption_forms,
+    generate_sample,
+)
+from weclip_infer.text import tokenize
+
+__all__ = [
+    "DEFAULT_MODEL_CFG",
+    "TINY_MODEL_CFG",
+    "DEFAULT_WECLIP_REFINE",
+    "world_token_ids",
+    "weclip_config",
+    "build_clip",
+    "positive_matrix",
+    "multi_positive_clip_loss",
+    "evaluate",
+    "main",
+]
+
+DEFAULT_OUT = Path(__file__).resolve().parent.parent / "assets" / "demo_clip"
+
+#: The shipped demo CLIP: 256 px input (16×16 grid at patch 16), 6 vision blocks, conv stem.
+DEFAULT_MODEL_CFG: dict = {
+    "embed_dim": 256,
+    "vision_cfg": {"image_size": 256, "layers": 6, "width": 192, "head_width": 32, "patch_size": 16,
+                   "mlp_ratio": 4.0, "pool_type": "avg"},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 192, "heads": 3, "layers": 4},
+}
+
+#: A tiny model for tests.
+TINY_MODEL_CFG: dict = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 64, "layers": 2, "width": 32, "head_width": 16, "patch_size": 16,
+                   "mlp_ratio": 2.0, "pool_type": "avg"},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+#: WeCLIP refinement settings used for the CAM evaluation of a tower with ``L`` blocks
+#: (the reference uses 8 of 12 maps for the static refinement and 6 candidates for RFM).
+def DEFAULT_WECLIP_REFINE(num_layers: int) -> dict:  # noqa: N802 - constant-like
+    return {"static_blocks": max(1, min(num_layers, round(num_layers * 8 / 12))),
+            "candidate_blocks": max(1, min(num_layers, num_layers // 2)),
+            "cam_logit_scale": None, "box_threshold": 0.4, "use_rfm": False}
+
+
+# ------------------------------------------------------------------------------------------------
+# Vocabulary
+# ------------------------------------------------------------------------------------------------
+def all_world_texts(max_objects: int = 3, n_classes: int = len(CLASS_NAMES)) -> list[str]:
+    """Every caption any world sample can have (all class subsets up to ``max_objects``, every
+    background, every form and object order) plus every WeCLIP / zero-shot prompt."""
+    texts: set[str] = set()
+    for k in range(0, max_objects + 1):
+        for subset in combinations(range(n_classes), k):
+            for bg in range(len(BACKGROUND_NAMES)):
+                for caps in caption_forms(subset, bg).values():
+                    texts.update(caps)
+    for p in list(CLASS_PROMPTS) + list(CLASS_NAMES) + list(BACKGROUND_NAMES):
+        texts.add(ORIGAMI_TEMPLATE.format(p))
+        texts.add(p)
+    return sorted(texts)
+
+
+def world_token_ids(context_length: int = 32, max_objects: int = 3) -> list[int]:
+    """Sorted token ids (incl. ``<sot>``/``<eot>`` and padding 0) of every world caption and prompt."""
+    toks = tokenize(all_world_texts(max_objects), context_length)
+    ids = set(int(i) for i in torch.unique(toks).tolist())
+    ids.update({0, 49406, 49407})
+    return sorted(ids)
+
+
+# ------------------------------------------------------------------------------------------------
+# Model / config
+# ------------------------------------------------------------------------------------------------
+def build_clip(model_cfg: dict, seed: int) -> nn.Module:
+    """Random-init open_clip CLIP with the conv stem, through the same loader as the shipped file."""
+    clip = load_clip(BackboneConfig(clip_weights="random", model_cfg=model_cfg, patch_stem="conv", seed=seed))
+    return clip
+
+
+def weclip_config(model_cfg: dict, refine: Optional[dict] = None) -> dict:
+    """WeCLIP config dict for the demo world on top of ``model_cfg``."""
+    layers = int(model_cfg["vision_cfg"]["layers"])
+    r = dict(DEFAULT_WECLIP_REFINE(layers))
+    r.update(refine or {})
+    return {
+        "backbone": {"clip_weights": "random", "model_cfg": model_cfg, "patch_stem": "conv", "normalize": "imagenet"},
+        "text": {"dataset": "custom", "class_names": list(CLASS_NAMES), "class_prompts": list(CLASS_PROMPTS),
+                 "bg_prompts": list(BACKGROUND_NAMES), "templates": [ORIGAMI_TEMPLATE]},
+        "refine": r,
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# Data
+# ------------------------------------------------------------------------------------------------
+_FORM_ORDER = ("objects_background", "objects", "origami", "background")
+_MEAN = np.array(IMAGENET_MEAN, np.float32)
+_STD = np.array(IMAGENET_STD, np.float32)
+
+
+def normalize_batch(images: Sequence[np.ndarray]) -> torch.Tensor:
+    """H×W×3 uint8 images → ``B×3×H×W`` float32, ImageNet mean/std on 0..255 (spec §1.2)."""
+    arr = (np.stack(images).astype(np.float32) - _MEAN) / _STD
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(0, 3, 1, 2)))
+
+
+def sample_caption(classes: Sequence[int], bg: int, rng: np.random.Generator, weights: Sequence[float]) -> tuple[str, Optional[frozenset], Optional[int]]:
+    """A random caption and what it asserts: (text, class set or None, background or None)."""
+    forms = caption_forms(classes, bg)
+    w = np.array([float(x) if forms[f] else 0.0 for f, x in zip(_FORM_ORDER, weights)])
+    form = _FORM_ORDER[int(rng.choice(4, p=w / w.sum()))]
+    caps = forms[form]
+    text = caps[int(rng.integers(len(caps)))]
+    cls = None if form == "background" else frozenset(int(c) for c in classes)
+    b = int(bg) if form in ("objects_background", "background") else None
+    return text, cls, b
+
+
+class PretrainStream(torch.utils.data.IterableDataset):
+    """Batches of (images, token ids, meta) generated on the fly; batch ``s`` is a pure function of
+    ``(seed, s)``: images ``pretrain + s·B + 1 … pretrain + (s+1)·B``."""
+
+    def __init__(self, seed: int, batch_size: int, world: WorldConfig, context_length: int, start_step: int = 0,
+                 caption_weights: Sequence[float] = (0.35, 0.25, 0.3, 0.1)):
+        super().__init__()
+        self.seed, self.bs, self.world, self.ctx = seed, batch_size, world, context_length
+        self.start_step, self.weights = start_step, tuple(caption_weights)
+
+    def batch(self, step: int):
+        base = SPLIT_OFFSETS["pretrain"] + step * self.bs
+        imgs, texts, cls_sets, bgs, cap_cls, cap_bg = [], [], [], [], [], []
+        rng = np.random.default_rng([self.seed, 7919, step])
+        for i in range(self.bs):
+            s = generate_sample(self.seed, base + i + 1, self.world)
+            imgs.append(s.image)
+            t, cc, cb = sample_caption(s.classes, s.background, rng, self.weights)
+            texts.append(t)
+            cls_sets.append(frozenset(s.classes))
+            bgs.append(s.background)
+            cap_cls.append(cc)
+            cap_bg.append(cb)
+        pos = positive_matrix(cls_sets, bgs, cap_cls, cap_bg)
+        return normalize_batch(imgs), tokenize(texts, self.ctx), pos
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        nw, wid = (1, 0) if info is None else (info.num_workers, info.id)
+        step = self.start_step + wid
+        while True:
+            yield self.batch(step)
+            step += nw
+
+
+def positive_matrix(img_classes: Sequence[frozenset], img_bg: Sequence[int], cap_classes: Sequence[Optional[frozenset]],
+                    cap_bg: Sequence[Optional[int]]) -> torch.Tensor:
+    """``B×B`` bool: caption ``j`` correctly describes image ``i`` (diagonal always true)."""
+    B = len(img_classes)
+    pos = torch.zeros(B, B, dtype=torch.bool)
+    for i in range(B):
+        for j in range(B):
+            ok_c = cap_classes[j] is None or cap_classes[j] == img_classes[i]
+            ok_b = cap_bg[j] is None or cap_bg[j] == img_bg[i]
+            pos[i, j] = ok_c and ok_b
+    pos |= torch.eye(B, dtype=torch.bool)
+    return pos
+
+
+def multi_positive_clip_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE with soft targets spread uniformly over the positives of each row/column."""
+    logits = scale * img.float() @ txt.float().t()
+    t_i = pos.float() / pos.float().sum(1, keepdim=True)
+    t_t = pos.float().t() / pos.float().t().sum(1, keepdim=True)
+    li = -(t_i * F.log_softmax(logits, dim=1)).sum(1).mean()
+    lt = -(t_t * F.log_softmax(logits.t(), dim=1)).sum(1).mean()
+    return 0.5 * (li + lt)
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluation
+# ------------------------------------------------------------------------------------------------
+class EvalSet:
+    """Held-out val images: ``n_zs`` single-object ones (zero-shot) and the first ``n_cam`` (CAMs)."""
+
+    def __init__(self, seed: int, world: WorldConfig, n_zs: int, n_cam: int):
+        off = SPLIT_OFFSETS["val"]
+        self.cam = [generate_sample(seed, off + k, world) for k in range(1, n_cam + 1)]
+        zs, k = [], 1
+        while len(zs) < n_zs:
+            s = generate_sample(seed, off + 100_000 + k, world)
+            if len(s.classes) == 1:
+                zs.append(s)
+            k += 1
+        self.zs_x = normalize_batch([s.image for s in zs])
+        self.zs_y = torch.tensor([s.classes[0] for s in zs])
+        self.bg_miou = _miou([s.mask for s in self.cam], [np.zeros_like(s.mask) for s in self.cam])
+
+
+def _miou(gts, preds, n: int = len(CLASS_NAMES) + 1) -> float:
+    from weclip_infer.metrics import ConfusionMatrix
+
+    cm = ConfusionMatrix(n)
+    for g, p in zip(gts, preds):
+        cm.update(np.asarray(g), np.asarray(p))
+    return float(cm.compute()["miou"])
+
+
+def _cam_labels(cams: list, keys: list, size: tuple[int, int]) -> list[np.ndarray]:
+    out = []
+    for c, k in zip(cams, keys):
+        if len(k) == 0:
+            out.append(np.zeros(size, np.uint8))
+            continue
+        up = F.interpolate(c[None].float(), size=size, mode="bilinear", align_corners=False)[0]
+        stack = torch.cat([1 - up.max(0, keepdim=True).values, up], 0)
+        idx = stack.argmax(0).numpy()
+        lut = np.array([0] + [int(x) + 1 for x in k], np.uint8)
+        out.append(lut[idx])
+    return out
+
+
+@torch.no_grad()
+def zero_shot(clip: nn.Module, ev: EvalSet, ctx: int) -> float:
+    clip.eval()
+    txt = F.normalize(clip.encode_text(tokenize([ORIGAMI_TEMPLATE.format(p) for p in CLASS_PROMPTS], ctx)), dim=-1)
+    preds = []
+    for i in range(0, len(ev.zs_x), 50):
+        img = F.normalize(clip.encode_image(ev.zs_x[i:i + 50]), dim=-1)
+        preds.append((img @ txt.t()).argmax(1))
+    return float((torch.cat(preds) == ev.zs_y).float().mean())
+
+
+def evaluate(clip: nn.Module, ev: EvalSet, model_cfg: dict, refine: Optional[dict] = None, batch: int = 8) -> dict:
+    """Zero-shot top-1 and WeCLIP CAM / pseudo-label mIoU of ``clip`` (not modified)."""
+    from weclip_infer.model import build_model
+
+    ctx = int(model_cfg["text_cfg"]["context_length"])
+    c = copy.deepcopy(clip).float().eval()
+    res = {"zs_top1": zero_shot(c, ev, ctx), "logit_scale": float(c.logit_scale.exp())}
+    model = build_model(weclip_config(model_cfg, refine), clip=c, device="cpu").eval()
+    gts, init_l, static_l, pseudo_l = [], [], [], []
+    n_cls = len(CLASS_NAMES)
+    for i in range(0, len(ev.cam), batch):
+        ss = ev.cam[i:i + batch]
+        x = normalize_batch([s.image for s in ss])
+        lab = torch.zeros(len(ss), n_cls)
+        for b, s in enumerate(ss):
+            lab[b, list(s.classes)] = 1
+        rec = model.trace(x, lab, use_rfm=False)
+        size = tuple(x.shape[-2:])
+        init_l += _cam_labels(rec["cam_init"], rec["cam_keys"], size)
+        static_l += _cam_labels(rec["cam_static"], rec["cam_keys"], size)
+        pseudo_l += [p.numpy() for p in rec["pseudo_label"]]
+        gts += [s.mask for s in ss]
+    res.update(cam_miou=_miou(gts, init_l), static_cam_miou=_miou(gts, static_l), pseudo_miou=_miou(gts, pseudo_l),
+               bg_miou=ev.bg_miou)
+    return res
+
+
+# ------------------------------------------------------------------------------------------------
+# Saving
+# ------------------------------------------------------------------------------------------------
+def save_outputs(clip: nn.Module, out: Path, model_cfg: dict, token_ids: list[int], dtype: str, prov: dict) -> int:
+    out.mkdir(parents=True, exist_ok=True)
+    c = copy.deepcopy(clip).float()
+    if dtype == "fp16":
+        c = c.half()
+    path = out / "clip.safetensors"
+    save_clip(c, path, model_cfg, patch_stem="conv", text_token_ids=token_ids)
+    size = path.stat().st_size
+    prov = dict(prov, file_bytes=size, weights_dtype=dtype)
+    from weclip_infer.io_utils import atomic_path
+
+    with atomic_path(out / "provenance.json") as tmp:
+        Path(tmp).write_text(json.dumps(prov, indent=2) + "\n")
+    return size
+
+
+# ------------------------------------------------------------------------------------------------
+# Training
+# ------------------------------------------------------------------------------------------------
+def _param_groups(clip: nn.Module, lr: float, wd: float, scale_lr: float):
+    decay, no_decay, scale = [], [], []
+    for n, p in clip.named_parameters():
+        if not p.requires_grad:
+            continue
+        if n == "logit_scale":
+            scale.append(p)
+        elif p.ndim < 2 or "embedding" in n or n.endswith(".bias") or "ln_" in n:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": wd, "lr": lr, "base_lr": lr},
+            {"params": no_decay, "weight_decay": 0.0, "lr": lr, "base_lr": lr},
+            {"params": scale, "weight_decay": 0.0, "lr": scale_lr, "base_lr": scale_lr}]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--minutes", type=float, default=35.0, help="training time budget (excluding the final eval)")
+    ap.add_argument("--steps", type=int, default=None, help="fixed number of steps (schedule by steps; deterministic)")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--scale-lr", type=float, default=1e-2, help="own lr of the learnable log temperature")
+    ap.add_argument("--init-scale", type=float, default=25.0, help="initial exp(logit_scale)")
+    ap.add_argument("--max-scale", type=float, default=100.0)
+    ap.add_argument("--wd", type=float, default=0.05)
+    ap.add_argument("--warmup", type=int, default=100, help="warm-up steps")
+    ap.add_argument("--eval-every", type=float, default=180.0, help="seconds between evaluations (0: only at the end)")
+    ap.add_argument("--eval-zs", type=int, default=200)
+    ap.add_argument("--eval-cam", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--no-bf16", action="store_true")
+    ap.add_argument("--dtype", choices=("fp16", "fp32"), default="fp16", help="stored weight dtype")
+    ap.add_argument("--tiny", action="store_true", help="tiny model and 64 px world (tests)")
+    ap.add_argument("--model-cfg", type=str, default=None, help="JSON open_clip model config (overrides the default)")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    t_start = time.time()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    model_cfg = json.loads(args.model_cfg) if args.model_cfg else copy.deepcopy(TINY_MODEL_CFG if args.tiny else DEFAULT_MODEL_CFG)
+    img_size = int(model_cfg["vision_cfg"]["image_size"])
+    world = WorldConfig(size=img_size)
+    ctx = int(model_cfg["text_cfg"]["context_length"])
+    token_ids = world_token_ids(ctx)
+    clip = build_clip(model_cfg, args.seed)
+    with torch.no_grad():
+        clip.logit_scale.fill_(math.log(args.init_scale))
+    clip.train()
+    n_params = sum(p.numel() for n, p in clip.named_parameters() if n != "token_embedding.weight")
+    opt = torch.optim.AdamW(_param_groups(clip, args.lr, args.wd, args.scale_lr), betas=(0.9, 0.98), eps=1e-6)
+    ev = EvalSet(args.seed, world, args.eval_zs, args.eval_cam)
+    refine = DEFAULT_WECLIP_REFINE(int(model_cfg["vision_cfg"]["layers"]))
+    stream = PretrainStream(args.seed, args.batch_size, world, ctx)
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=args.workers,
+                                         persistent_workers=args.workers > 0, prefetch_factor=4 if args.workers else None)
+    args.out.mkdir(parents=True, exist_ok=True)
+    log_path = args.out / "pretrain_log.csv"
+    fields = ["step", "images", "elapsed_s", "lr", "loss", "images_per_s", "logit_scale", "zs_top1", "cam_miou",
+              "static_cam_miou", "pseudo_miou", "bg_miou", "eval_s"]
+    with open(log_path, "w", newline="") as f:
+        csv.DictWriter(f, fieldnames=fields).writeheader()
+    budget = args.minutes * 60.0
+    prov_base = {
+        "command": " ".join([os.path.basename(sys.executable), "-m", "weclip_infer.demo.pretrain_clip"] + list(sys.argv[1:] if argv is None else argv)),
+        "seed": args.seed, "batch_size": args.batch_size, "lr": args.lr, "scale_lr": args.scale_lr,
+        "init_logit_scale": args.init_scale, "weight_decay": args.wd, "warmup_steps": args.warmup, "bf16_autocast": not args.no_bf16,
+        "loss": "symmetric InfoNCE, multi-positive targets (caption j positive for image i if it correctly describes it)",
+        "pool": "avg of patch tokens after ln_post (= FrozenCLIP.pooled_embedding)",
+        "normalize": "imagenet (mean/std on 0..255)",
+        "model_cfg": model_cfg, "patch_stem": "conv", "params_excluding_token_table": n_params,
+        "kept_token_ids": len(token_ids), "world": world.to_dict(), "world_split": "pretrain (train), val (eval)",
+        "weclip_eval_config": {"refine": refine, "text": weclip_config(model_cfg)["text"], "use_rfm": False,
+                               "n_val_cam_images": args.eval_cam, "n_val_zero_shot_images": args.eval_zs},
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "open_clip": __import__("open_clip").__version__, "numpy": np.__version__},
+        "threads": args.threads,
+    }
+    print(f"[pretrain] params (w/o token table) {n_params/1e6:.2f} M, kept tokens {len(token_ids)}, "
+          f"all-background mIoU {ev.bg_miou:.4f}", flush=True)
+
+    step, images, loss_acc, n_acc = 0, 0, 0.0, 0
+    t0 = time.time()
+    last_eval, t_win, img_win = t0, t0, 0
+    lr_now = 0.0
+    last: dict = {}
+
+    def progress() -> float:
+        if args.steps is not None:
+            return step / max(1, args.steps)
+        return (time.time() - t0) / budget
+
+    def do_eval(final: bool = False) -> dict:
+        nonlocal t_win, img_win, loss_acc, n_acc
+        te = time.time()
+        r = evaluate(clip, ev, model_cfg, refine)
+        clip.train()
+        ips = img_win / max(1e-9, te - t_win)
+        row = {"step": step, "images": images, "elapsed_s": round(te - t0, 1), "lr": f"{lr_now:.3g}",
+               "loss": round(loss_acc / max(1, n_acc), 4), "images_per_s": round(ips, 1),
+               "logit_scale": round(r["logit_scale"], 2), "zs_top1": round(r["zs_top1"], 4), "cam_miou": round(r["cam_miou"], 4),
+               "static_cam_miou": round(r["static_cam_miou"], 4), "pseudo_miou": round(r["pseudo_miou"], 4),
+               "bg_miou": round(r["bg_miou"], 4), "eval_s": round(time.time() - te, 1)}
+        with open(log_path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=fields).writerow(row)
+        print("[pretrain] " + " ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+        prov = dict(prov_base, steps=step, images_seen=images, train_wall_s=round(te - t0, 1),
+                    total_wall_s=round(time.time() - t_start, 1), final=final,
+                    zero_shot_top1=r["zs_top1"], cam_miou=r["cam_miou"], static_cam_miou=r["static_cam_miou"],
+                    pseudo_label_miou=r["pseudo_miou"], all_background_miou=r["bg_miou"], learned_logit_scale=r["logit_scale"])
+        save_outputs(clip, args.out, model_cfg, token_ids, args.dtype, prov)
+        loss_acc, n_acc, img_win = 0.0, 0, 0
+        t_win = time.time()
+        return r
+
+    it = iter(loader)
+    while progress() < 1.0:
+        x, tok, pos = next(it)
+        p = progress()
+        lr_fac = min(1.0, (step + 1) / max(1, args.warmup)) * (0.5 * (1 + math.cos(math.pi * min(1.0, p))))
+        for g in opt.param_groups:
+            g["lr"] = g["base_lr"] * lr_fac
+        lr_now = args.lr * lr_fac
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not args.no_bf16):
+            img = F.normalize(clip.encode_image(x).float(), dim=-1)
+            txt = F.normalize(clip.encode_text(tok).float(), dim=-1)
+        loss = multi_positive_clip_loss(img, txt, clip.logit_scale.exp(), pos)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(clip.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            clip.logit_scale.clamp_(0, math.log(args.max_scale))
+        step += 1
+        images += x.shape[0]
+        img_win += x.shape[0]
+        loss_acc += loss.item()
+        n_acc += 1
+        if step % 10 == 0:
+            print(f"[pretrain] step {step} loss {loss_acc / n_acc:.4f} lr {lr_now:.2e} "
+                  f"{img_win / max(1e-9, time.time() - t_win):.1f} img/s scale {float(clip.logit_scale.exp()):.1f}", flush=True)
+        if args.eval_every > 0 and time.time() - last_eval >= args.eval_every and progress() < 1.0:
+            last = do_eval()
+            last_eval = time.time()
+    last = do_eval(final=True)
+    del it, loader
+    return last
+
+
+if __name__ == "__main__":
+    main()
