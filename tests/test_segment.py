@@ -1,0 +1,94 @@
+"""Batch segmentation CLI: bad files reported and skipped, atomic outputs, resume after a kill."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from weclip_infer import save_checkpoint
+from weclip_infer.segment import list_inputs, main, shard
+
+
+@pytest.fixture(scope="module")
+def ckpt(tiny_model, tmp_path_factory):
+    d = tmp_path_factory.mktemp("ckpt")
+    save_checkpoint(tiny_model, d, include_backbone=True)
+    return d
+
+
+def _write_good(folder: Path, n: int, size=(60, 80)):
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        sub = folder / ("a" if i % 2 else "b")
+        sub.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(sub / f"img{i:03d}.jpg", quality=90)
+
+
+def test_bad_files_are_reported_and_skipped(ckpt, tmp_path, capsys):
+    src = tmp_path / "in"
+    _write_good(src, 3)
+    good = (src / "a" / "img001.jpg").read_bytes()
+    (src / "corrupt.jpg").write_bytes(good[: len(good) // 3])
+    (src / "empty.jpg").write_bytes(b"")
+    (src / "text.jpg").write_text("this is not an image")
+    Image.fromarray(np.full((40, 50, 3), 120, np.uint8)).convert("CMYK").save(src / "cmyk.jpg")
+    out = tmp_path / "out"
+    rc = main([str(src), "--out", str(out), "--model", str(ckpt), "--workers", "0", "--quiet", "--overlay"])
+    assert rc == 1  # something failed
+    recs = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    bad = {Path(r["image"]).name: r["error"] for r in recs if not r["ok"]}
+    assert set(bad) == {"corrupt.jpg", "empty.jpg", "text.jpg"}
+    assert "0 bytes" in bad["empty.jpg"] and "not a recognised image" in bad["text.jpg"]
+    masks = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
+    assert masks == ["a/img001.png", "b/img000.png", "b/img002.png", "cmyk.png"]
+    for m in masks:
+        arr = np.asarray(Image.open(out / m))
+        assert Image.open(out / m).mode == "P" and arr.max() < 4
+    assert (out / "a" / "img001_overlay.jpg").is_file()
+    assert not list(out.rglob("*.tmp"))  # no partial outputs
+    assert Image.open(out / "cmyk.png").size == (50, 40)
+
+
+def test_shard_and_list_file(tmp_path):
+    src = tmp_path / "in"
+    _write_good(src, 5)
+    items = list_inputs(src)
+    assert len(items) == 5
+    parts = [shard(items, f"{i}/2") for i in range(2)]
+    assert sorted(parts[0] + parts[1]) == sorted(items)
+    lst = tmp_path / "list.txt"
+    lst.write_text("in/a/img001.jpg\n# comment\nin/b/img000.jpg\n")
+    assert [r for _, r in list_inputs(lst)] == ["in/a/img001", "in/b/img000"]
+    with pytest.raises(ValueError, match="shard"):
+        shard(items, "3/2")
+
+
+def test_kill_then_resume_matches_uninterrupted_run(ckpt, tmp_path):
+    src = tmp_path / "in"
+    _write_good(src, 24, size=(200, 260))
+    ref = tmp_path / "ref"
+    assert main([str(src), "--out", str(ref), "--model", str(ckpt), "--workers", "0", "--quiet"]) == 0
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "weclip_infer.segment", str(src), "--out", str(out), "--model", str(ckpt),
+                             "--workers", "1", "--quiet"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and len(list(out.rglob("*.png"))) < 3:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert not [p for p in out.rglob("*.png") if p.stat().st_size == 0]
+    assert main([str(src), "--out", str(out), "--model", str(ckpt), "--workers", "0", "--quiet", "--resume"]) == 0
+    ref_masks = sorted(p.relative_to(ref) for p in ref.rglob("*.png"))
+    assert ref_masks == sorted(p.relative_to(out) for p in out.rglob("*.png")) and len(ref_masks) == 24
+    for rel in ref_masks:
+        np.testing.assert_array_equal(np.asarray(Image.open(ref / rel)), np.asarray(Image.open(out / rel)))
+    assert not list(out.rglob("*.tmp"))
