@@ -346,6 +346,10 @@ def _build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--allow-missing", action="store_true", help="exit 0 even if some predictions are missing")
     ap.add_argument("--voc-submission", metavar="OUT_DIR",
                     help="also write palette PNGs to OUT_DIR/results/VOC2012/Segmentation/comp5_test_cls/")
+    ap.add_argument("--model", metavar="DIR", help="segment --images with this model first (predictions go to --pred)")
+    ap.add_argument("--images", metavar="DIR", help="image folder for --model (names must match the GT names)")
+    ap.add_argument("--crf", action="store_true", help="with --model: DenseCRF post-processing")
+    ap.add_argument("--single-scale", action="store_true", help="with --model: scale 1.0 only, no flip")
     return ap
 
 
@@ -357,7 +361,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ap.error("--gt is required (unless only --voc-submission is requested)")
     if args.num_classes < 1:
         ap.error("--num-classes must be ≥ 1")
+    if (args.model is None) != (args.images is None):
+        ap.error("--model and --images go together")
     try:
+        if args.model is not None:
+            from .predictor import Segmenter
+            from .segment import segment_folder
+
+            seg = Segmenter.from_pretrained(args.model)
+            if args.class_names is None and seg.class_names and len(seg.class_names) == args.num_classes:
+                class_names_model = seg.class_names
+            else:
+                class_names_model = None
+            summary = segment_folder(seg, Path(args.images), Path(args.pred), crf=True if args.crf else None,
+                                     scales=[1.0] if args.single_scale else None,
+                                     flip=False if args.single_scale else None, workers=0, progress=False)
+            print(f"segmented {summary['segmented']} image(s) into {args.pred} ({summary['failed']} failed)")
+        else:
+            class_names_model = None
         names = _read_name_list(args.list) if args.list else None
         status = 0
         if args.voc_submission is not None:
@@ -365,7 +386,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"wrote {len(written)} VOC submission PNG(s) to {Path(args.voc_submission) / VOC_SUBMISSION_SUBDIR}")
         if args.gt is not None:
             class_names = (load_class_names(args.class_names, args.num_classes) if args.class_names
-                           else default_class_names(args.num_classes))
+                           else class_names_model or default_class_names(args.num_classes))
             res = evaluate_folders(args.pred, args.gt, args.num_classes, names,
                                    ignore_index=args.ignore, allow_missing=True)
             print(format_iou_table(res, class_names), end="")
