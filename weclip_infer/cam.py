@@ -157,7 +157,7 @@ def box_mask(cam: torch.Tensor | np.ndarray, threshold: float) -> np.ndarray:
     inside their component's rectangle, so they add nothing); rectangle ends are exclusive and
     clipped to ``w−1``/``h−1`` (§11.2 item 6).
     """
-    c = cam.detach().cpu().numpy() if isinstance(cam, torch.Tensor) else np.asarray(cam)
+    c = cam.detach().float().cpu().numpy() if isinstance(cam, torch.Tensor) else np.asarray(cam)
     h, w = c.shape
     s = np.floor(c.astype(np.float32) * 255.0).clip(0, 255).astype(np.uint8)
     t = int(threshold * int(s.max()))
