@@ -34,10 +34,15 @@ def par_kernel(image: torch.Tensor, dilations: Sequence[int], w1: float = 0.3, w
 
     ``image``: ``B×3×H×W`` → ``B×n×H×W`` with ``n = 8·len(dilations)``; rows sum to ``1 + w2``.
     """
-    nb = torch.stack(_neighbours(image, dilations), dim=2)  # B×3×n×H×W
-    std = nb.std(dim=2, keepdim=True)  # unbiased, over the neighbour values (not differences)
-    a = ((nb - image.unsqueeze(2)).abs() / (std + 1e-8) / w1) ** 2
-    a_rgb = -a.mean(dim=1)  # mean over colour channels → B×n×H×W
+    # Neighbours are strided views of one padded tensor per dilation: no B×3×n×H×W stack.
+    nbs = _neighbours(image, dilations)
+    n = len(nbs)
+    mean = sum(nbs) / n
+    var = sum((nb - mean) ** 2 for nb in nbs) / (n - 1)  # unbiased, two-pass like torch.std
+    inv = 1.0 / ((var.sqrt() + 1e-8) * w1)  # B×3×H×W
+    c = image.shape[1]
+    # a_rgb(p, q) = mean_c −(|I_c(q) − I_c(p)| / (σ_c(p) + 1e-8) / w1)²
+    a_rgb = torch.stack([((nb - image) * inv).pow(2).sum(1) for nb in nbs], dim=1).div_(-c)  # B×n×H×W
     k = torch.softmax(a_rgb, dim=1)
     dist = torch.tensor([d * (math.sqrt(2.0) if dy and dx else 1.0) for d in dilations for dy, dx in NEIGHBOUR_OFFSETS],
                         dtype=image.dtype, device=image.device)
