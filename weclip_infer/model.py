@@ -5,6 +5,7 @@ logits; also what export traces) and inspection (``trace`` → every named inter
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
@@ -34,6 +35,28 @@ def select_device(device: Optional[Union[str, torch.device]] = None) -> torch.de
     return dev
 
 
+class _StageTimer:
+    """Accumulates wall time per named stage into ``model.timings`` when it is a dict (benchmarks)."""
+
+    def __init__(self, owner: "WeCLIP", name: str):
+        self.owner, self.name = owner, name
+
+    def __enter__(self):
+        if self.owner.timings is not None:
+            if self.owner.timings.get("_sync") and torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        t = self.owner.timings
+        if t is not None:
+            if t.get("_sync") and torch.cuda.is_available():
+                torch.cuda.synchronize()
+            t[self.name] = t.get(self.name, 0.0) + time.perf_counter() - self.t0
+        return False
+
+
 class WeCLIP(nn.Module):
     """WeCLIP (spec §0). Build with ``build_model``.
 
@@ -58,6 +81,7 @@ class WeCLIP(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(mean).reshape(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(std).reshape(1, 3, 1, 1), persistent=False)
         self.iter_num = 0  # forward counter of the RFM switch (§4.1)
+        self.timings: Optional[dict] = None  # set to {} to collect per-stage seconds (benchmarks)
         r = cfg.refine
         self._attn_blocks = n if r.refine_map == "as" else min(n, max(r.static_blocks, r.candidate_blocks))
         if r.candidate_blocks > n or r.static_blocks > n:
@@ -114,7 +138,9 @@ class WeCLIP(nn.Module):
         bb = self.backbone
         H, W = images.shape[-2:]
         tokens_prev = feats[bb.num_blocks - 2]
-        cam = initial_cam(bb, tokens_prev, hw, keys, self.text_fg, self.text_bg, r.cam_logit_scale)
+        with _StageTimer(self, "gradcam"):
+            cam = initial_cam(bb, tokens_prev, hw, keys, self.text_fg, self.text_bg, r.cam_logit_scale)
+        timer = _StageTimer(self, "refine").__enter__()
         maps = patch_attention(list(attns) + [cam.attn_last])  # B×n×hw×hw, last block last
         boxes = [box_masks(c, r.box_threshold) for c in cam.cams]
         refined, trans = cam.cams, None
@@ -128,9 +154,11 @@ class WeCLIP(nn.Module):
         hr = [F.interpolate(minmax_normalize(c)[None], size=(H, W), mode="bilinear", align_corners=False)[0]
               if c.shape[0] else c.new_zeros(0, H, W) for c in refined]
         stack, valid = cam_stack(hr, r.bg_power)
+        timer.__exit__(None, None, None)
         p = self.cfg.par
-        par_out = pixel_adaptive_refine(images, stack, p.dilations, p.num_iter, p.w1, p.w2)
-        labels = pseudo_labels_from_cams(par_out, valid, keys)
+        with _StageTimer(self, "par"):
+            par_out = pixel_adaptive_refine(images, stack, p.dilations, p.num_iter, p.w1, p.w2)
+            labels = pseudo_labels_from_cams(par_out, valid, keys)
         if record is not None:
             record.update(cam_keys=cam.keys, cam_init=cam.cams, clip_probs=cam.probs, attn_last=cam.attn_last,
                           box_mask=boxes, use_rfm=use_rfm, transition=trans, cam_refined=refined,
@@ -157,9 +185,11 @@ class WeCLIP(nn.Module):
             self.iter_num += 1
         fully = self.cfg.decoder.fully_supervised
         attn_blocks = 0 if fully else self._attn_blocks
-        feats, attns, hw = self._features(images, attn_blocks=max(attn_blocks, 0))
-        fu = self.decoder.fuse_features(feats[: self.feature_blocks], hw)
-        logits, dec_attn = self.decoder.head(fu, need_weights=record is not None)
+        with _StageTimer(self, "clip"):
+            feats, attns, hw = self._features(images, attn_blocks=max(attn_blocks, 0))
+        with _StageTimer(self, "decoder"):
+            fu = self.decoder.fuse_features(feats[: self.feature_blocks], hw)
+            logits, dec_attn = self.decoder.head(fu, need_weights=record is not None)
         out: dict = {"seg_logits": logits}
         if record is not None:
             record.update(features=[f[:, 1:].transpose(1, 2).reshape(f.shape[0], -1, *hw) for f in feats],
@@ -176,10 +206,11 @@ class WeCLIP(nn.Module):
         keys = class_keys(cls_labels)
         aff = self.decoder.affinity(fu)
         pseudo = self._pseudo_labels(images, feats, attns, hw, aff, keys, self._use_rfm(use_rfm), record)
-        aff_target = affinity_labels(pseudo, hw, self.cfg.loss.aff_radius)
-        loss_seg = segmentation_loss(logits, pseudo, self.cfg.loss.seg)
-        loss_aff = affinity_loss(aff, aff_target, self.cfg.loss.aff)
-        loss = loss_seg + self.cfg.loss.aff_weight * loss_aff
+        with _StageTimer(self, "loss"):
+            aff_target = affinity_labels(pseudo, hw, self.cfg.loss.aff_radius)
+            loss_seg = segmentation_loss(logits, pseudo, self.cfg.loss.seg)
+            loss_aff = affinity_loss(aff, aff_target, self.cfg.loss.aff)
+            loss = loss_seg + self.cfg.loss.aff_weight * loss_aff
         out.update(loss=loss, loss_seg=loss_seg, loss_aff=loss_aff, pseudo_label=pseudo, affinity=aff)
         if record is not None:
             record.update(affinity=aff, affinity_target=aff_target, loss_seg=loss_seg, loss_aff=loss_aff, loss=loss)

@@ -1,0 +1,194 @@
+"""The benchmark suite: training iteration and inference of the full-size ViT-B/16 WeCLIP on CPU
+(or CUDA), per stage, with peak memory. One command:
+
+    python benchmarks/run_all.py [--threads 2] [--repeats 5] [--device cpu] [--skip-onnx]
+
+Writes ``benchmarks/results/<machine>-<date>.json`` and ``.md`` and prints the markdown table.
+Random full-size OpenAI-format weights (speed does not depend on the values). Each figure is the
+median of ``--repeats`` runs after one warm-up. Targets (issue 9, same 2-core machine): training
+iteration ≤ 3.4 s at batch 4, 320², 2 classes/image; peak RSS ≤ 1.8 GB; inference ≤ 1.45 s for a
+375×500 image with scales {1, 0.75} + flip. The authors' code measured 10.1 s / 2.25 GB / 3.6 s.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+AUTHORS = {"train_step_s": 10.1, "train_peak_rss_gb": 2.25, "infer_375x500_s": 3.6, "crf_s": 0.62}
+TARGETS = {"train_step_s": 3.4, "train_peak_rss_gb": 1.8, "infer_375x500_s": 1.45}
+
+
+def rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0 / 1024.0
+
+
+def med(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+def bench_train(args) -> dict:
+    """Runs in its own process so that its peak RSS is the training process's peak."""
+    from weclip_infer import build_model
+
+    dev = torch.device(args.device)
+    model = build_model({"backbone": {"clip_weights": "random"}, "text": {"dataset": "voc"}}, device=dev)
+    rss_built = rss_gb()
+    model.train()
+    opt = torch.optim.AdamW(model.decoder.parameters(), lr=2e-3, weight_decay=0.01)
+    g = torch.Generator().manual_seed(0)
+    x = model.normalize(torch.randint(0, 256, (4, 3, 320, 320), generator=g).float().to(dev))
+    cls = torch.zeros(4, 20, device=dev)
+    for b in range(4):
+        cls[b, [b * 3 % 20, (b * 3 + 7) % 20]] = 1  # 2 classes per image
+    rows: dict = {}
+    totals = []
+    for rep in range(args.repeats + 1):
+        model.timings = {"_sync": dev.type == "cuda"}
+        t0 = time.perf_counter()
+        out = model(x, cls, use_rfm=True)
+        t1 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        opt.step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t3 = time.perf_counter()
+        if rep == 0:
+            continue
+        tm = {k: v for k, v in model.timings.items() if not k.startswith("_")}
+        tm["forward (all)"] = t1 - t0
+        tm["backward"] = t2 - t1
+        tm["optimizer"] = t3 - t2
+        for k, v in tm.items():
+            rows.setdefault(k, []).append(v)
+        totals.append(t3 - t0)
+    model.timings = None
+    res = {"stages_s": {k: med(v) for k, v in rows.items()}, "total_s": med(totals),
+           "rss_after_build_gb": rss_built, "peak_rss_gb": rss_gb()}
+    if dev.type == "cuda":
+        res["peak_cuda_gb"] = torch.cuda.max_memory_allocated() / 1024 ** 3
+    return res
+
+
+def bench_infer(args) -> dict:
+    from PIL import Image
+
+    from weclip_infer import Segmenter, build_model
+    from weclip_infer.crf import crf_available, dense_crf
+
+    dev = torch.device(args.device)
+    model = build_model({"backbone": {"clip_weights": "random"}, "text": {"dataset": "voc"}}, device=dev).eval()
+    img = np.random.default_rng(0).integers(0, 256, (375, 500, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="JPEG", quality=90)
+    jpeg = buf.getvalue()
+    backends = {"eager": Segmenter(model)}
+    tmp = None
+    if not args.skip_onnx:
+        try:
+            from weclip_infer.checkpoint import save_checkpoint
+            from weclip_infer.export.bundle_writer import write_bundle
+
+            tmp = tempfile.TemporaryDirectory()
+            write_bundle(model, Path(tmp.name) / "bundle", formats=("onnx",), parity_cases=[(1, 320, 320)])
+            backends["onnxruntime"] = Segmenter.from_pretrained(Path(tmp.name) / "bundle", backend="onnx", device=dev)
+        except Exception as e:  # noqa: BLE001
+            print(f"(ONNX Runtime backend skipped: {e})", file=sys.stderr)
+    out = {}
+    for name, seg in backends.items():
+        rows: dict = {}
+        for rep in range(args.repeats + 1):
+            r = seg.predict(jpeg)
+            if rep:
+                for k, v in r.timings.items():
+                    rows.setdefault(k, []).append(v)
+        out[name] = {k: med(v) for k, v in rows.items()}
+    if crf_available():
+        probs = torch.softmax(torch.randn(21, 375, 500), 0).numpy()
+        ts = []
+        for rep in range(args.repeats + 1):
+            t = time.perf_counter()
+            dense_crf(img, probs)
+            if rep:
+                ts.append(time.perf_counter() - t)
+        out["crf_s"] = med(ts)
+    if tmp is not None:
+        tmp.cleanup()
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--skip-onnx", action="store_true")
+    ap.add_argument("--part", choices=["all", "train", "infer"], default="all")
+    ap.add_argument("--out", default=str(HERE / "results"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.part == "train":
+        print(json.dumps(bench_train(args)))
+        return 0
+    if args.part == "infer":
+        print(json.dumps(bench_infer(args)))
+        return 0
+    base = [sys.executable, __file__, "--threads", str(args.threads), "--repeats", str(args.repeats), "--device", args.device]
+    if args.skip_onnx:
+        base.append("--skip-onnx")
+    train = json.loads(subprocess.run(base + ["--part", "train"], check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+    infer = json.loads(subprocess.run(base + ["--part", "infer"], check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = None
+    date = time.strftime("%Y-%m-%d")
+    result = {"machine": platform.node(), "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+              "device": args.device, "threads": args.threads, "repeats": args.repeats, "torch": torch.__version__,
+              "date": date, "load_avg_1min_at_end": load, "train_batch4_320": train, "infer_375x500": infer,
+              "authors_code": AUTHORS, "targets": TARGETS}
+    lines = [f"Machine {result['machine']} ({result['processor']}, {result['cpus']} CPUs), device {args.device}, "
+             f"{args.threads} threads, torch {torch.__version__}, median of {args.repeats} after warm-up, {date}", "",
+             "| training iteration (batch 4, 320², 2 classes/image, RFM) | seconds |", "|---|---|"]
+    for k, v in train["stages_s"].items():
+        lines.append(f"| {k} | {v:.3f} |")
+    lines.append(f"| **total** (authors' code {AUTHORS['train_step_s']} s; target ≤ {TARGETS['train_step_s']} s) | **{train['total_s']:.3f}** |")
+    lines.append(f"| peak RSS (authors' {AUTHORS['train_peak_rss_gb']} GB; target ≤ {TARGETS['train_peak_rss_gb']} GB) | {train['peak_rss_gb']:.2f} GB |")
+    lines += ["", "| inference, 375×500 JPEG, scales {1, 0.75} + flip | " + " | ".join(k for k in infer if k != "crf_s") + " |",
+              "|---|" + "---|" * len([k for k in infer if k != "crf_s"])]
+    stages = sorted({s for k, v in infer.items() if k != "crf_s" for s in v})
+    for s in stages:
+        lines.append(f"| {s} | " + " | ".join(f"{infer[k].get(s, float('nan')):.3f}" for k in infer if k != "crf_s") + " |")
+    if "crf_s" in infer:
+        lines.append(f"\nDenseCRF on 375×500, 21 labels, 10 iterations: {infer['crf_s']:.3f} s (authors' {AUTHORS['crf_s']} s)")
+    lines.append(f"\nInference target ≤ {TARGETS['infer_375x500_s']} s (authors' code {AUTHORS['infer_375x500_s']} s).")
+    md = "\n".join(lines) + "\n"
+    print(md)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{platform.node()}-{date}-{args.device}"
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(md)
+    print(f"wrote {out / (stem + '.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
