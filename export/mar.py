@@ -1,0 +1,152 @@
+"""Package a model directory as a TorchServe ``.mar`` archive for ``handlers/weclip_handler.py``.
+
+The model directory is one of ours: a checkpoint (``config.json`` + ``model.safetensors``, with
+``backbone.safetensors`` when saved with ``include_backbone=True``) or an exported bundle
+(``manifest.json`` + ``model.ts.pt`` / ``model.onnx``). All its files go into the archive as
+extra files (the archive is the model directory when TorchServe unpacks it); no
+``--serialized-file`` is passed (optional in torch-model-archiver 0.12), so nothing in the archive
+is a pickle that TorchServe's built-in loaders would try to ``torch.load``.
+
+CLI: ``python -m weclip_infer.export.mar MODEL_DIR --out model_store --name weclip_demo
+[--version 1.0] [--backend onnx] [--max-pixels N] [--scales 1,0.75] [--flip/--no-flip] [--crf]``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
+
+__all__ = ["build_mar", "default_handler_path", "main"]
+
+SERVE_CONFIG = "serve_config.json"
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
+
+def default_handler_path() -> Path:
+    """``handlers/weclip_handler.py`` of the repository (next to this package's source folder)."""
+    return Path(__file__).resolve().parents[1] / "handlers" / "weclip_handler.py"
+
+
+def _is_model_dir(d: Path) -> str:
+    if (d / "manifest.json").is_file():
+        return "bundle"
+    if (d / "config.json").is_file() and (d / "model.safetensors").is_file():
+        return "checkpoint"
+    raise ValueError(f"{d}: not a model directory (needs config.json + model.safetensors, or manifest.json)")
+
+
+def build_mar(model_dir: Union[str, os.PathLike], export_path: Union[str, os.PathLike], name: str = "weclip",
+              version: str = "1.0", serve_config: Optional[Mapping[str, Any]] = None,
+              handler: Union[str, os.PathLike, None] = None, timeout: float = 600) -> Path:
+    """Build ``<export_path>/<name>.mar`` from ``model_dir``; returns its path (overwrites).
+
+    ``serve_config``: written into the archive as ``serve_config.json`` (``backend``,
+    ``max_pixels``, ``scales``, ``flip``, ``crf``, ``long_side``, ``num_threads``); replaces one
+    that the model directory already carries.
+    """
+    model_dir = Path(model_dir).resolve()
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"{model_dir}: model directory not found")
+    kind = _is_model_dir(model_dir)
+    if not _NAME_RE.match(name):
+        raise ValueError(f"model name {name!r}: use letters, digits, '_', '-', '.'")
+    if not _NAME_RE.match(str(version)):
+        raise ValueError(f"version {version!r}: use letters, digits, '_', '-', '.'")
+    handler = Path(handler) if handler is not None else default_handler_path()
+    if not handler.is_file():
+        raise FileNotFoundError(f"{handler}: handler not found")
+    if serve_config is not None:
+        sys.path.insert(0, str(handler.parent))  # validate with the handler's own reader
+        try:
+            from weclip_handler import WeCLIPHandler  # type: ignore
+        except ImportError:
+            WeCLIPHandler = None
+        finally:
+            sys.path.pop(0)
+        if WeCLIPHandler is not None:
+            with tempfile.TemporaryDirectory() as td:
+                (Path(td) / SERVE_CONFIG).write_text(json.dumps(dict(serve_config)))
+                WeCLIPHandler.read_serve_config(Path(td))
+        backend = str(serve_config.get("backend", "auto")).lower()
+        if backend == "eager" and kind == "bundle":
+            raise ValueError("serve_config backend 'eager' needs a checkpoint directory, not an export bundle")
+        if backend in ("torchscript", "onnx") and kind == "checkpoint":
+            raise ValueError(f"serve_config backend {backend!r} needs an export bundle, not a checkpoint directory")
+    export_path = Path(export_path).resolve()
+    export_path.mkdir(parents=True, exist_ok=True)
+
+    # The archiver splits --extra-files on ',' and globs each entry, and stages in
+    # $TMPDIR/<name>: copy into a private staging folder with safe names and give it its own TMPDIR.
+    with tempfile.TemporaryDirectory(prefix="weclip_mar_") as td:
+        stage = Path(td) / "files"
+        stage.mkdir()
+        for f in sorted(model_dir.iterdir()):
+            if f.name.startswith(".") or f.name == "MAR-INF" or f.suffix == ".tmp":
+                continue
+            if f.name == SERVE_CONFIG and serve_config is not None:
+                continue
+            if re.search(r"[,*?\[\]]", f.name):
+                raise ValueError(f"{f}: file names with ',', '*', '?', '[' or ']' cannot go into a .mar")
+            (shutil.copytree if f.is_dir() else shutil.copy2)(f, stage / f.name)
+        if serve_config is not None:
+            (stage / SERVE_CONFIG).write_text(json.dumps(dict(serve_config), indent=2))
+        extra = ",".join(str(p) for p in sorted(stage.iterdir()))
+        tmp = Path(td) / "tmp"
+        tmp.mkdir()
+        cmd = [sys.executable, "-m", "model_archiver.model_packaging",
+               "--model-name", name, "--version", str(version), "--handler", str(handler),
+               "--extra-files", extra, "--export-path", str(export_path), "--force"]
+        env = dict(os.environ, TMPDIR=str(tmp))
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+        if proc.returncode != 0:
+            raise RuntimeError(f"torch-model-archiver failed (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    out = export_path / f"{name}.mar"
+    if not out.is_file():
+        raise RuntimeError(f"torch-model-archiver did not write {out}")
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m weclip_infer.export.mar",
+                                 description="Package a WeCLIP checkpoint or export bundle as a TorchServe .mar")
+    ap.add_argument("model_dir", help="checkpoint directory (saved with include_backbone=True) or export bundle")
+    ap.add_argument("--out", default="model_store", help="export folder (default: model_store)")
+    ap.add_argument("--name", default="weclip", help="model name (default: weclip)")
+    ap.add_argument("--version", default="1.0")
+    ap.add_argument("--backend", choices=["auto", "torchscript", "onnx", "eager"], default=None)
+    ap.add_argument("--max-pixels", type=int, default=None)
+    ap.add_argument("--scales", default=None, help="default scales, e.g. 1,0.75")
+    ap.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None)
+    ap.add_argument("--crf", action=argparse.BooleanOptionalAction, default=None)
+    ap.add_argument("--handler", default=None, help="handler file (default: handlers/weclip_handler.py)")
+    a = ap.parse_args(argv)
+    sc = {}
+    if a.backend is not None:
+        sc["backend"] = a.backend
+    if a.max_pixels is not None:
+        sc["max_pixels"] = a.max_pixels
+    if a.scales is not None:
+        sc["scales"] = [float(s) for s in a.scales.split(",")]
+    if a.flip is not None:
+        sc["flip"] = a.flip
+    if a.crf is not None:
+        sc["crf"] = a.crf
+    try:
+        out = build_mar(a.model_dir, a.out, name=a.name, version=a.version, serve_config=sc or None,
+                        handler=a.handler)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

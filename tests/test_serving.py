@@ -1,0 +1,432 @@
+"""TorchServe serving: the handler in-process (mixed batches) and a real TorchServe 0.12 end to end.
+
+The session fixture builds a .mar from the tiny model, starts TorchServe on free loopback ports in
+a private temp folder (its own TMPDIR / java.io.tmpdir, so pid file and worker sockets cannot
+collide with another TorchServe), waits until the model is READY and always stops it. Skipped
+only when ``java`` or ``torchserve`` is missing.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "handlers"))
+
+import weclip_handler as wh  # noqa: E402
+
+MODEL = "weclip"
+SERVE_CONFIG = {"num_threads": 1, "max_pixels": 4_000_000}
+
+
+# ---- helpers ---------------------------------------------------------------------------------------
+def _img(h, w, seed=0, fmt="JPEG") -> bytes:
+    rng = np.random.RandomState(seed)
+    arr = (rng.rand(h, w, 3) * 255).astype(np.uint8)
+    arr[: h // 2, : w // 2] = (200, 30, 30)  # some structure
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def _png_chunk(tag: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+
+def _bomb_png(w=20000, h=20000) -> bytes:
+    """A tiny PNG whose header declares ``w×h`` pixels (a decompression-bomb header)."""
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * 16)
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
+
+
+def _multipart(fields: dict) -> tuple:
+    boundary = uuid.uuid4().hex
+    out = io.BytesIO()
+    for name, value in fields.items():
+        out.write(f"--{boundary}\r\n".encode())
+        if isinstance(value, bytes):
+            out.write(f'Content-Disposition: form-data; name="{name}"; filename="{name}.img"\r\n'.encode())
+            out.write(b"Content-Type: application/octet-stream\r\n\r\n")
+            out.write(value)
+        else:
+            out.write(f'Content-Disposition: form-data; name="{name}"\r\n\r\n{value}'.encode())
+        out.write(b"\r\n")
+    out.write(f"--{boundary}--\r\n".encode())
+    return out.getvalue(), f"multipart/form-data; boundary={boundary}"
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _decode_png(body: bytes) -> np.ndarray:
+    im = Image.open(io.BytesIO(body))
+    assert im.mode == "P"
+    return np.asarray(im).astype(np.int64)
+
+
+@pytest.fixture(scope="session")
+def model_dir(tiny_model, tmp_path_factory):
+    from weclip_infer.checkpoint import save_checkpoint
+
+    d = tmp_path_factory.mktemp("serve_model") / "model"
+    save_checkpoint(tiny_model, d, include_backbone=True)
+    return d
+
+
+@pytest.fixture(scope="session")
+def segmenter(model_dir):
+    from weclip_infer.predictor import Segmenter
+
+    return Segmenter.from_pretrained(model_dir, device="cpu")
+
+
+# ---- unit level: archive building and the handler without TorchServe ------------------------------
+def test_build_mar_contents(model_dir, tmp_path):
+    import zipfile
+
+    from weclip_infer.export.mar import build_mar
+
+    mar = build_mar(model_dir, tmp_path / "store", name="weclip_t", serve_config={"backend": "eager"})
+    names = set(zipfile.ZipFile(mar).namelist())
+    assert {"config.json", "model.safetensors", "backbone.safetensors", "serve_config.json",
+            "weclip_handler.py", "MAR-INF/MANIFEST.json"} <= names
+    assert not any(n.endswith((".pt", ".pth", ".pkl")) for n in names)  # nothing to unpickle
+    with pytest.raises(ValueError):
+        build_mar(model_dir, tmp_path / "store", serve_config={"backend": "onnx"})  # needs a bundle
+    with pytest.raises(ValueError):
+        build_mar(model_dir, tmp_path / "store", serve_config={"max_pixels": -1})
+    with pytest.raises(ValueError):
+        build_mar(tmp_path, tmp_path / "store")  # not a model directory
+
+
+def test_rle_roundtrip():
+    rng = np.random.RandomState(0)
+    for shape in [(1, 1), (5, 7), (16, 3)]:
+        m = rng.rand(*shape) > 0.5
+        assert np.array_equal(wh.rle_decode(wh.rle_encode(m), shape), m)
+    assert wh.rle_encode(np.array([[1, 1, 0]]))[0] == 0  # starts with a (empty) run of zeros
+
+
+def test_parse_options():
+    o = wh.parse_options({"output": b"JSON", "scales": "1,0.5", "flip": "false", "rle": "1", "labels": "red box,2"})
+    assert o == {"output": "json", "scales": (1.0, 0.5), "flip": False, "rle": True, "labels": ["red box", 2]}
+    for bad in ({"output": "gif"}, {"scales": "abc"}, {"scales": "0"}, {"scales": "1,9"}, {"flip": "maybe"},
+                {"rle": "true"}):  # rle without json
+        with pytest.raises(wh.PredictionException) as ei:
+            wh.parse_options(bad)
+        assert ei.value.error_code == 400
+
+
+def test_handler_mixed_batch_in_process(model_dir, segmenter, tmp_path):
+    """A batch with different sizes, formats and a bad item: every request gets its own answer."""
+    from ts.context import Context, RequestProcessor
+
+    d = tmp_path / "m"
+    shutil.copytree(model_dir, d)
+    (d / "serve_config.json").write_text(json.dumps(SERVE_CONFIG))
+    ctx = Context(MODEL, str(d), None, 4, None, "0.12.0")
+    h = wh.WeCLIPHandler()
+    h.initialize(ctx)
+    imgs = [_img(40, 56, 1), _img(70, 33, 2, "PNG")]
+    data = [{"body": bytearray(imgs[0])}, {"body": bytearray(b"not an image")},
+            {"data": bytearray(imgs[1]), "output": bytearray(b"json"), "rle": b"true"},
+            {"body": {"image": base64.b64encode(imgs[0]).decode(), "scales": [1.0], "flip": False}}]
+    ctx.request_processor = [RequestProcessor({}) for _ in data]
+    out = h.handle(data, ctx)
+    assert len(out) == 4
+    codes = [ctx.get_response_status(i)[0] for i in range(4)]
+    assert codes == [200, 400, 200, 200]
+    assert [ctx.get_response_content_type(i) for i in range(4)] == ["image/png", "application/json",
+                                                                  "application/json", "image/png"]
+    assert np.array_equal(_decode_png(out[0]), segmenter.predict(imgs[0]).labels)
+    assert "not a recognised image" in json.loads(out[1])["error"]
+    js = json.loads(out[2])
+    ref = segmenter.predict(imgs[1]).labels
+    assert js["size"] == list(ref.shape)
+    for name, counts in js["rle"].items():
+        assert np.array_equal(wh.rle_decode(counts, ref.shape), ref == segmenter.class_names.index(name))
+    assert np.array_equal(_decode_png(out[3]), segmenter.predict(imgs[0], scales=(1.0,), flip=False).labels)
+
+
+# ---- end to end through TorchServe -----------------------------------------------------------------
+class Server:
+    def __init__(self, root: Path, ports: dict, keys: dict, env: dict, ts_bin: str):
+        self.root, self.ports, self.keys, self.env, self.ts_bin = root, ports, keys, env, ts_bin
+        self.base = f"http://127.0.0.1:{ports['inference']}"
+        self.mgmt = f"http://127.0.0.1:{ports['management']}"
+
+    def request(self, path, body=None, headers=None, method="POST", token="inference", base=None, timeout=60):
+        h = dict(headers or {})
+        if token:
+            h["Authorization"] = f"Bearer {self.keys[token]['key'] if token in self.keys else token}"
+        req = urllib.request.Request((base or self.base) + path, data=body, headers=h, method=method)
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return r.status, r.headers.get("Content-Type", ""), r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.headers.get("Content-Type", ""), e.read()
+
+    def predict(self, body, headers=None, path=f"/predictions/{MODEL}", **kw):
+        h = {"Content-Type": "application/octet-stream", **(headers or {})}
+        return self.request(path, body, h, **kw)
+
+    def logs(self, n=80) -> str:
+        out = []
+        for f in sorted((self.root / "logs").glob("*.log")):
+            lines = f.read_text(errors="replace").splitlines()[-n:]
+            out.append(f"==== {f.name}\n" + "\n".join(lines))
+        return "\n".join(out)
+
+
+def _ts_binary():
+    cand = Path(sys.executable).parent / "torchserve"
+    return str(cand) if cand.is_file() else shutil.which("torchserve")
+
+
+@pytest.fixture(scope="session")
+def server(request, model_dir, tmp_path_factory):
+    ts_bin = _ts_binary()
+    if shutil.which("java") is None:
+        pytest.skip("java not found (TorchServe needs a JRE)")
+    if ts_bin is None:
+        pytest.skip("torchserve not installed")
+    from weclip_infer.export.mar import build_mar
+
+    root = tmp_path_factory.mktemp("torchserve")
+    store = root / "model_store"
+    build_mar(model_dir, store, name=MODEL, serve_config=SERVE_CONFIG)
+    tmp = root / "tmp"
+    (root / "logs").mkdir()
+    tmp.mkdir()
+    ports = {k: _free_port() for k in ("inference", "management", "metrics")}
+    cfg_lines = []
+    for line in (REPO / "config.properties").read_text().splitlines():  # the repo config, test ports
+        key = line.split("=", 1)[0].strip()
+        if key.endswith("_address"):
+            line = f"{key}=http://127.0.0.1:{ports[key[:-len('_address')]]}"
+        elif key == "model_store":
+            line = f"model_store={store}"
+        cfg_lines.append(line)
+    assert not any(l.startswith("disable_token_authorization") for l in cfg_lines)
+    cfg_lines += [
+        # batches of up to 4 requests (different image sizes in one batch)
+        'models={"%s": {"1.0": {"marName": "%s.mar", "minWorkers": 1, "maxWorkers": 1, "batchSize": 4, '
+        '"maxBatchDelay": 20, "responseTimeout": 120}}}' % (MODEL, MODEL),
+        f"vmargs=-Xmx1g -XX:+UseSerialGC -Djava.io.tmpdir={tmp}",
+    ]
+    cfg = root / "config.properties"
+    cfg.write_text("\n".join(cfg_lines) + "\n")
+    env = dict(os.environ, TMPDIR=str(tmp), LOG_LOCATION=str(root / "logs"), METRICS_LOCATION=str(root / "logs"),
+               OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TS_DISABLE_SYSTEM_METRICS="true")
+    srv = Server(root, ports, {}, env, ts_bin)
+
+    def stop():
+        subprocess.run([ts_bin, "--stop"], cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                       stdin=subprocess.DEVNULL, timeout=60)
+        t_end = time.time() + 30
+        while time.time() < t_end and any(_port_open(p) for p in ports.values()):
+            time.sleep(0.3)
+        if request.session.testsfailed:
+            print(srv.logs(), file=sys.stderr)
+
+    t0 = time.time()
+    start_log = root / "logs" / "start.log"
+    try:
+        with open(start_log, "wb") as log:  # the Java child inherits these: never a pipe
+            proc = subprocess.run([ts_bin, "--start", "--ncs", "--model-store", str(store), "--models",
+                                   f"{MODEL}={MODEL}.mar", "--ts-config", str(cfg)], cwd=root, env=env,
+                                  stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, timeout=60)
+        assert proc.returncode == 0, start_log.read_text()
+        ready = False
+        while time.time() - t0 < 120 and not ready:
+            time.sleep(0.5)
+            kf = root / "key_file.json"
+            if not kf.is_file():
+                continue
+            try:
+                srv.keys = json.loads(kf.read_text())
+                code, _, body = srv.request(f"/models/{MODEL}", method="GET", token="management", base=srv.mgmt,
+                                            timeout=5)
+            except (OSError, ValueError):
+                continue
+            if code == 200:
+                workers = json.loads(body)[0].get("workers", [])
+                ready = bool(workers) and all(w.get("status") == "READY" for w in workers)
+        if not ready:
+            raise RuntimeError(f"TorchServe not READY after 120 s\n{srv.logs()}")
+        srv.startup_s = time.time() - t0
+    except BaseException:
+        stop()
+        print(srv.logs(), file=sys.stderr)
+        raise
+    request.addfinalizer(stop)
+    return srv
+
+
+def test_ping_and_metrics(server):
+    code, _, body = server.request("/ping", method="GET")
+    assert code == 200 and json.loads(body)["status"] == "Healthy"
+    print(f"TorchServe READY after {server.startup_s:.1f} s")
+
+
+@pytest.mark.parametrize("shape,fmt", [((70, 90), "JPEG"), ((33, 50), "PNG"), ((128, 40), "JPEG")])
+def test_png_equals_in_process(server, segmenter, shape, fmt):
+    img = _img(*shape, seed=shape[0], fmt=fmt)
+    code, ctype, body = server.predict(img)
+    assert code == 200, body
+    assert ctype.startswith("image/png")
+    got = _decode_png(body)
+    assert got.shape == shape
+    assert np.array_equal(got, segmenter.predict(img).labels)
+    # options as headers (the /predictions endpoint drops query strings in TorchServe 0.12)
+    code, _, body = server.predict(img, {"X-WeCLIP-Scales": "1", "X-WeCLIP-Flip": "false"})
+    assert code == 200, body
+    assert np.array_equal(_decode_png(body), segmenter.predict(img, scales=(1.0,), flip=False).labels)
+
+
+def test_multipart_and_json_with_rle(server, segmenter):
+    img = _img(60, 45, seed=3)
+    ref = segmenter.predict(img)
+    body, ctype = _multipart({"data": img, "output": "json", "rle": "true"})
+    code, rtype, out = server.request(f"/predictions/{MODEL}", body, {"Content-Type": ctype})
+    assert code == 200, out
+    assert rtype.startswith("application/json")
+    js = json.loads(out)
+    assert js["size"] == [60, 45]
+    present = [ref.class_names[i] for i in np.unique(ref.labels)]
+    assert js["classes"] == present
+    assert js["pixel_counts"] == ref.areas()
+    assert set(js["scores"]) == set(ref.class_names)
+    assert {"decode", "total"} <= set(js["timings"])
+    for name in present:
+        m = ref.labels == ref.class_names.index(name)
+        assert np.array_equal(wh.rle_decode(js["rle"][name], ref.labels.shape), m)
+        if name != "background":
+            ys, xs = np.nonzero(m)
+            assert js["boxes"][name] == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+    # the same through a JSON body, and multipart with the part named "file"
+    jb = json.dumps({"image": base64.b64encode(img).decode(), "output": "json"}).encode()
+    code, _, out = server.request(f"/predictions/{MODEL}", jb, {"Content-Type": "application/json"})
+    assert code == 200 and json.loads(out)["pixel_counts"] == ref.areas()
+    body, ctype = _multipart({"file": img})
+    code, _, out = server.request(f"/predictions/{MODEL}", body, {"Content-Type": ctype})
+    assert code == 200 and np.array_equal(_decode_png(out), ref.labels)
+
+
+def test_query_string_options(server, segmenter):
+    """Query parameters reach the handler on the legacy /<model>/predict and /invocations routes."""
+    img = _img(50, 50, seed=4)
+    code, ctype, out = server.predict(img, path=f"/{MODEL}/predict?output=json&scales=1&flip=false")
+    assert code == 200, out
+    assert json.loads(out)["pixel_counts"] == segmenter.predict(img, scales=(1.0,), flip=False).areas()
+    code, _, out = server.predict(img, path=f"/invocations?model_name={MODEL}&output=gif")
+    assert code == 400 and "output" in json.loads(out)["error"]
+
+
+def test_overlay_is_jpeg(server):
+    code, ctype, out = server.predict(_img(64, 48, seed=5), {"X-WeCLIP-Output": "overlay"})
+    assert code == 200, out
+    assert ctype.startswith("image/jpeg") and out[:2] == b"\xff\xd8"
+    assert Image.open(io.BytesIO(out)).size == (48, 64)
+
+
+BAD = {
+    "random_bytes": (np.random.RandomState(0).bytes(3000), {}, "not a recognised image"),
+    "truncated_jpeg": (_img(80, 80)[:300], {}, "image"),
+    "zero_bytes": (b"", {}, ""),
+    "bomb_header": (_bomb_png(), {}, "limit"),
+    "output_gif": (_img(32, 32), {"X-WeCLIP-Output": "gif"}, "output"),
+    "scales_abc": (_img(32, 32), {"X-WeCLIP-Scales": "abc"}, "scales"),
+    "flip_maybe": (_img(32, 32), {"X-WeCLIP-Flip": "maybe"}, "flip"),
+    "unknown_label": (_img(32, 32), {"X-WeCLIP-Labels": "unicorn"}, "unicorn"),
+    "rle_with_png": (_img(32, 32), {"X-WeCLIP-Rle": "true"}, "rle"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_inputs_are_4xx_and_worker_survives(server, case):
+    body, headers, needle = BAD[case]
+    code, ctype, out = server.predict(body, headers)
+    assert 400 <= code < 500, (code, out[:300])
+    if body:  # TorchServe's frontend answers a 0-byte body itself (its own JSON error)
+        assert ctype.startswith("application/json")
+        err = json.loads(out)["error"]
+        assert needle in err, err
+    else:
+        assert json.loads(out)
+    code, _, out = server.predict(_img(40, 40, seed=9))
+    assert code == 200, out
+
+
+def test_bad_json_bodies(server):
+    for body in (b'{"image": "%%%not base64"}', b'{"nope": 1}', b"[1, 2]"):
+        code, _, out = server.request(f"/predictions/{MODEL}", body, {"Content-Type": "application/json"})
+        assert 400 <= code < 500, (body, code, out)
+        assert json.loads(out)
+
+
+def test_token_required(server):
+    img = _img(32, 32)
+    code, _, _ = server.predict(img, token=None)
+    assert code in (400, 401)
+    code, _, _ = server.predict(img, token="wrong-token")
+    assert code in (400, 401)
+    code, _, _ = server.request(f"/models/{MODEL}", method="GET", token="inference", base=server.mgmt)
+    assert code in (400, 401)  # the inference key does not open the management API
+
+
+def test_concurrent_load(server, segmenter):
+    """200 requests, 8 in flight (batches of up to 4 mixing sizes and one bad input per 25)."""
+    sizes = [(40, 40), (64, 32), (30, 70), (50, 50)]
+    imgs = {s: _img(*s, seed=s[0] + s[1]) for s in sizes}
+    refs = {s: segmenter.predict(imgs[s]).labels for s in sizes}
+
+    def one(i):
+        if i % 25 == 7:
+            code, _, out = server.predict(b"garbage")
+            return "bad-ok" if code == 400 else f"bad input got {code}"
+        s = sizes[i % len(sizes)]
+        code, _, out = server.predict(imgs[s])
+        if code != 200:
+            return f"{i}: HTTP {code} {out[:200]!r}"
+        return "ok" if np.array_equal(_decode_png(out), refs[s]) else f"{i}: mask differs"
+
+    t0 = time.time()
+    with ThreadPoolExecutor(8) as ex:
+        results = list(ex.map(one, range(200)))
+    dt = time.time() - t0
+    errors = [r for r in results if r not in ("ok", "bad-ok")]
+    assert not errors, errors[:5]
+    print(f"200 requests, concurrency 8: {dt:.1f} s, {200 / dt:.1f} req/s")
+    code, _, out = server.request("/metrics", method="GET", token=None,
+                                  base=f"http://127.0.0.1:{server.ports['metrics']}")
+    assert code == 200
+    assert b"WeCLIPNetworkTime" in out and b"WeCLIPDecodeTime" in out
