@@ -79,11 +79,12 @@ def test_kill_then_resume_matches_uninterrupted_run(ckpt, tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "weclip_infer.segment", str(src), "--out", str(out), "--model", str(ckpt),
-                             "--workers", "1", "--quiet"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "--workers", "1", "--quiet"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None and len(list(out.rglob("*.png"))) < 3:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole group: the CLI and its decoding worker
     proc.wait(timeout=30)
     assert not [p for p in out.rglob("*.png") if p.stat().st_size == 0]
     assert main([str(src), "--out", str(out), "--model", str(ckpt), "--workers", "0", "--quiet", "--resume"]) == 0
