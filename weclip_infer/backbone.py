@@ -51,6 +51,10 @@ CLIP_STD = tuple(255.0 * s for s in (0.26862954, 0.26130258, 0.27577711))
 
 OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
 
+# Named CLIP weights that ship with the package: ``clip_weights: demo`` is the small CLIP
+# pre-trained on the procedural demo world (see weclip_infer/assets/demo_clip/provenance.json).
+BUILTIN_WEIGHTS = {"demo": Path(__file__).resolve().parent / "assets" / "demo_clip" / "clip.safetensors"}
+
 
 class WeightsUnavailableError(RuntimeError):
     """CLIP weights could not be obtained (offline, missing or unreadable file)."""
@@ -294,6 +298,7 @@ def load_clip(cfg: BackboneConfig, device: str | torch.device = "cpu") -> nn.Mod
     """Build the open_clip model and load the weights named by ``cfg.clip_weights``.
 
     * ``"random"``: random init (seeded by ``cfg.seed``), for tests.
+    * ``"demo"``: the small CLIP shipped with the package (pre-trained on the demo world).
     * ``"openai"`` (or another open_clip pretrained tag): open_clip's registry. Only the local
       cache is used when the network is unreachable; then a ``WeightsUnavailableError`` says how
       to pass a local file instead. Never hangs: reachability is probed with a 3 s timeout.
@@ -302,6 +307,8 @@ def load_clip(cfg: BackboneConfig, device: str | torch.device = "cpu") -> nn.Mod
       written by ``save_clip`` (model config in its metadata). Never touches the network.
     """
     src = cfg.clip_weights
+    if src in BUILTIN_WEIGHTS:  # weights shipped inside the package (registry as data)
+        src = str(BUILTIN_WEIGHTS[src])
     if src == "random":
         torch.manual_seed(cfg.seed)
         clip = _create(cfg)

@@ -92,7 +92,7 @@ def _model_cfg_of(model) -> dict:
 
 
 def _resolve_weights(path: str, base: Path) -> str:
-    if path in ("openai", "random") or os.path.isabs(path):
+    if path in ("openai", "random", "demo") or os.path.isabs(path):
         return path
     cand = base / path
     return str(cand) if cand.exists() else path

@@ -49,7 +49,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from weclip_infer.backbone import IMAGENET_MEAN, IMAGENET_STD, load_clip, save_clip
+from weclip_infer.backbone import IMAGENET_MEAN, IMAGENET_STD, FrozenCLIP, load_clip, save_clip
 from weclip_infer.config import BackboneConfig
 from weclip_infer.demo.world import (
     BACKGROUND_NAMES,
@@ -78,12 +78,13 @@ __all__ = [
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "assets" / "demo_clip"
 
-#: The shipped demo CLIP: 256 px input (16×16 grid at patch 16), 6 vision blocks, conv stem.
+#: The shipped demo CLIP: 128 px input (8×8 grid at patch 16), 6 vision blocks, conv stem. Sized for
+#: 2 shared AVX2 cores without bf16 support (~15 images/s in fp32).
 DEFAULT_MODEL_CFG: dict = {
-    "embed_dim": 256,
-    "vision_cfg": {"image_size": 256, "layers": 6, "width": 192, "head_width": 32, "patch_size": 16,
+    "embed_dim": 128,
+    "vision_cfg": {"image_size": 128, "layers": 6, "width": 128, "head_width": 32, "patch_size": 16,
                    "mlp_ratio": 4.0, "pool_type": "avg"},
-    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 192, "heads": 3, "layers": 4},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 2, "layers": 3},
 }
 
 #: A tiny model for tests.
@@ -270,7 +271,11 @@ def _cam_labels(cams: list, keys: list, size: tuple[int, int]) -> list[np.ndarra
         if len(k) == 0:
             out.append(np.zeros(size, np.uint8))
             continue
-        up = F.interpolate(c[None].float(), size=size, mode="bilinear", align_corners=False)[0]
+        from weclip_infer.cam import minmax_normalize
+
+        # per-class min-max first (as WeCLIP does before PAR, spec §2.3/§2.5): the refined CAMs are
+        # not in [0, 1]; the initial ones already are (no-op)
+        up = F.interpolate(minmax_normalize(c.float())[None], size=size, mode="bilinear", align_corners=False)[0]
         stack = torch.cat([1 - up.max(0, keepdim=True).values, up], 0)
         idx = stack.argmax(0).numpy()
         lut = np.array([0] + [int(x) + 1 for x in k], np.uint8)
@@ -283,8 +288,10 @@ def zero_shot(clip: nn.Module, ev: EvalSet, ctx: int) -> float:
     clip.eval()
     txt = F.normalize(clip.encode_text(tokenize([ORIGAMI_TEMPLATE.format(p) for p in CLASS_PROMPTS], ctx)), dim=-1)
     preds = []
+    fb = FrozenCLIP(clip)  # WeCLIP's forward (interpolates positional embeddings for other sizes)
     for i in range(0, len(ev.zs_x), 50):
-        img = F.normalize(clip.encode_image(ev.zs_x[i:i + 50]), dim=-1)
+        feats, _, _ = fb.forward_features(ev.zs_x[i:i + 50], num_blocks=fb.num_blocks, need_attn=False)
+        img = fb.pooled_embedding(feats[-1])
         preds.append((img @ txt.t()).argmax(1))
     return float((torch.cat(preds) == ev.zs_y).float().mean())
 
@@ -332,6 +339,8 @@ def save_outputs(clip: nn.Module, out: Path, model_cfg: dict, token_ids: list[in
 
     with atomic_path(out / "provenance.json") as tmp:
         Path(tmp).write_text(json.dumps(prov, indent=2) + "\n")
+    for f in (path, out / "provenance.json"):
+        os.chmod(f, 0o644)  # shipped assets: world-readable (atomic writes create 0600 files)
     return size
 
 
@@ -360,29 +369,56 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=None, help="fixed number of steps (schedule by steps; deterministic)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--scale-lr", type=float, default=1e-2, help="own lr of the learnable log temperature")
     ap.add_argument("--init-scale", type=float, default=25.0, help="initial exp(logit_scale)")
     ap.add_argument("--max-scale", type=float, default=100.0)
     ap.add_argument("--wd", type=float, default=0.05)
-    ap.add_argument("--warmup", type=int, default=100, help="warm-up steps")
-    ap.add_argument("--eval-every", type=float, default=180.0, help="seconds between evaluations (0: only at the end)")
+    ap.add_argument("--warmup", type=int, default=40, help="warm-up steps")
+    ap.add_argument("--eval-every", type=float, default=240.0, help="seconds between evaluations (0: only at the end)")
     ap.add_argument("--eval-zs", type=int, default=200)
     ap.add_argument("--eval-cam", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--workers", type=int, default=1)
-    ap.add_argument("--no-bf16", action="store_true")
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast (only faster on CPUs with native bf16)")
     ap.add_argument("--dtype", choices=("fp16", "fp32"), default="fp16", help="stored weight dtype")
     ap.add_argument("--tiny", action="store_true", help="tiny model and 64 px world (tests)")
     ap.add_argument("--model-cfg", type=str, default=None, help="JSON open_clip model config (overrides the default)")
+    ap.add_argument("--eval-only", action="store_true", help="only evaluate OUT/clip.safetensors and print JSON")
+    ap.add_argument("--eval-size", type=int, default=None, help="--eval-only: world image size (default: the model's)")
+    ap.add_argument("--static-blocks", type=int, default=None, help="--eval-only: refine.static_blocks override")
+    ap.add_argument("--cam-logit-scale", type=float, default=None, help="--eval-only: refine.cam_logit_scale override")
     return ap.parse_args(argv)
+
+
+def eval_only(args: argparse.Namespace) -> dict:
+    """Evaluate a written ``clip.safetensors`` (optionally at another image size / static_blocks)."""
+    from safetensors import safe_open
+
+    path = args.out / "clip.safetensors"
+    with safe_open(str(path), "pt") as f:
+        model_cfg = json.loads(f.metadata()["open_clip_cfg"])
+    model_cfg.pop("patch_stem", None)
+    clip = load_clip(BackboneConfig(clip_weights=str(path)))
+    size = args.eval_size or int(model_cfg["vision_cfg"]["image_size"])
+    ev = EvalSet(args.seed, WorldConfig(size=size), args.eval_zs, args.eval_cam)
+    refine = DEFAULT_WECLIP_REFINE(int(model_cfg["vision_cfg"]["layers"]))
+    if args.static_blocks:
+        refine["static_blocks"] = args.static_blocks
+    if args.cam_logit_scale:
+        refine["cam_logit_scale"] = args.cam_logit_scale
+    r = dict(evaluate(clip, ev, model_cfg, refine), eval_size=size, refine=refine)
+    print(json.dumps(r), flush=True)
+    return r
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     t_start = time.time()
     torch.set_num_threads(args.threads)
+    if args.eval_only:
+        return eval_only(args)
     torch.manual_seed(args.seed)
     model_cfg = json.loads(args.model_cfg) if args.model_cfg else copy.deepcopy(TINY_MODEL_CFG if args.tiny else DEFAULT_MODEL_CFG)
     img_size = int(model_cfg["vision_cfg"]["image_size"])
@@ -410,7 +446,7 @@ def main(argv=None) -> dict:
     prov_base = {
         "command": " ".join([os.path.basename(sys.executable), "-m", "weclip_infer.demo.pretrain_clip"] + list(sys.argv[1:] if argv is None else argv)),
         "seed": args.seed, "batch_size": args.batch_size, "lr": args.lr, "scale_lr": args.scale_lr,
-        "init_logit_scale": args.init_scale, "weight_decay": args.wd, "warmup_steps": args.warmup, "bf16_autocast": not args.no_bf16,
+        "init_logit_scale": args.init_scale, "weight_decay": args.wd, "warmup_steps": args.warmup, "bf16_autocast": args.bf16,
         "loss": "symmetric InfoNCE, multi-positive targets (caption j positive for image i if it correctly describes it)",
         "pool": "avg of patch tokens after ln_post (= FrozenCLIP.pooled_embedding)",
         "normalize": "imagenet (mean/std on 0..255)",
@@ -467,7 +503,7 @@ def main(argv=None) -> dict:
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * lr_fac
         lr_now = args.lr * lr_fac
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not args.no_bf16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
             img = F.normalize(clip.encode_image(x).float(), dim=-1)
             txt = F.normalize(clip.encode_text(tok).float(), dim=-1)
         loss = multi_positive_clip_loss(img, txt, clip.logit_scale.exp(), pos)
@@ -490,7 +526,7 @@ def main(argv=None) -> dict:
             last_eval = time.time()
     last = do_eval(final=True)
     del it, loader
-    return last
+    return dict(last, clip=clip.eval(), model_cfg=model_cfg, token_ids=token_ids, steps=step, images=images)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,73 @@
+"""The demo-CLIP pre-training script: a few steps of a tiny model, then the written file loads back."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from weclip_infer.backbone import FrozenCLIP, load_clip
+from weclip_infer.config import BackboneConfig
+from weclip_infer.demo import pretrain_clip as pc
+from weclip_infer.text import tokenize
+
+
+def test_positive_matrix_and_loss():
+    a, b = frozenset({0}), frozenset({1, 2})
+    pos = pc.positive_matrix([a, b, a], [0, 0, 1], [a, None, None], [0, 0, 1])
+    # caption 0 "red circle on grass": image 0 only; caption 1 "grass.": images 0, 1; caption 2 "sand.": image 2
+    assert pos.tolist() == [[True, True, False], [False, True, False], [False, False, True]]
+    img = torch.nn.functional.normalize(torch.randn(3, 8), dim=-1)
+    loss = pc.multi_positive_clip_loss(img, img, torch.tensor(10.0), pos)
+    assert torch.isfinite(loss) and loss > 0
+
+
+def test_world_token_ids_cover_prompts():
+    ids = set(pc.world_token_ids(32))
+    for text in ["a clean origami red circle.", "a photo of a purple star and a black diamond on snow.", "dirt."]:
+        assert set(tokenize([text], 32)[0].tolist()) <= ids
+    assert {49406, 49407} <= ids
+
+
+def test_short_run_writes_loadable_clip(tmp_path):
+    torch.manual_seed(0)
+    out = tmp_path / "demo_clip"
+    res = pc.main(["--tiny", "--steps", "3", "--batch-size", "6", "--eval-zs", "8", "--eval-cam", "2", "--eval-every", "0",
+                   "--threads", "1", "--workers", "0", "--dtype", "fp32", "--out", str(out)])
+    path = out / "clip.safetensors"
+    assert path.is_file() and (out / "pretrain_log.csv").is_file()
+    prov = json.loads((out / "provenance.json").read_text())
+    assert prov["steps"] == 3 and prov["patch_stem"] == "conv" and prov["model_cfg"] == pc.TINY_MODEL_CFG
+    for k in ("zero_shot_top1", "cam_miou", "pseudo_label_miou", "all_background_miou", "versions", "command"):
+        assert k in prov
+    assert path.stat().st_size < 1_000_000  # pruned token table
+
+    trained = res["clip"].eval()
+    loaded = load_clip(BackboneConfig(clip_weights=str(path)))
+    assert FrozenCLIP(loaded).patch_size == 16
+    x = torch.randn(2, 3, 64, 64)
+    tok = tokenize(["a clean origami red circle.", "a photo of a blue square on sand."], 32)
+    with torch.no_grad():
+        assert torch.equal(trained.encode_image(x), loaded.encode_image(x))
+        t_a, t_b = trained.encode_text(tok), loaded.encode_text(tok)
+        assert (t_a - t_b).abs().max() < 1e-5, (t_a - t_b).abs().max()  # kept rows are exact; bitwise may differ by kernel choice
+        assert torch.equal(trained.logit_scale, loaded.logit_scale)
+    # FrozenCLIP (WeCLIP's forward) sees the same pooled embedding as open_clip's avg-pool tower
+    fb = FrozenCLIP(loaded)
+    feats, _, _ = fb.forward_features(x, num_blocks=fb.num_blocks, need_attn=False)
+    with torch.no_grad():
+        ref = torch.nn.functional.normalize(loaded.encode_image(x), dim=-1)
+    assert torch.allclose(fb.pooled_embedding(feats[-1]), ref, atol=1e-5)
+
+
+def test_fp16_storage_loads_as_float(tmp_path):
+    torch.manual_seed(0)
+    clip = pc.build_clip(pc.TINY_MODEL_CFG, seed=0).eval()
+    ids = pc.world_token_ids(32)
+    pc.save_outputs(clip, tmp_path, pc.TINY_MODEL_CFG, ids, "fp16", {"note": "test"})
+    loaded = load_clip(BackboneConfig(clip_weights=str(tmp_path / "clip.safetensors")))
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+    tok = tokenize(["a clean origami pink heart."], 32)
+    with torch.no_grad():
+        a, b = clip.encode_text(tok), loaded.encode_text(tok)
+    assert torch.allclose(a, b, atol=2e-2, rtol=2e-2)
