@@ -123,3 +123,15 @@ def test_import_reference_checkpoint_cli(tmp_path, reference_clip_path, referenc
         logits = model.segment(x)
     ref = reference["train320/decoder/seg_logits"]
     assert np.abs(logits.numpy() - ref).max() / np.abs(ref).max() < 3e-3
+
+
+def test_crf_option_on_decoded_image(tiny_model):
+    from weclip_infer.crf import crf_available
+
+    if not crf_available():
+        pytest.skip("pydensecrf not installed")
+    seg = Segmenter(tiny_model, long_side=64)
+    buf = io.BytesIO()
+    Image.fromarray(_rgb()).save(buf, format="JPEG")
+    res = seg.predict(buf.getvalue(), crf=True)  # decoded arrays can be read-only: must still work
+    assert res.labels.shape == (75, 100) and "crf" in res.timings

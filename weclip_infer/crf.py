@@ -118,6 +118,6 @@ def dense_crf(
     d = dcrf.DenseCRF2D(W, H, C)  # width first
     d.setUnaryEnergy(unary)
     d.addPairwiseGaussian(sxy=gauss_sxy, compat=gauss_compat)
-    d.addPairwiseBilateral(sxy=bi_sxy, srgb=bi_srgb, rgbim=np.ascontiguousarray(img, dtype=np.uint8), compat=bi_compat)
+    d.addPairwiseBilateral(sxy=bi_sxy, srgb=bi_srgb, rgbim=np.require(img, np.uint8, ["C", "W"]), compat=bi_compat)
     q = d.inference(int(iters))
     return np.asarray(q, dtype=np.float32).reshape(C, H, W)
