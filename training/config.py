@@ -21,7 +21,8 @@ from typing import Mapping, Optional, Sequence, Union
 
 import yaml
 
-from weclip_infer.config import (
+from weclip_infer.config import (  # noqa: I001
+    _deep_merge,
     DATASET_PRESETS,
     ConfigError,
     WeCLIPConfig,
@@ -180,14 +181,6 @@ class FullConfig:
 _SECTIONS = ("model", "train", "data")
 
 
-def _deep_merge(base: Mapping, upd: Mapping) -> dict:
-    out = dict(base)
-    for k, v in upd.items():
-        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
-            out[k] = _deep_merge(out[k], v)
-        else:
-            out[k] = v
-    return out
 
 
 def _read(config: Union[FullConfig, Mapping, str, os.PathLike, None]) -> dict:

@@ -33,6 +33,7 @@ from typing import Any, Iterable, Iterator, List, Optional, Sequence, Tuple, Uni
 import numpy as np
 from PIL import Image
 
+from .classes import COCO_CLASSES, VOC_CLASSES
 from .imageio import ImageDecodeError, save_png_atomic, atomic_write_bytes
 from .metrics import ConfusionMatrix, format_iou_table, to_jsonable
 from .palette import voc_palette
@@ -55,23 +56,8 @@ PathLike = Union[str, os.PathLike]
 
 VOC_SUBMISSION_SUBDIR = Path("results") / "VOC2012" / "Segmentation" / "comp5_test_cls"
 
-_VOC_NAMES = (
-    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
-    "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
-    "train", "tvmonitor",
-)
-_COCO_NAMES = (
-    "background", "person", "bicycle", "car", "motorbike", "aeroplane", "bus", "train", "truck",
-    "boat", "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat",
-    "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella",
-    "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
-    "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
-    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange",
-    "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "sofa", "pottedplant", "bed",
-    "diningtable", "toilet", "tvmonitor", "laptop", "mouse", "remote", "keyboard", "cell phone",
-    "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
-    "teddy bear", "hair drier", "toothbrush",
-)
+_VOC_NAMES = ("background", *VOC_CLASSES)
+_COCO_NAMES = ("background", *COCO_CLASSES)
 
 
 class EvaluationError(ValueError):

@@ -45,6 +45,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..config import ConfigError
+from ..classes import COCO_CLASSES as _COCO, VOC_CLASSES as _VOC
 from ..imageio import DEFAULT_MAX_PIXELS, ImageDecodeError, load_image
 from .transforms import IGNORE_INDEX, EvalTransform, TrainTransform
 
@@ -70,23 +71,9 @@ PathLike = Union[str, os.PathLike]
 Transform = Callable[..., Any]
 
 # Plain class names, foreground only, index i ↔ label i+1 (spec §1.6).
-VOC_CLASSES: tuple[str, ...] = (
-    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
-    "tvmonitor",
-)
-COCO_CLASSES: tuple[str, ...] = (
-    "person", "bicycle", "car", "motorbike", "aeroplane", "bus", "train", "truck", "boat",
-    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
-    "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella",
-    "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
-    "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
-    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange",
-    "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "sofa", "pottedplant", "bed",
-    "diningtable", "toilet", "tvmonitor", "laptop", "mouse", "remote", "keyboard", "cell phone",
-    "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
-    "teddy bear", "hair drier", "toothbrush",
-)
+# Single source of the class lists: weclip_infer.classes (spec §1.6).
+VOC_CLASSES: tuple[str, ...] = tuple(_VOC)
+COCO_CLASSES: tuple[str, ...] = tuple(_COCO)
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 _BACKGROUND_NAMES = ("background", "bg", "__background__", "_background_")
 _MAX_LISTED = 20

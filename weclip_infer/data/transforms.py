@@ -43,13 +43,9 @@ __all__ = [
     "EvalTransform",
 ]
 
-# Spec §1.2: the authors' code normalises with the ImageNet constants on 0..255 RGB.
-IMAGENET_MEAN: Tuple[float, float, float] = (123.675, 116.28, 103.53)
-IMAGENET_STD: Tuple[float, float, float] = (58.395, 57.12, 57.375)
-# Spec §1.2: CLIP's own constants (on 0..1), defined by the reference but NOT applied anywhere.
-# Stored here on the 0..255 scale so both kinds share one code path.
-CLIP_MEAN: Tuple[float, float, float] = (0.48145466 * 255.0, 0.4578275 * 255.0, 0.40821073 * 255.0)
-CLIP_STD: Tuple[float, float, float] = (0.26862954 * 255.0, 0.26130258 * 255.0, 0.27577711 * 255.0)
+# Spec §1.2: ImageNet constants on 0..255 RGB (the authors' code) and CLIP's own constants (the
+# reference defines but never applies them), both on the 0..255 scale; defined once in backbone.
+from ..backbone import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
 NORMALIZATIONS: dict[str, Tuple[Tuple[float, float, float], Tuple[float, float, float]]] = {
     "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
