@@ -2,7 +2,7 @@
 .PHONY: demo test venv stop
 
 venv:
-	@scripts/venv.sh test,crf,onnx
+	@scripts/venv.sh test,crf,onnx,serve
 
 test: venv
 	@scripts/run_tests.sh

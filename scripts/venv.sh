@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Create/update the project virtual environment (.venv) with the pinned torch pair.
-# Usage: scripts/venv.sh [extras]   (default extras: test,crf,onnx)
+# Usage: scripts/venv.sh [extras]   (default extras: test,crf,onnx,serve)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-EXTRAS="${1:-test,crf,onnx}"
+EXTRAS="${1:-test,crf,onnx,serve}"
 PY="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv

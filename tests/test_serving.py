@@ -31,6 +31,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "handlers"))
 
+pytest.importorskip("ts", reason="torchserve not installed (pip install -e '.[serve]'; `make test` does)")
 import weclip_handler as wh  # noqa: E402
 
 MODEL = "weclip"
