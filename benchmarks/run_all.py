@@ -134,13 +134,41 @@ def bench_infer(args) -> dict:
     return out
 
 
+def bench_folder(args) -> dict:
+    """Batch segmentation (``segment_folder``) of ``--folder-images`` demo-world images (256², JPEG)
+    with the shipped demo model: images/s without and with DenseCRF, decode (and CRF) in worker
+    processes."""
+    from PIL import Image
+
+    from weclip_infer import Segmenter
+    from weclip_infer.crf import crf_available
+    from weclip_infer.demo.world import SPLIT_OFFSETS, WorldConfig, generate_sample
+    from weclip_infer.quickstart import DEMO_MODEL_DIR
+    from weclip_infer.segment import segment_folder
+
+    out: dict = {"images": args.folder_images, "model": "shipped demo model", "image_size": "256x256"}
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "in"
+        src.mkdir()
+        for k in range(args.folder_images):
+            s = generate_sample(0, SPLIT_OFFSETS["test"] + k + 1, WorldConfig(size=256))
+            Image.fromarray(s.image).save(src / f"{k:04d}.jpg", quality=90)
+        seg = Segmenter.from_pretrained(DEMO_MODEL_DIR, device=args.device)
+        seg.predict(np.asarray(Image.open(src / "0000.jpg")))  # warm-up
+        for crf in ([False, True] if crf_available() else [False]):
+            r = segment_folder(seg, src, Path(tmp) / f"out_{crf}", workers=1, crf=crf, progress=False)
+            out["crf" if crf else "no_crf"] = {"images_per_s": r["images_per_s"], "seconds": r["seconds"], "failed": r["failed"]}
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--skip-onnx", action="store_true")
-    ap.add_argument("--part", choices=["all", "train", "infer"], default="all")
+    ap.add_argument("--part", choices=["all", "train", "infer", "folder"], default="all")
+    ap.add_argument("--folder-images", type=int, default=200)
     ap.add_argument("--out", default=str(HERE / "results"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -150,11 +178,16 @@ def main() -> int:
     if args.part == "infer":
         print(json.dumps(bench_infer(args)))
         return 0
+    if args.part == "folder":
+        print(json.dumps(bench_folder(args)))
+        return 0
     base = [sys.executable, __file__, "--threads", str(args.threads), "--repeats", str(args.repeats), "--device", args.device]
     if args.skip_onnx:
         base.append("--skip-onnx")
     train = json.loads(subprocess.run(base + ["--part", "train"], check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
     infer = json.loads(subprocess.run(base + ["--part", "infer"], check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+    folder = json.loads(subprocess.run(base + ["--part", "folder", "--folder-images", str(args.folder_images)], check=True,
+                                       capture_output=True, text=True).stdout.strip().splitlines()[-1])
     try:
         load = os.getloadavg()[0]
     except OSError:
@@ -162,7 +195,7 @@ def main() -> int:
     date = time.strftime("%Y-%m-%d")
     result = {"machine": platform.node(), "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
               "device": args.device, "threads": args.threads, "repeats": args.repeats, "torch": torch.__version__,
-              "date": date, "load_avg_1min_at_end": load, "train_batch4_320": train, "infer_375x500": infer,
+              "date": date, "load_avg_1min_at_end": load, "train_batch4_320": train, "infer_375x500": infer, "folder": folder,
               "authors_code": AUTHORS, "targets": TARGETS}
     lines = [f"Machine {result['machine']} ({result['processor']}, {result['cpus']} CPUs), device {args.device}, "
              f"{args.threads} threads, torch {torch.__version__}, median of {args.repeats} after warm-up, {date}", "",
@@ -179,6 +212,9 @@ def main() -> int:
     if "crf_s" in infer:
         lines.append(f"\nDenseCRF on 375×500, 21 labels, 10 iterations: {infer['crf_s']:.3f} s (authors' {AUTHORS['crf_s']} s)")
     lines.append(f"\nInference target ≤ {TARGETS['infer_375x500_s']} s (authors' code {AUTHORS['infer_375x500_s']} s).")
+    lines.append(f"\nBatch segmentation, {folder['images']} demo-world JPEGs ({folder['image_size']}, {folder['model']}, "
+                 f"decode and CRF in worker processes): {folder['no_crf']['images_per_s']:.2f} images/s without CRF"
+                 + (f", {folder['crf']['images_per_s']:.2f} images/s with CRF" if "crf" in folder else ""))
     md = "\n".join(lines) + "\n"
     print(md)
     out = Path(args.out)

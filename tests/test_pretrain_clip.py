@@ -71,3 +71,45 @@ def test_fp16_storage_loads_as_float(tmp_path):
     with torch.no_grad():
         a, b = clip.encode_text(tok), loaded.encode_text(tok)
     assert torch.allclose(a, b, atol=2e-2, rtol=2e-2)
+
+
+def test_value_tokens_equal_self_attention_only_output():
+    """The value path equals the last block's attention output when each token may attend only to itself."""
+    torch.manual_seed(0)
+    clip = pc.build_clip(pc.TINY_MODEL_CFG, 0).eval()
+    v = clip.visual
+    blk = v.transformer.resblocks[-1]
+    x = torch.randn(2, 17, v.class_embedding.shape[0])
+    L = x.shape[1]
+    only_self = torch.full((L, L), float("-inf"))
+    only_self.fill_diagonal_(0.0)
+    a = blk.ln_1(x)
+    with torch.no_grad():
+        out, _ = blk.attn(a, a, a, attn_mask=only_self, need_weights=False)
+        ref = v.ln_post(out[:, 1:]) @ v.proj
+        got = pc.value_tokens(clip, x)
+    assert got.shape == (2, L - 1, v.proj.shape[1])
+    assert torch.allclose(got, ref, atol=1e-5), (got - ref).abs().max()
+
+
+def test_token_mil_loss_rewards_local_tokens():
+    K = len(pc.label_prompts())
+    t = torch.eye(K, 16)  # orthogonal prompt embeddings
+    y = torch.zeros(1, K)
+    y[0, [2, K - 1]] = 1.0  # class 2 on the last background
+    good = torch.stack([t[K - 1]] * 6 + [t[2]] * 2)[None]  # some tokens are the object, the rest background
+    only_bg = torch.stack([t[K - 1]] * 8)[None]  # the object's evidence is nowhere
+    wrong = torch.stack([t[K - 1]] * 6 + [t[3]] * 2)[None]  # an absent class wins tokens
+    lg, lb, lw = (pc.token_mil_loss(z, t, y) for z in (good, only_bg, wrong))
+    assert lg < 0.01 and lb > 5 * lg and lw > lb
+    z = good.clone().requires_grad_(True)
+    pc.token_mil_loss(z + 0.1 * torch.randn_like(z), t, y).backward()
+    assert z.grad is not None and torch.isfinite(z.grad).all()
+
+
+def test_short_run_with_token_loss(tmp_path):
+    res = pc.main(["--tiny", "--steps", "2", "--batch-size", "4", "--eval-zs", "4", "--eval-cam", "2", "--eval-every", "0",
+                   "--threads", "1", "--workers", "0", "--dtype", "fp32", "--out", str(tmp_path), "--token-loss", "1.0"])
+    prov = json.loads((tmp_path / "provenance.json").read_text())
+    assert prov["token_loss"] == 1.0 and prov["token_feature"] == "value" and "MIL" in prov["loss"]
+    assert res["steps"] == 2 and res["clip"].visual.output_tokens is False

@@ -119,3 +119,31 @@ def test_eval_cli_model_mode(ckpt, tmp_path):
                      "--scales", "1", "--no-flip"]) == 0
     rc2 = eval_main(["--pred", str(tmp_path / "pred2"), "--gt", str(gt), "--num-classes", "4", "--json", str(tmp_path / "m2.json")])
     assert rc2 == 0 and json.loads((tmp_path / "m2.json").read_text())["miou"] == res["miou"]
+
+
+def test_crf_in_worker_process_equals_in_process(ckpt, tmp_path):
+    """With workers the CRF runs in a worker process; masks equal predict(crf=True), bad files still counted."""
+    pytest.importorskip("pydensecrf")
+    from weclip_infer import Segmenter
+    from weclip_infer.imageio import load_image
+    from weclip_infer.segment import segment_folder
+
+    src = tmp_path / "in"
+    _write_good(src, 5, size=(48, 64))
+    (src / "bad.jpg").write_bytes(b"not an image")
+    seg = Segmenter.from_pretrained(ckpt, device="cpu")
+    res = {}
+    for workers in (0, 1):
+        out = tmp_path / f"out{workers}"
+        res[workers] = segment_folder(seg, src, out, workers=workers, crf=True, progress=False)
+        assert res[workers]["segmented"] == 5 and res[workers]["failed"] == 1
+        lines = [json.loads(s) for s in (out / "results.jsonl").read_text().splitlines()]
+        assert [r["image"] for r in lines] == [str(p) for p, _ in list_inputs(src)]  # input order kept
+        assert all("crf" in r["timings"] for r in lines if r["ok"])
+    for p, rel in list_inputs(src):
+        if p.name == "bad.jpg":
+            continue
+        ref = seg.predict(load_image(p), crf=True).labels
+        for workers in (0, 1):
+            got = np.array(Image.open(tmp_path / f"out{workers}" / f"{rel}.png"))
+            assert np.array_equal(got, ref)

@@ -40,6 +40,7 @@ class SegmentationResult:
     logits: torch.Tensor
     class_names: list
     timings: dict = field(default_factory=dict)
+    probs: Optional[np.ndarray] = None  # ``C×H0×W0`` softmax, only with ``predict(keep_probs=True)``
 
     def areas(self) -> dict:
         """Pixel count per present class name."""
@@ -174,11 +175,13 @@ class Segmenter:
                                self.patch_size, timings)[0]
 
     def predict(self, image: ImageSource, *, scales: Optional[Sequence[float]] = None, flip: Optional[bool] = None,
-                crf: Optional[bool] = None, labels_hint: Optional[Sequence[Union[int, str]]] = None) -> SegmentationResult:
+                crf: Optional[bool] = None, labels_hint: Optional[Sequence[Union[int, str]]] = None,
+                keep_probs: bool = False) -> SegmentationResult:
         """Segment one image (path, bytes, PIL image or array; any mode, EXIF-rotated).
 
         ``labels_hint``: class ids (1-based) or names that may appear; output is restricted to
-        them plus background. Returns a ``SegmentationResult`` at the original resolution.
+        them plus background. ``keep_probs``: also return the ``C×H0×W0`` probabilities (e.g. to
+        run :func:`crf_labels` elsewhere). Returns a ``SegmentationResult`` at the original resolution.
         """
         scales = tuple(float(s) for s in scales) if scales is not None else self.scales
         flip = self.flip if flip is None else flip
@@ -200,16 +203,14 @@ class Segmenter:
             scores = probs.flatten(1).max(dim=1).values.cpu().numpy()
             labels = up.argmax(0).cpu().numpy().astype(np.int64)
         timings["fuse"] = time.perf_counter() - t1
+        probs_np = probs.cpu().numpy() if (crf or keep_probs) else None
         if crf:
-            from .crf import dense_crf
+            from .crf import crf_labels
 
-            t2 = time.perf_counter()
-            marg = dense_crf(img, probs.cpu().numpy())
-            labels = marg.argmax(0).astype(np.int64)
-            timings["crf"] = time.perf_counter() - t2
+            labels, timings["crf"] = crf_labels(img, probs_np)
         timings["total"] = time.perf_counter() - t0
         names = self.class_names or [str(i) for i in range(logits.shape[0])]
-        return SegmentationResult(labels, scores, logits.cpu(), names, timings)
+        return SegmentationResult(labels, scores, logits.cpu(), names, timings, probs_np if keep_probs else None)
 
     def _hint_mask(self, hint: Sequence[Union[int, str]], C: int) -> torch.Tensor:
         allowed = torch.zeros(C, dtype=torch.bool)

@@ -18,6 +18,7 @@ import json
 import os
 import sys
 import time
+from collections import deque
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
@@ -25,6 +26,7 @@ import numpy as np
 
 from .imageio import DEFAULT_MAX_PIXELS, ImageDecodeError, atomic_write_bytes, load_image, save_png_atomic
 from .palette import overlay, voc_palette
+from .crf import crf_labels
 
 __all__ = ["list_inputs", "shard", "segment_folder", "main"]
 
@@ -113,46 +115,101 @@ def segment_folder(segmenter, src: Path, out: Path, *, exts=DEFAULT_EXTS, resume
     n_ok = n_bad = 0
     failures = []
     t_start = time.perf_counter()
+    crf = bool(segmenter.crf if crf is None else crf)
+    # DenseCRF is single-threaded C++: with workers it runs in a worker process while the model
+    # segments the next images (results are still written in input order).
+    pool = None
+    if crf and workers > 0:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        from .crf import crf_available
+
+        if not crf_available():  # fail now with the install hint, not inside a worker
+            from .crf import _import_pydensecrf
+
+            _import_pydensecrf()
+        pool = ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn"))
+    pending: deque = deque()
+
     with open(log_path, "a", encoding="utf-8") as log:
         bar = tqdm(total=len(todo), disable=not progress, unit="img", desc="segment")
-        for item in _iter_decoded(todo, workers, max_pixels):
-            rel = item["rel"]
-            rec = {"image": item["path"], "mask": f"{rel}.png"}
-            if item["error"] is not None:
-                n_bad += 1
-                failures.append((item["path"], item["error"]))
-                rec.update(ok=False, error=item["error"])
-                tqdm.write(f"skipped {item['path']}: {item['error']}", file=sys.stderr)
-            else:
-                try:
-                    res = segmenter.predict(item["image"], crf=crf, scales=scales, flip=flip)
-                except Exception as e:  # noqa: BLE001 - report and continue
-                    n_bad += 1
-                    failures.append((item["path"], str(e)))
-                    rec.update(ok=False, error=str(e))
-                else:
-                    if overlay_out:
-                        buf = io.BytesIO()
-                        from PIL import Image
 
-                        Image.fromarray(overlay(item["image"], res.labels)).save(buf, format="JPEG", quality=90)
-                        atomic_write_bytes(out / f"{rel}_overlay.jpg", buf.getvalue())
-                    # the mask is written last: its presence marks the image as done (--resume)
-                    save_png_atomic(out / f"{rel}.png", res.labels.astype(np.uint8), palette=pal)
-                    n_ok += 1
-                    t = dict(res.timings)
-                    t["decode"] = item["decode_s"]
-                    rec.update(ok=True, size=list(res.labels.shape), classes=sorted(res.areas()), areas=res.areas(),
-                               timings={k: round(v, 5) for k, v in t.items()})
+        def fail(rec: dict, path: str, reason: str) -> None:
+            nonlocal n_bad
+            n_bad += 1
+            failures.append((path, reason))
+            rec.update(ok=False, error=reason)
+            tqdm.write(f"skipped {path}: {reason}", file=sys.stderr)
+
+        def finish(item: dict, rec: dict, res, fut=None) -> None:
+            nonlocal n_ok
+            try:
+                if fut is not None:
+                    res.labels, res.timings["crf"] = fut.result()
+                    res.timings["total"] += res.timings["crf"]
+                if overlay_out:
+                    buf = io.BytesIO()
+                    from PIL import Image
+
+                    Image.fromarray(overlay(item["image"], res.labels)).save(buf, format="JPEG", quality=90)
+                    atomic_write_bytes(out / f"{item['rel']}_overlay.jpg", buf.getvalue())
+                # the mask is written last: its presence marks the image as done (--resume)
+                save_png_atomic(out / f"{item['rel']}.png", res.labels.astype(np.uint8), palette=pal)
+            except Exception as e:  # noqa: BLE001 - report and continue
+                fail(rec, item["path"], str(e))
+            else:
+                n_ok += 1
+                t = dict(res.timings)
+                t["decode"] = item["decode_s"]
+                rec.update(ok=True, size=list(res.labels.shape), classes=sorted(res.areas()), areas=res.areas(),
+                           timings={k: round(v, 5) for k, v in t.items()})
             log.write(json.dumps(rec) + "\n")
             log.flush()
             bar.update(1)
-        bar.close()
+
+        try:
+            for item in _iter_decoded(todo, workers, max_pixels):
+                rec = {"image": item["path"], "mask": f"{item['rel']}.png"}
+                if item["error"] is not None:
+                    fail(rec, item["path"], item["error"])
+                    pending.append((item, rec, None, None))
+                else:
+                    try:
+                        if pool is not None:
+                            res = segmenter.predict(item["image"], crf=False, scales=scales, flip=flip, keep_probs=True)
+                            probs, res.probs = res.probs, None
+                            pending.append((item, rec, res, pool.submit(crf_labels, item["image"], probs)))
+                        else:
+                            res = segmenter.predict(item["image"], crf=crf, scales=scales, flip=flip)
+                            pending.append((item, rec, res, None))
+                    except Exception as e:  # noqa: BLE001 - report and continue
+                        fail(rec, item["path"], str(e))
+                        pending.append((item, rec, None, None))
+                # write finished items in order; at most a few CRFs queued behind the model
+                while pending and (len(pending) > 2 or pending[0][3] is None or pending[0][3].done()):
+                    _flush_one(pending, finish, log, bar)
+            while pending:
+                _flush_one(pending, finish, log, bar)
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+            bar.close()
     elapsed = time.perf_counter() - t_start
     summary = {"total": len(items), "segmented": n_ok, "failed": n_bad, "skipped_existing": skipped,
                "seconds": round(elapsed, 3), "images_per_s": round(n_ok / elapsed, 3) if elapsed > 0 and n_ok else 0.0,
                "failures": failures}
     return summary
+
+
+def _flush_one(pending: deque, finish, log, bar) -> None:
+    item, rec, res, fut = pending.popleft()
+    if res is None:  # failed earlier: only the log line
+        log.write(json.dumps(rec) + "\n")
+        log.flush()
+        bar.update(1)
+    else:
+        finish(item, rec, res, fut)
 
 
 def _parse_scales(s: Optional[str]):

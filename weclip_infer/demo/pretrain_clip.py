@@ -201,7 +201,7 @@ class PretrainStream(torch.utils.data.IterableDataset):
             cap_cls.append(cc)
             cap_bg.append(cb)
         pos = positive_matrix(cls_sets, bgs, cap_cls, cap_bg)
-        return normalize_batch(imgs), tokenize(texts, self.ctx), pos
+        return normalize_batch(imgs), tokenize(texts, self.ctx), pos, presence_matrix(cls_sets, bgs)
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -224,6 +224,53 @@ def positive_matrix(img_classes: Sequence[frozenset], img_bg: Sequence[int], cap
             pos[i, j] = ok_c and ok_b
     pos |= torch.eye(B, dtype=torch.bool)
     return pos
+
+
+def presence_matrix(img_classes: Sequence[frozenset], img_bg: Sequence[int]) -> torch.Tensor:
+    """``B×(C+NB)`` float image-level labels: the classes present and the background of each image
+    (columns in :func:`label_prompts` order). Image-level only: no mask information."""
+    y = torch.zeros(len(img_classes), len(CLASS_NAMES) + len(BACKGROUND_NAMES))
+    for i, (cs, bg) in enumerate(zip(img_classes, img_bg)):
+        for c in cs:
+            y[i, c] = 1.0
+        y[i, len(CLASS_NAMES) + bg] = 1.0
+    return y
+
+
+def label_prompts() -> list[str]:
+    """The WeCLIP prompts of the world's classes then backgrounds (what GradCAM will score)."""
+    return [ORIGAMI_TEMPLATE.format(p) for p in list(CLASS_PROMPTS) + list(BACKGROUND_NAMES)]
+
+
+def token_mil_loss(tokens: torch.Tensor, label_txt: torch.Tensor, y: torch.Tensor, scale: float = 20.0) -> torch.Tensor:
+    """Token-level multiple-instance loss (a FILIP/SPARC-style auxiliary objective, image-level labels only).
+
+    ``tokens`` ``B×N×E`` projected patch tokens, ``label_txt`` ``K×E`` prompt embeddings, ``y``
+    ``B×K`` presence. Each token takes a softmax over the ``K`` prompts; an image's score for prompt
+    ``k`` is the max over its tokens; binary cross-entropy against ``y``. Present labels must win at
+    least one token and absent ones none, so token features stay local (without it, the small CLIP
+    parks class evidence on background tokens and its GradCAM is inverted for some classes).
+    """
+    z = F.normalize(tokens.float(), dim=-1)
+    t = F.normalize(label_txt.float(), dim=-1)
+    p = (scale * z @ t.t()).softmax(dim=-1)  # B×N×K
+    q = p.amax(dim=1).clamp(1e-6, 1 - 1e-6)  # B×K
+    return F.binary_cross_entropy(q, y)
+
+
+def value_tokens(clip: nn.Module, x_last_in: torch.Tensor) -> torch.Tensor:
+    """Dense per-patch embeddings along the value path of the last block (MaskCLIP-style):
+    ``ln_post(out_proj(W_v · ln_1(x))) @ proj``. ``x_last_in``: ``B×L×D`` input of the last block
+    → ``B×(L−1)×E`` (CLS dropped). This is the path GradCAM on the last block's ``ln_1`` reads
+    (spec §2.3), so a token loss here makes GradCAM local."""
+    v = clip.visual
+    blk = v.transformer.resblocks[-1]
+    D = x_last_in.shape[-1]
+    a = blk.ln_1(x_last_in[:, 1:])
+    w_v = blk.attn.in_proj_weight[2 * D:]
+    b_v = blk.attn.in_proj_bias[2 * D:] if blk.attn.in_proj_bias is not None else None
+    o = blk.attn.out_proj(F.linear(a, w_v, b_v))
+    return v.ln_post(o) @ v.proj
 
 
 def multi_positive_clip_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -381,6 +428,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--eval-cam", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--token-loss", type=float, default=0.0,
+                    help="weight of the token-level MIL loss (image-level labels; keeps token features local)")
+    ap.add_argument("--token-feature", choices=("value", "final"), default="value",
+                    help="tokens the MIL loss reads: the last block's value path (what GradCAM sees) or the final tokens")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast (only faster on CPUs with native bf16)")
     ap.add_argument("--dtype", choices=("fp16", "fp32"), default="fp16", help="stored weight dtype")
     ap.add_argument("--tiny", action="store_true", help="tiny model and 64 px world (tests)")
@@ -447,7 +498,10 @@ def main(argv=None) -> dict:
         "command": " ".join([os.path.basename(sys.executable), "-m", "weclip_infer.demo.pretrain_clip"] + list(sys.argv[1:] if argv is None else argv)),
         "seed": args.seed, "batch_size": args.batch_size, "lr": args.lr, "scale_lr": args.scale_lr,
         "init_logit_scale": args.init_scale, "weight_decay": args.wd, "warmup_steps": args.warmup, "bf16_autocast": args.bf16,
-        "loss": "symmetric InfoNCE, multi-positive targets (caption j positive for image i if it correctly describes it)",
+        "loss": "symmetric InfoNCE, multi-positive targets (caption j positive for image i if it correctly describes it)"
+                + (f" + {args.token_loss} x token-level MIL loss (per-token softmax over the WeCLIP class/background prompts,"
+                   " max over tokens, BCE vs image-level presence)" if args.token_loss > 0 else ""),
+        "token_loss": args.token_loss, "token_feature": args.token_feature,
         "pool": "avg of patch tokens after ln_post (= FrozenCLIP.pooled_embedding)",
         "normalize": "imagenet (mean/std on 0..255)",
         "model_cfg": model_cfg, "patch_stem": "conv", "params_excluding_token_table": n_params,
@@ -495,18 +549,37 @@ def main(argv=None) -> dict:
         t_win = time.time()
         return r
 
+    label_tok = tokenize(label_prompts(), ctx)
+    last_in: list = [None]
+    if args.token_loss > 0 and args.token_feature == "value":
+        def _keep_input(_m, inp):
+            last_in[0] = inp[0]
+        clip.visual.transformer.resblocks[-1].register_forward_pre_hook(_keep_input)
+    clip.visual.output_tokens = args.token_loss > 0
+    tok_acc = 0.0
     it = iter(loader)
     while progress() < 1.0:
-        x, tok, pos = next(it)
+        x, tok, pos, y = next(it)
         p = progress()
         lr_fac = min(1.0, (step + 1) / max(1, args.warmup)) * (0.5 * (1 + math.cos(math.pi * min(1.0, p))))
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * lr_fac
         lr_now = args.lr * lr_fac
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-            img = F.normalize(clip.encode_image(x).float(), dim=-1)
-            txt = F.normalize(clip.encode_text(tok).float(), dim=-1)
+            if args.token_loss > 0:
+                pooled, tokens = clip.visual(x)
+                img = F.normalize(pooled.float(), dim=-1)
+                txt_all = clip.encode_text(torch.cat([tok, label_tok]))
+                txt = F.normalize(txt_all[: tok.shape[0]].float(), dim=-1)
+                tokens = value_tokens(clip, last_in[0]) if args.token_feature == "value" else tokens @ clip.visual.proj
+            else:
+                img = F.normalize(clip.encode_image(x).float(), dim=-1)
+                txt = F.normalize(clip.encode_text(tok).float(), dim=-1)
         loss = multi_positive_clip_loss(img, txt, clip.logit_scale.exp(), pos)
+        if args.token_loss > 0:
+            loss_tok = token_mil_loss(tokens, txt_all[tok.shape[0]:], y)
+            tok_acc += loss_tok.item()
+            loss = loss + args.token_loss * loss_tok
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(clip.parameters(), 1.0)
@@ -519,12 +592,13 @@ def main(argv=None) -> dict:
         loss_acc += loss.item()
         n_acc += 1
         if step % 10 == 0:
-            print(f"[pretrain] step {step} loss {loss_acc / n_acc:.4f} lr {lr_now:.2e} "
+            print(f"[pretrain] step {step} loss {loss_acc / n_acc:.4f} (token {tok_acc / max(1, step):.4f}) lr {lr_now:.2e} "
                   f"{img_win / max(1e-9, time.time() - t_win):.1f} img/s scale {float(clip.logit_scale.exp()):.1f}", flush=True)
         if args.eval_every > 0 and time.time() - last_eval >= args.eval_every and progress() < 1.0:
             last = do_eval()
             last_eval = time.time()
     last = do_eval(final=True)
+    clip.visual.output_tokens = False
     del it, loader
     return dict(last, clip=clip.eval(), model_cfg=model_cfg, token_ids=token_ids, steps=step, images=images)
 
