@@ -203,3 +203,22 @@ def test_fully_supervised_mode():
     out = model(x, masks=masks)
     out["loss"].backward()
     assert float(out["loss_aff"]) == 0.0 and out["loss"].requires_grad
+
+
+def test_pseudo_label_path_stays_fp32_under_autocast(tiny_model):
+    """``train.amp``: the CLIP and decoder may run in reduced precision, GradCAM/RFM/PAR do not."""
+    m = tiny_model
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 64, 64, generator=g)
+    cls = torch.zeros(2, m.num_classes - 1)
+    cls[0, [0, 2]] = 1
+    cls[1, 1] = 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rec = m.trace(x, cls, use_rfm=True)
+        out = m(x, cls, use_rfm=True)
+    assert all(c.dtype == torch.float32 for c in rec["cam_init"] + rec["cam_refined"])
+    assert rec["cam_par"].dtype == torch.float32 and rec["transition"].dtype == torch.float32
+    assert rec["pseudo_label"].shape == (2, 64, 64)
+    out["loss"].backward()
+    assert any(p.grad is not None for p in m.decoder.parameters())
+    m.decoder.zero_grad(set_to_none=True)

@@ -133,7 +133,18 @@ class WeCLIP(nn.Module):
         return r.use_rfm and self.iter_num > r.rfm_switch_iter
 
     def _pseudo_labels(self, images, feats, attns, hw, aff, keys, use_rfm: bool, record: Optional[dict] = None):
-        """Spec §2, §4, §5 (Appendix A) for a batch. Returns ``B×H×W`` int64 pseudo labels."""
+        """Spec §2, §4, §5 (Appendix A) for a batch. Returns ``B×H×W`` int64 pseudo labels.
+
+        Always computed in fp32, also inside an AMP autocast region (``train.amp``): GradCAM,
+        Sinkhorn and PAR are the label path, not the trained path, and stay exact.
+        """
+        with torch.autocast(device_type=images.device.type, enabled=False):
+            n = self.backbone.num_blocks
+            feats = [f if i != n - 2 else f.float() for i, f in enumerate(feats)]
+            return self._pseudo_labels_fp32(images.float(), feats, [a.float() for a in attns], hw, aff.float(), keys,
+                                            use_rfm, record)
+
+    def _pseudo_labels_fp32(self, images, feats, attns, hw, aff, keys, use_rfm: bool, record: Optional[dict] = None):
         r = self.cfg.refine
         bb = self.backbone
         H, W = images.shape[-2:]
