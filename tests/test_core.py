@@ -10,6 +10,7 @@ import torch
 
 from conftest import tiny_config
 from weclip_infer import build_model
+from weclip_infer.backbone import run_block
 from weclip_infer.cam import box_mask, class_keys, initial_cam, initial_cam_per_class
 from weclip_infer.config import ConfigError, RefineConfig, load_config
 from weclip_infer.decoder import WeCLIPDecoder, count_parameters
@@ -61,15 +62,20 @@ def test_clip_is_frozen_and_gradient_reaches_only_decoder(tiny_model):
 
 def test_batched_gradcam_equals_per_class_loop(tiny_model):
     model = tiny_model
-    x = _images(model, b=3, seed=1)
+    x = _images(model, b=4, seed=1)
     feats, _, hw = model._features(x, attn_blocks=0)
-    keys = [[0, 2], [1], [0, 1, 2]]
+    keys = [[0, 2], [1], [], [0, 1, 2]]
     out = initial_cam(model.backbone, feats[-1], hw, keys, model.text_fg, model.text_bg, 10.0)
     ref = initial_cam_per_class(model.backbone, feats[-1], hw, keys, model.text_fg, model.text_bg, 10.0)
     for a, b in zip(out.cams, ref):
         assert a.shape == b.shape
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
-    for c in out.cams:  # min-max normalised: in [0,1], max ≈ 1 (Appendix B)
+    # block N's output and head-averaged attention for every image, with or without classes
+    with torch.no_grad():
+        tok, att = run_block(model.backbone.blocks[-1], feats[-1], need_attn=True)
+    torch.testing.assert_close(out.attn_last, att, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(out.tokens_last, tok, atol=1e-5, rtol=1e-5)
+    for c in (c for c in out.cams if c.numel()):  # min-max normalised: in [0,1], max ≈ 1 (Appendix B)
         assert float(c.min()) >= 0 and float(c.max()) <= 1
         assert torch.all((c.flatten(1).max(1).values > 0.999) | (c.flatten(1).max(1).values == 0))
 

@@ -48,6 +48,7 @@ from torch.utils.data import DataLoader
 
 from weclip_infer.config import ConfigError
 from weclip_infer.io_utils import atomic_path, write_json_atomic
+from weclip_infer.memory import trim_heap
 
 from .config import FullConfig, dump_yaml, full_config_to_dict, load_train_config
 from .distributed import (
@@ -428,6 +429,8 @@ def _train(cfg: FullConfig, out: Path, ckpt: Optional[Path], info: DistInfo) -> 
             else:
                 loss.backward()
                 optimizer.step()
+            if dev.type == "cpu":
+                trim_heap()  # keeps the resident size flat across steps (weclip_infer.memory)
             it += 1
 
             vals = torch.stack([outd["loss"].detach(), outd["loss_seg"].detach(), outd["loss_aff"].detach()]).float()

@@ -1,11 +1,11 @@
 """Initial CAMs by GradCAM on the frozen last CLIP block (CLIP-ES style, spec §2) and box masks.
 
-The reference runs one forward + backward of block N per image and per present class. Here all
-(image, class) pairs of a batch are one batch of block-N forwards and one backward: each pair
-gets its own copy of its image's block-(N−1) tokens, and the summed target
-``Σ_n p_n[j_n]`` is differentiated once. Pairs do not interact (LayerNorm, attention and MLP act
-within one sample), so the gradient of the sum w.r.t. pair n's activation equals
-``∂p_n[j_n]/∂A_n`` exactly — the per-class loop's gradient (``tests/test_cam.py`` checks it).
+The reference runs one forward + backward of block N per image and per present class. The
+forward of block N and the class scores do not depend on the target class (the text matrix of
+image b is ``[T_fg[keys_b]; T_bg]`` for each of its classes), so here each image gets one forward,
+and the K_b backwards of its classes run as one vectorised backward (``is_grads_batched``: K_b
+one-hot cotangents on the scores). Each cotangent's gradient is ``∂p[j]/∂A`` exactly — the
+per-class loop's gradient (``tests/test_core.py`` checks it against ``initial_cam_per_class``).
 """
 from __future__ import annotations
 
@@ -66,7 +66,6 @@ def initial_cam(backbone: FrozenCLIP, tokens_prev: torch.Tensor, hw: tuple[int, 
     h, w = hw
     scale = float(backbone.logit_scale_exp) if logit_scale is None else float(logit_scale)
     blk = backbone.blocks[backbone.num_blocks - 1]
-    pairs = [(b, j) for b in range(B) for j in range(len(keys[b]))]
     tokens_prev = tokens_prev.detach()
     attn_last = torch.empty(B, L, L, dtype=tokens_prev.dtype, device=tokens_prev.device)
     tokens_last = torch.empty_like(tokens_prev)
@@ -77,50 +76,32 @@ def initial_cam(backbone: FrozenCLIP, tokens_prev: torch.Tensor, hw: tuple[int, 
         with torch.no_grad():
             out, a = run_block(blk, tokens_prev[empty], need_attn=True)
         attn_last[empty], tokens_last[empty] = a, out
-    if not pairs:
-        return CAMOutput(cams, [list(k) for k in keys], attn_last, probs, tokens_last)
-
-    img_idx = torch.tensor([b for b, _ in pairs], device=tokens_prev.device)
-    x = tokens_prev[img_idx]  # N×L×D
-    kmax = max(len(k) for k in keys)
-    n_bg = text_bg.shape[0]
-    # Per pair the text matrix [T_fg[keys_b]; T_bg], padded to kmax fg rows (padding masked out).
-    tfg = text_fg.new_zeros(len(pairs), kmax, text_fg.shape[1])
-    valid = torch.zeros(len(pairs), kmax + n_bg, dtype=torch.bool, device=x.device)
-    target = torch.zeros(len(pairs), dtype=torch.long, device=x.device)
-    for n, (b, j) in enumerate(pairs):
-        kb = keys[b]
-        tfg[n, : len(kb)] = text_fg[kb]
-        valid[n, : len(kb)] = True
-        target[n] = j
-    valid[:, kmax:] = True
-    text = F.normalize(torch.cat([tfg, text_bg.unsqueeze(0).expand(len(pairs), -1, -1)], dim=1), dim=-1, eps=1e-12)
-
-    with torch.enable_grad():
-        act = blk.ln_1(x).detach().requires_grad_(True)  # hooked activation: ln_1 output (§2.3)
-        out, attn = run_block(blk, x, need_attn=True, ln1_out=act)
-        v = backbone.pooled_embedding(out)  # N×E
-        logits = scale * torch.einsum("ne,nke->nk", v, text)
-        logits = logits.masked_fill(~valid, float("-inf"))
-        p = torch.softmax(logits, dim=-1)
-        tgt = p.gather(1, target[:, None]).sum()
-        (grad,) = torch.autograd.grad(tgt, act)
-    act, grad = act.detach()[:, 1:], grad[:, 1:]  # drop CLS → N×hw×D
-    alpha = grad.mean(dim=1, keepdim=True)  # channel weights: mean of the gradient over x, y
-    cam = torch.relu((act * alpha).sum(-1)).reshape(-1, h, w)
-    cam = minmax_normalize(cam)
-    p = p.detach()
-    for n, (b, j) in enumerate(pairs):
-        cams[b][j] = cam[n]
-        kb = len(keys[b])
-        probs[b][j] = torch.cat([p[n, :kb], p[n, kmax:]])
-    first = {}
-    for n, (b, _) in enumerate(pairs):
-        first.setdefault(b, n)
-    idx = torch.tensor([first[b] for b in sorted(first)], device=x.device)
-    bs = torch.tensor(sorted(first), device=x.device)
-    attn_last[bs] = attn.detach()[idx]
-    tokens_last[bs] = out.detach()[idx]
+    for b in range(B):
+        kb = list(keys[b])
+        if not kb:
+            continue
+        k = len(kb)
+        # Text matrix [T_fg[keys_b]; T_bg] (§2.2): the same for every target class of image b, so
+        # one forward serves all of them.
+        text = F.normalize(torch.cat([text_fg[kb], text_bg], dim=0), dim=-1, eps=1e-12)
+        x = tokens_prev[b : b + 1]
+        with torch.enable_grad():
+            act = blk.ln_1(x).detach().requires_grad_(True)  # hooked activation: ln_1 output (§2.3)
+            out, attn = run_block(blk, x, need_attn=True, ln1_out=act)
+            p = torch.softmax(scale * backbone.pooled_embedding(out) @ text.t(), dim=-1)  # 1×(K+n_bg)
+            if k == 1:
+                (grad,) = torch.autograd.grad(p[0, 0], act)
+            else:  # one vectorised backward with K one-hot cotangents = K separate backwards
+                eye = torch.eye(k, dtype=p.dtype, device=p.device)
+                (grad,) = torch.autograd.grad(p[0, :k], act, grad_outputs=eye, is_grads_batched=True)
+        grad = grad.reshape(k, L, D)[:, 1:]  # K×hw×D, CLS dropped
+        a = act.detach()[0, 1:]  # hw×D
+        alpha = grad.mean(dim=1)  # K×D channel weights: mean of the gradient over x, y
+        cam = torch.relu(alpha @ a.t()).reshape(k, h, w)
+        cams[b] = minmax_normalize(cam)
+        probs[b] = p.detach().expand(k, -1).clone()
+        attn_last[b] = attn.detach()[0]
+        tokens_last[b] = out.detach()[0]
     return CAMOutput(cams, [list(k) for k in keys], attn_last, probs, tokens_last)
 
 

@@ -23,10 +23,11 @@ def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str = "b
         return F.cross_entropy(logits, labels, ignore_index=IGNORE)
     bg = labels == 0
     fg = (labels != 0) & (labels != IGNORE)
+    logp = F.log_softmax(logits, dim=1)  # once for both terms: cross_entropy = nll_loss ∘ log_softmax
     terms = []
     for sel in (bg, fg):
         if sel.any():
-            terms.append(F.cross_entropy(logits, labels.masked_fill(~sel, IGNORE), ignore_index=IGNORE))
+            terms.append(F.nll_loss(logp, labels.masked_fill(~sel, IGNORE), ignore_index=IGNORE))
         else:
             terms.append(logits.sum() * 0.0)
     return 0.5 * (terms[0] + terms[1])

@@ -13,11 +13,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .backbone import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, FrozenCLIP, load_clip
+from .backbone import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, FrozenCLIP, load_clip, run_block
 from .cam import box_masks, class_keys, initial_cam, minmax_normalize
 from .config import WeCLIPConfig, load_config
 from .decoder import WeCLIPDecoder, count_parameters
 from .losses import affinity_labels, affinity_loss, segmentation_loss
+from .memory import trim_heap
 from .par import cam_stack, pixel_adaptive_refine, pseudo_labels_from_cams
 from .refine import apply_transition, patch_attention, refine_affinity, sinkhorn_transition, static_refine_map
 from .text import ClassSpec, resolve_classes, text_embeddings
@@ -96,21 +97,36 @@ class WeCLIP(nn.Module):
         """``B×3×H×W`` 0..255 RGB → normalised input (spec §1.2)."""
         return (images_uint8.float() - self.pixel_mean) / self.pixel_std
 
-    def _features(self, images: torch.Tensor, attn_blocks: int):
+    def _features(self, images: torch.Tensor, attn_blocks: int, pooled: bool = False):
         """Frozen CLIP blocks without grad. Returns ``(feats, attn, hw)``; ``attn`` covers the
-        last ``attn_blocks`` of blocks ``1..N−1`` (block N's map comes from GradCAM)."""
+        last ``attn_blocks`` of blocks ``1..N−1`` (block N's map comes from GradCAM).
+
+        ``pooled`` (training): the kept outputs are written into two buffers allocated up front,
+        so each block's temporaries reuse the same freed memory instead of fragmenting the heap
+        around the kept tensors (peak RSS of a CPU training step, issue 9). The inference and
+        export path keeps plain per-block tensors (traceable with dynamic shapes).
+        """
         bb = self.backbone
         n_run = max(self.feature_blocks, bb.num_blocks - 1)
+        first_attn = bb.num_blocks - attn_blocks  # 0-based index of the first block whose map is needed
         with torch.no_grad():
             p = bb.patch_size
             hw = (images.shape[-2] // p, images.shape[-1] // p)
             t = bb.embed(images)
             feats, attns = [], []
-            first_attn = bb.num_blocks - attn_blocks  # 0-based index of the first block whose map is needed
+            if pooled:
+                B, L, D = t.shape
+                fbuf = t.new_empty(n_run, B, L, D)
+                n_attn = max(0, n_run - max(first_attn, 0))
+                abuf = t.new_empty(n_attn, B, L, L)
+                feats, attns = list(fbuf.unbind(0)), list(abuf.unbind(0))
             for i, blk in enumerate(bb.blocks[:n_run]):
-                from .backbone import run_block
-
                 t, a = run_block(blk, t, need_attn=i >= first_attn)
+                if pooled:
+                    t = feats[i].copy_(t)
+                    if a is not None:
+                        attns[i - max(first_attn, 0)].copy_(a)
+                    continue
                 feats.append(t)
                 if a is not None:
                     attns.append(a)
@@ -165,6 +181,8 @@ class WeCLIP(nn.Module):
         hr = [F.interpolate(minmax_normalize(c)[None], size=(H, W), mode="bilinear", align_corners=False)[0]
               if c.shape[0] else c.new_zeros(0, H, W) for c in refined]
         stack, valid = cam_stack(hr, r.bg_power)
+        if record is None:
+            del maps, trans  # B×n×hw×hw and B×hw×hw: not needed by PAR (peak memory)
         timer.__exit__(None, None, None)
         p = self.cfg.par
         with _StageTimer(self, "par"):
@@ -197,7 +215,7 @@ class WeCLIP(nn.Module):
         fully = self.cfg.decoder.fully_supervised
         attn_blocks = 0 if fully else self._attn_blocks
         with _StageTimer(self, "clip"):
-            feats, attns, hw = self._features(images, attn_blocks=max(attn_blocks, 0))
+            feats, attns, hw = self._features(images, attn_blocks=max(attn_blocks, 0), pooled=True)
         with _StageTimer(self, "decoder"):
             fu = self.decoder.fuse_features(feats[: self.feature_blocks], hw)
             logits, dec_attn = self.decoder.head(fu, need_weights=record is not None)
@@ -230,7 +248,7 @@ class WeCLIP(nn.Module):
     @torch.no_grad()
     def pseudo_labels(self, images: torch.Tensor, cls_labels: torch.Tensor, use_rfm: Optional[bool] = None) -> torch.Tensor:
         """Online pseudo labels ``B×H×W`` for normalised ``images`` and multi-hot ``cls_labels``."""
-        feats, attns, hw = self._features(images, attn_blocks=self._attn_blocks)
+        feats, attns, hw = self._features(images, attn_blocks=self._attn_blocks, pooled=True)
         aff = self.decoder.affinity(self.decoder.fuse_features(feats[: self.feature_blocks], hw))
         return self._pseudo_labels(images, feats, attns, hw, aff, class_keys(cls_labels), self._use_rfm(use_rfm))
 
@@ -292,5 +310,6 @@ def build_model(config: Union[WeCLIPConfig, Mapping, str, Path, None] = None, de
         raise ValueError(f"text_fg has {text_fg.shape[0]} rows but there are {len(classes.names)} classes")
     if not keep_text_tower:
         backbone.drop_text_tower()
-    model = WeCLIP(cfg, backbone, classes, text_fg, text_bg)
-    return model.to(dev)
+    model = WeCLIP(cfg, backbone, classes, text_fg, text_bg).to(dev)
+    trim_heap()  # the dropped text tower and loading buffers
+    return model

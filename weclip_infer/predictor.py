@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from .backbone import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
 from .imageio import DEFAULT_MAX_PIXELS, ImageSource, load_image
+from .tensor_ops import channel_argmax
 
 __all__ = ["SegmentationResult", "Segmenter", "fuse_multiscale", "resize_long_side"]
 
@@ -201,7 +202,7 @@ class Segmenter:
                 up = up.masked_fill(~allowed.to(up.device)[:, None, None], float("-inf"))
             probs = torch.softmax(up, dim=0)
             scores = probs.flatten(1).max(dim=1).values.cpu().numpy()
-            labels = up.argmax(0).cpu().numpy().astype(np.int64)
+            labels = channel_argmax(up, 0).cpu().numpy().astype(np.int64)
         timings["fuse"] = time.perf_counter() - t1
         probs_np = probs.cpu().numpy() if (crf or keep_probs) else None
         if crf:
