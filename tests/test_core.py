@@ -60,12 +60,13 @@ def test_clip_is_frozen_and_gradient_reaches_only_decoder(tiny_model):
     model.eval()
 
 
-def test_batched_gradcam_equals_per_class_loop(tiny_model):
+@pytest.mark.parametrize("batching", ["image", "pairs"])
+def test_batched_gradcam_equals_per_class_loop(tiny_model, batching):
     model = tiny_model
     x = _images(model, b=4, seed=1)
     feats, _, hw = model._features(x, attn_blocks=0)
     keys = [[0, 2], [1], [], [0, 1, 2]]
-    out = initial_cam(model.backbone, feats[-1], hw, keys, model.text_fg, model.text_bg, 10.0)
+    out = initial_cam(model.backbone, feats[-1], hw, keys, model.text_fg, model.text_bg, 10.0, batching=batching)
     ref = initial_cam_per_class(model.backbone, feats[-1], hw, keys, model.text_fg, model.text_bg, 10.0)
     for a, b in zip(out.cams, ref):
         assert a.shape == b.shape

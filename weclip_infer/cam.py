@@ -1,11 +1,16 @@
 """Initial CAMs by GradCAM on the frozen last CLIP block (CLIP-ES style, spec §2) and box masks.
 
-The reference runs one forward + backward of block N per image and per present class. The
-forward of block N and the class scores do not depend on the target class (the text matrix of
-image b is ``[T_fg[keys_b]; T_bg]`` for each of its classes), so here each image gets one forward,
-and the K_b backwards of its classes run as one vectorised backward (``is_grads_batched``: K_b
-one-hot cotangents on the scores). Each cotangent's gradient is ``∂p[j]/∂A`` exactly — the
-per-class loop's gradient (``tests/test_core.py`` checks it against ``initial_cam_per_class``).
+The reference runs one forward + backward of block N per image and per present class. Two
+batched formulations give the same gradients (``tests/test_core.py`` checks both against
+``initial_cam_per_class``):
+
+- per image (CPU default): the forward of block N and the class scores do not depend on the
+  target class (the text matrix of image b is ``[T_fg[keys_b]; T_bg]`` for each of its classes),
+  so each image gets one forward, and the K_b backwards of its classes run as one vectorised
+  backward (``is_grads_batched``: K_b one-hot cotangents). Fewest FLOPs.
+- pairs (CUDA default): every (image, class) pair is one sample of one batched forward, and
+  ``Σ_n p_n[j_n]`` is differentiated once; pairs do not interact, so pair n's gradient is
+  ``∂p_n[j_n]/∂A_n``. Fewest kernel launches.
 """
 from __future__ import annotations
 
@@ -55,29 +60,48 @@ def minmax_normalize(x: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
 
 
 def initial_cam(backbone: FrozenCLIP, tokens_prev: torch.Tensor, hw: tuple[int, int], keys: Sequence[Sequence[int]],
-                text_fg: torch.Tensor, text_bg: torch.Tensor, logit_scale: Optional[float] = None) -> CAMOutput:
+                text_fg: torch.Tensor, text_bg: torch.Tensor, logit_scale: Optional[float] = None,
+                batching: str = "auto") -> CAMOutput:
     """GradCAM initial CAMs for every present class of every image (spec §2.2–§2.3).
 
     ``tokens_prev``: ``B×L×D`` output of block N−1 (no grad needed); ``keys``: present classes
     per image; ``text_fg``: ``(C−1)×E``, ``text_bg``: ``n_bg×E`` L2-normalised text embeddings;
     ``logit_scale``: softmax scale (default: the CLIP's ``exp(logit_scale)``, 100 for OpenAI).
+    ``batching``: ``"image"`` (one forward per image, its classes' backwards vectorised: fewest
+    FLOPs, the CPU default), ``"pairs"`` (every (image, class) pair in one batched forward and
+    backward: fewest kernel launches, the CUDA default) or ``"auto"``. Both equal the per-class
+    loop (``tests/test_core.py``).
     """
+    if batching == "auto":
+        batching = "pairs" if tokens_prev.device.type == "cuda" else "image"
+    if batching not in ("image", "pairs"):
+        raise ValueError(f"batching must be 'auto', 'image' or 'pairs', not {batching!r}")
     B, L, D = tokens_prev.shape
     h, w = hw
     scale = float(backbone.logit_scale_exp) if logit_scale is None else float(logit_scale)
     blk = backbone.blocks[backbone.num_blocks - 1]
     tokens_prev = tokens_prev.detach()
-    attn_last = torch.empty(B, L, L, dtype=tokens_prev.dtype, device=tokens_prev.device)
-    tokens_last = torch.empty_like(tokens_prev)
-    cams: list = [tokens_prev.new_zeros(len(k), h, w) for k in keys]
-    probs: list = [tokens_prev.new_zeros(len(k), len(k) + text_bg.shape[0]) for k in keys]
+    res = CAMOutput(cams=[tokens_prev.new_zeros(len(k), h, w) for k in keys], keys=[list(k) for k in keys],
+                    attn_last=torch.empty(B, L, L, dtype=tokens_prev.dtype, device=tokens_prev.device),
+                    probs=[tokens_prev.new_zeros(len(k), len(k) + text_bg.shape[0]) for k in keys],
+                    tokens_last=torch.empty_like(tokens_prev))
     empty = [b for b in range(B) if not keys[b]]
     if empty:  # images without classes still need block N's attention map
         with torch.no_grad():
             out, a = run_block(blk, tokens_prev[empty], need_attn=True)
-        attn_last[empty], tokens_last[empty] = a, out
-    for b in range(B):
-        kb = list(keys[b])
+        res.attn_last[empty], res.tokens_last[empty] = a, out
+    if len(empty) < B:
+        fill = _gradcam_per_image if batching == "image" else _gradcam_pairs
+        fill(res, backbone, blk, tokens_prev, hw, keys, text_fg, text_bg, scale)
+    return res
+
+
+def _gradcam_per_image(res: CAMOutput, backbone: FrozenCLIP, blk, tokens_prev, hw, keys, text_fg, text_bg, scale):
+    """One block-N forward per image; the K backwards of its classes as one vectorised backward."""
+    _, L, D = tokens_prev.shape
+    h, w = hw
+    for b, kb in enumerate(keys):
+        kb = list(kb)
         if not kb:
             continue
         k = len(kb)
@@ -95,14 +119,53 @@ def initial_cam(backbone: FrozenCLIP, tokens_prev: torch.Tensor, hw: tuple[int, 
                 eye = torch.eye(k, dtype=p.dtype, device=p.device)
                 (grad,) = torch.autograd.grad(p[0, :k], act, grad_outputs=eye, is_grads_batched=True)
         grad = grad.reshape(k, L, D)[:, 1:]  # K×hw×D, CLS dropped
-        a = act.detach()[0, 1:]  # hw×D
         alpha = grad.mean(dim=1)  # K×D channel weights: mean of the gradient over x, y
-        cam = torch.relu(alpha @ a.t()).reshape(k, h, w)
-        cams[b] = minmax_normalize(cam)
-        probs[b] = p.detach().expand(k, -1).clone()
-        attn_last[b] = attn.detach()[0]
-        tokens_last[b] = out.detach()[0]
-    return CAMOutput(cams, [list(k) for k in keys], attn_last, probs, tokens_last)
+        cam = torch.relu(alpha @ act.detach()[0, 1:].t()).reshape(k, h, w)
+        res.cams[b] = minmax_normalize(cam)
+        res.probs[b] = p.detach().expand(k, -1).clone()
+        res.attn_last[b] = attn.detach()[0]
+        res.tokens_last[b] = out.detach()[0]
+
+
+def _gradcam_pairs(res: CAMOutput, backbone: FrozenCLIP, blk, tokens_prev, hw, keys, text_fg, text_bg, scale):
+    """Every (image, class) pair gets its own copy of its image's tokens; one batched forward and
+    one backward of ``Σ_n p_n[j_n]``. Pairs do not interact (LayerNorm, attention and MLP act
+    within one sample), so pair n's gradient is ``∂p_n[j_n]/∂A_n``."""
+    h, w = hw
+    pairs = [(b, j) for b in range(len(keys)) for j in range(len(keys[b]))]
+    dev = tokens_prev.device
+    x = tokens_prev[torch.tensor([b for b, _ in pairs], device=dev)]  # N×L×D
+    kmax = max(len(k) for k in keys)
+    n_bg = text_bg.shape[0]
+    # Per pair the text matrix [T_fg[keys_b]; T_bg], padded to kmax fg rows (padding masked out).
+    tfg = text_fg.new_zeros(len(pairs), kmax, text_fg.shape[1])
+    valid = torch.zeros(len(pairs), kmax + n_bg, dtype=torch.bool, device=dev)
+    target = torch.zeros(len(pairs), dtype=torch.long, device=dev)
+    for n, (b, j) in enumerate(pairs):
+        kb = list(keys[b])
+        tfg[n, : len(kb)] = text_fg[kb]
+        valid[n, : len(kb)] = True
+        target[n] = j
+    valid[:, kmax:] = True
+    text = F.normalize(torch.cat([tfg, text_bg.unsqueeze(0).expand(len(pairs), -1, -1)], dim=1), dim=-1, eps=1e-12)
+    with torch.enable_grad():
+        act = blk.ln_1(x).detach().requires_grad_(True)  # hooked activation: ln_1 output (§2.3)
+        out, attn = run_block(blk, x, need_attn=True, ln1_out=act)
+        logits = scale * torch.einsum("ne,nke->nk", backbone.pooled_embedding(out), text)
+        p = torch.softmax(logits.masked_fill(~valid, float("-inf")), dim=-1)
+        (grad,) = torch.autograd.grad(p.gather(1, target[:, None]).sum(), act)
+    alpha = grad[:, 1:].mean(dim=1, keepdim=True)  # N×1×D
+    cam = minmax_normalize(torch.relu((act.detach()[:, 1:] * alpha).sum(-1)).reshape(-1, h, w))
+    p = p.detach()
+    seen = set()
+    for n, (b, j) in enumerate(pairs):
+        kb = len(keys[b])
+        res.cams[b][j] = cam[n]
+        res.probs[b][j] = torch.cat([p[n, :kb], p[n, kmax:]])
+        if b not in seen:
+            seen.add(b)
+            res.attn_last[b] = attn.detach()[n]
+            res.tokens_last[b] = out.detach()[n]
 
 
 def initial_cam_per_class(backbone: FrozenCLIP, tokens_prev: torch.Tensor, hw: tuple[int, int], keys, text_fg, text_bg,
