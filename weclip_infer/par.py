@@ -23,11 +23,14 @@ NEIGHBOUR_OFFSETS = [(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0
 def _neighbours(x: torch.Tensor, dilations: Sequence[int]) -> list[torch.Tensor]:
     """The 8·len(dilations) dilated neighbours of every pixel, replicate-padded; each ``B×C×H×W``."""
     H, W = x.shape[-2:]
+    # One replicate pad by the largest dilation serves all of them: a clamped index does not
+    # depend on how far the padding reaches.
+    m = max(dilations)
+    p = F.pad(x, (m, m, m, m), mode="replicate")
     out = []
     for d in dilations:
-        p = F.pad(x, (d, d, d, d), mode="replicate")
         for dy, dx in NEIGHBOUR_OFFSETS:
-            out.append(p[..., d + dy * d : d + dy * d + H, d + dx * d : d + dx * d + W])
+            out.append(p[..., m + dy * d : m + dy * d + H, m + dx * d : m + dx * d + W])
     return out
 
 
@@ -47,7 +50,8 @@ def par_kernel(image: torch.Tensor, dilations: Sequence[int], w1: float = 0.3, w
     mean.div_(n)
     var = torch.zeros_like(image)
     for nb in nbs:
-        var.add_(torch.sub(nb, mean).square_())
+        dev = torch.sub(nb, mean)
+        var.addcmul_(dev, dev)
     var.div_(n - 1)  # unbiased, two-pass like torch.std
     inv = (var.sqrt_().add_(1e-8).mul_(w1)).reciprocal_()  # 1 / ((σ_c(p) + 1e-8) · w1), B×3×H×W
     # a_rgb(p, q) = mean_c −(|I_c(q) − I_c(p)| / (σ_c(p) + 1e-8) / w1)²
