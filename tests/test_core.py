@@ -71,6 +71,11 @@ def test_batched_gradcam_equals_per_class_loop(tiny_model, batching):
     for a, b in zip(out.cams, ref):
         assert a.shape == b.shape
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    # the class scores of each GradCAM forward: the same whichever way the pairs are batched
+    other = initial_cam(model.backbone, feats[-1], hw, keys, model.text_fg, model.text_bg, 10.0,
+                        batching="pairs" if batching == "image" else "image")
+    for a, b in zip(out.probs, other.probs):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
     # block N's output and head-averaged attention for every image, with or without classes
     with torch.no_grad():
         tok, att = run_block(model.backbone.blocks[-1], feats[-1], need_attn=True)
