@@ -113,3 +113,43 @@ def test_short_run_with_token_loss(tmp_path):
     prov = json.loads((tmp_path / "provenance.json").read_text())
     assert prov["token_loss"] == 1.0 and prov["token_feature"] == "value" and "MIL" in prov["loss"]
     assert res["steps"] == 2 and res["clip"].visual.output_tokens is False
+
+
+def test_head_mean_attention_matches_multihead_attention_weights():
+    torch.manual_seed(0)
+    clip = pc.build_clip(pc.TINY_MODEL_CFG, 0).eval()
+    blk = clip.visual.transformer.resblocks[-1]
+    x = torch.randn(2, 17, clip.visual.class_embedding.shape[0])
+    a = blk.ln_1(x)
+    with torch.no_grad():
+        _, ref = blk.attn(a, a, a, need_weights=True, average_attn_weights=True)
+        got = pc.head_mean_attention(blk, x)
+    assert torch.allclose(got, ref, atol=1e-6), (got - ref).abs().max()
+
+
+def test_attention_affinity_loss_prefers_grouping_attention():
+    # 8 patches (+CLS): tokens 0-5 predict the background prompt, 6-7 the object prompt
+    q = torch.zeros(1, 8, 3)
+    q[0, :6, 0] = 1.0
+    q[0, 6:, 1] = 1.0
+    same = (q @ q.transpose(1, 2))[0]
+    grouped = torch.zeros(1, 9, 9)
+    grouped[0, 1:, 1:] = same / same.sum(-1, keepdim=True)
+    grouped[0, 0] = 1.0 / 9
+    uniform = torch.full((1, 9, 9), 1.0 / 9)
+    crossed = torch.zeros(1, 9, 9)  # object tokens attend to the background and vice versa
+    crossed[0, 1:, 1:] = (1 - same) / (1 - same).sum(-1, keepdim=True)
+    lg, lu, lc = (pc.attention_affinity_loss(a, q) for a in (grouped, uniform, crossed))
+    assert lg < 1e-5 and lu > 0.3 and lc > lu
+    logits = torch.zeros(1, 9, 9, requires_grad=True)
+    pc.attention_affinity_loss(logits.softmax(-1), q).backward()
+    assert logits.grad is not None and logits.grad.abs().sum() > 0
+
+
+def test_short_run_with_attention_loss(tmp_path):
+    res = pc.main(["--tiny", "--steps", "2", "--batch-size", "4", "--eval-zs", "4", "--eval-cam", "2", "--eval-every", "0",
+                   "--threads", "1", "--workers", "0", "--dtype", "fp32", "--out", str(tmp_path), "--token-loss", "1.0",
+                   "--attn-loss", "1.0", "--attn-blocks", "2"])
+    prov = json.loads((tmp_path / "provenance.json").read_text())
+    assert prov["attn_loss"] == 1.0 and prov["attn_blocks"] == 2 and "attention" in prov["loss"]
+    assert res["steps"] == 2

@@ -273,6 +273,34 @@ def value_tokens(clip: nn.Module, x_last_in: torch.Tensor) -> torch.Tensor:
     return v.ln_post(o) @ v.proj
 
 
+def head_mean_attention(blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Head-averaged attention probabilities of an open_clip block (with grad), from its input
+    ``x`` ``B×L×D``: ``mean_h softmax(q_h·k_hᵀ/√d)`` → ``B×L×L`` (what RFM reads, spec §1.5)."""
+    mha = blk.attn
+    B, L, D = x.shape
+    nh = mha.num_heads
+    a = blk.ln_1(x)
+    q, k, _ = F.linear(a, mha.in_proj_weight, mha.in_proj_bias).reshape(B, L, 3, nh, D // nh).permute(2, 0, 3, 1, 4).unbind(0)
+    return torch.softmax((q * (D // nh) ** -0.5) @ k.transpose(-2, -1), dim=-1).mean(dim=1)
+
+
+def attention_affinity_loss(attn: torch.Tensor, token_probs: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Self-distillation of the model's own token semantics into its attention (image-level labels only).
+
+    ``attn`` ``B×L×L`` head-averaged attention (CLS first), ``token_probs`` ``B×N×K`` per-patch
+    softmax over the class/background prompts (detached; the token-level MIL head). Target row i:
+    ``T_i ∝ Σ_k q_ik q_jk`` over patches j (tokens that look like the same prompt); loss: KL(T‖A)
+    over the patch-to-patch block of the attention (rows renormalised without CLS). RFM and the
+    static CLIP-ES refinement propagate CAMs along these maps, so they must group object tokens.
+    """
+    a = attn[:, 1:, 1:]
+    a = a / a.sum(-1, keepdim=True).clamp_min(eps)
+    q = token_probs.detach().float()
+    t = q @ q.transpose(1, 2)
+    t = t / t.sum(-1, keepdim=True).clamp_min(eps)
+    return (t * (t.clamp_min(eps).log() - a.clamp_min(eps).log())).sum(-1).mean()
+
+
 def multi_positive_clip_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     """Symmetric InfoNCE with soft targets spread uniformly over the positives of each row/column."""
     logits = scale * img.float() @ txt.float().t()
@@ -432,6 +460,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="weight of the token-level MIL loss (image-level labels; keeps token features local)")
     ap.add_argument("--token-feature", choices=("value", "final"), default="value",
                     help="tokens the MIL loss reads: the last block's value path (what GradCAM sees) or the final tokens")
+    ap.add_argument("--attn-loss", type=float, default=0.0,
+                    help="weight of the attention-affinity loss (needs --token-loss, value tokens): the last "
+                         "--attn-blocks blocks' attention is pulled towards the affinity of the tokens' prompt predictions")
+    ap.add_argument("--attn-blocks", type=int, default=4, help="how many last blocks the attention loss reads")
+    ap.add_argument("--init", type=Path, default=None, help="start from this clip.safetensors (fine-tuning)")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast (only faster on CPUs with native bf16)")
     ap.add_argument("--dtype", choices=("fp16", "fp32"), default="fp16", help="stored weight dtype")
     ap.add_argument("--tiny", action="store_true", help="tiny model and 64 px world (tests)")
@@ -476,9 +509,17 @@ def main(argv=None) -> dict:
     world = WorldConfig(size=img_size)
     ctx = int(model_cfg["text_cfg"]["context_length"])
     token_ids = world_token_ids(ctx)
-    clip = build_clip(model_cfg, args.seed)
-    with torch.no_grad():
-        clip.logit_scale.fill_(math.log(args.init_scale))
+    if args.init is not None:
+        from safetensors import safe_open
+
+        clip = load_clip(BackboneConfig(clip_weights=str(args.init))).float()
+        with safe_open(str(args.init), "pt") as f:
+            model_cfg = json.loads(f.metadata()["open_clip_cfg"])
+        model_cfg.pop("patch_stem", None)
+    else:
+        clip = build_clip(model_cfg, args.seed)
+        with torch.no_grad():
+            clip.logit_scale.fill_(math.log(args.init_scale))
     clip.train()
     n_params = sum(p.numel() for n, p in clip.named_parameters() if n != "token_embedding.weight")
     opt = torch.optim.AdamW(_param_groups(clip, args.lr, args.wd, args.scale_lr), betas=(0.9, 0.98), eps=1e-6)
@@ -500,8 +541,12 @@ def main(argv=None) -> dict:
         "init_logit_scale": args.init_scale, "weight_decay": args.wd, "warmup_steps": args.warmup, "bf16_autocast": args.bf16,
         "loss": "symmetric InfoNCE, multi-positive targets (caption j positive for image i if it correctly describes it)"
                 + (f" + {args.token_loss} x token-level MIL loss (per-token softmax over the WeCLIP class/background prompts,"
-                   " max over tokens, BCE vs image-level presence)" if args.token_loss > 0 else ""),
+                   " max over tokens, BCE vs image-level presence)" if args.token_loss > 0 else "")
+                + (f" + {args.attn_loss} x attention-affinity loss (KL from the affinity of the tokens' detached prompt"
+                   f" predictions to the head-averaged attention of the last {args.attn_blocks} blocks)" if args.attn_loss > 0 else ""),
         "token_loss": args.token_loss, "token_feature": args.token_feature,
+        "attn_loss": args.attn_loss, "attn_blocks": args.attn_blocks,
+        "init": str(args.init) if args.init is not None else None,
         "pool": "avg of patch tokens after ln_post (= FrozenCLIP.pooled_embedding)",
         "normalize": "imagenet (mean/std on 0..255)",
         "model_cfg": model_cfg, "patch_stem": "conv", "params_excluding_token_table": n_params,
@@ -555,6 +600,15 @@ def main(argv=None) -> dict:
         def _keep_input(_m, inp):
             last_in[0] = inp[0]
         clip.visual.transformer.resblocks[-1].register_forward_pre_hook(_keep_input)
+    if args.attn_loss > 0 and not (args.token_loss > 0 and args.token_feature == "value"):
+        raise SystemExit("--attn-loss needs --token-loss > 0 with --token-feature value")
+    attn_in: dict = {}
+    if args.attn_loss > 0:
+        blocks = clip.visual.transformer.resblocks
+        for bi in range(max(0, len(blocks) - args.attn_blocks), len(blocks)):
+            def _keep(_m, inp, bi=bi):
+                attn_in[bi] = inp[0]
+            blocks[bi].register_forward_pre_hook(_keep)
     clip.visual.output_tokens = args.token_loss > 0
     tok_acc = 0.0
     it = iter(loader)
@@ -580,6 +634,13 @@ def main(argv=None) -> dict:
             loss_tok = token_mil_loss(tokens, txt_all[tok.shape[0]:], y)
             tok_acc += loss_tok.item()
             loss = loss + args.token_loss * loss_tok
+        if args.attn_loss > 0:
+            z = F.normalize(tokens.float(), dim=-1)
+            qp = (20.0 * z @ F.normalize(txt_all[tok.shape[0]:].float(), dim=-1).t()).softmax(-1)
+            blocks = clip.visual.transformer.resblocks
+            loss_attn = sum(attention_affinity_loss(head_mean_attention(blocks[bi], xin), qp)
+                            for bi, xin in attn_in.items()) / len(attn_in)
+            loss = loss + args.attn_loss * loss_attn
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(clip.parameters(), 1.0)
