@@ -123,12 +123,9 @@ def segment_folder(segmenter, src: Path, out: Path, *, exts=DEFAULT_EXTS, resume
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
 
-        from .crf import crf_available
+        from .crf import _import_pydensecrf
 
-        if not crf_available():  # fail now with the install hint, not inside a worker
-            from .crf import _import_pydensecrf
-
-            _import_pydensecrf()
+        _import_pydensecrf()  # fail now with the install hint, not inside a worker
         pool = ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn"))
     pending: deque = deque()
 

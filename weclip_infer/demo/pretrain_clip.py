@@ -49,7 +49,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from weclip_infer.backbone import IMAGENET_MEAN, IMAGENET_STD, FrozenCLIP, load_clip, save_clip
+from weclip_infer.backbone import IMAGENET_MEAN, IMAGENET_STD, FrozenCLIP, _block_attention, load_clip, save_clip
 from weclip_infer.config import BackboneConfig
 from weclip_infer.demo.world import (
     BACKGROUND_NAMES,
@@ -72,6 +72,14 @@ __all__ = [
     "build_clip",
     "positive_matrix",
     "multi_positive_clip_loss",
+    "presence_matrix",
+    "label_prompts",
+    "token_prompt_probs",
+    "mil_bce",
+    "token_mil_loss",
+    "value_tokens",
+    "head_mean_attention",
+    "attention_affinity_loss",
     "evaluate",
     "main",
 ]
@@ -251,10 +259,19 @@ def token_mil_loss(tokens: torch.Tensor, label_txt: torch.Tensor, y: torch.Tenso
     least one token and absent ones none, so token features stay local (without it, the small CLIP
     parks class evidence on background tokens and its GradCAM is inverted for some classes).
     """
+    return mil_bce(token_prompt_probs(tokens, label_txt, scale), y)
+
+
+def token_prompt_probs(tokens: torch.Tensor, label_txt: torch.Tensor, scale: float = 20.0) -> torch.Tensor:
+    """Per-token softmax over the prompts: ``B×N×E`` tokens, ``K×E`` prompts → ``B×N×K``."""
     z = F.normalize(tokens.float(), dim=-1)
     t = F.normalize(label_txt.float(), dim=-1)
-    p = (scale * z @ t.t()).softmax(dim=-1)  # B×N×K
-    q = p.amax(dim=1).clamp(1e-6, 1 - 1e-6)  # B×K
+    return (scale * z @ t.t()).softmax(dim=-1)
+
+
+def mil_bce(token_probs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Max over tokens of ``B×N×K`` probabilities, binary cross-entropy against ``B×K`` presence."""
+    q = token_probs.amax(dim=1).clamp(1e-6, 1 - 1e-6)  # B×K
     return F.binary_cross_entropy(q, y)
 
 
@@ -276,12 +293,7 @@ def value_tokens(clip: nn.Module, x_last_in: torch.Tensor) -> torch.Tensor:
 def head_mean_attention(blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Head-averaged attention probabilities of an open_clip block (with grad), from its input
     ``x`` ``B×L×D``: ``mean_h softmax(q_h·k_hᵀ/√d)`` → ``B×L×L`` (what RFM reads, spec §1.5)."""
-    mha = blk.attn
-    B, L, D = x.shape
-    nh = mha.num_heads
-    a = blk.ln_1(x)
-    q, k, _ = F.linear(a, mha.in_proj_weight, mha.in_proj_bias).reshape(B, L, 3, nh, D // nh).permute(2, 0, 3, 1, 4).unbind(0)
-    return torch.softmax((q * (D // nh) ** -0.5) @ k.transpose(-2, -1), dim=-1).mean(dim=1)
+    return _block_attention(blk, blk.ln_1(x), need_attn=True)[1]
 
 
 def attention_affinity_loss(attn: torch.Tensor, token_probs: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -631,12 +643,11 @@ def main(argv=None) -> dict:
                 txt = F.normalize(clip.encode_text(tok).float(), dim=-1)
         loss = multi_positive_clip_loss(img, txt, clip.logit_scale.exp(), pos)
         if args.token_loss > 0:
-            loss_tok = token_mil_loss(tokens, txt_all[tok.shape[0]:], y)
+            qp = token_prompt_probs(tokens, txt_all[tok.shape[0]:])  # B×N×K
+            loss_tok = mil_bce(qp, y)
             tok_acc += loss_tok.item()
             loss = loss + args.token_loss * loss_tok
-        if args.attn_loss > 0:
-            z = F.normalize(tokens.float(), dim=-1)
-            qp = (20.0 * z @ F.normalize(txt_all[tok.shape[0]:].float(), dim=-1).t()).softmax(-1)
+        if args.attn_loss > 0:  # qp is detached inside the loss
             blocks = clip.visual.transformer.resblocks
             loss_attn = sum(attention_affinity_loss(head_mean_attention(blocks[bi], xin), qp)
                             for bi, xin in attn_in.items()) / len(attn_in)
