@@ -97,17 +97,21 @@ def resize_pos_embed(pos: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return torch.cat([cls, grid], dim=0)
 
 
-def _block_attention(blk: nn.Module, x: torch.Tensor, need_attn: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def _block_attention(blk: nn.Module, x: Optional[torch.Tensor], need_attn: bool, qkv: Optional[torch.Tensor] = None
+                     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Multi-head self-attention of one open_clip block on already-normalised tokens.
 
     ``x``: ``B×L×D`` (output of ``ln_1``). Returns ``(out B×L×D, attn B×L×L or None)`` where
-    ``attn`` is the softmax(q·kᵀ/√d) averaged over heads (spec §1.5).
+    ``attn`` is the softmax(q·kᵀ/√d) averaged over heads (spec §1.5). ``qkv`` (``B×L×3D``)
+    replaces ``x`` when the caller already has its input projection (GradCAM differentiates
+    w.r.t. it).
     """
     mha = blk.attn
-    B, L, D = x.shape
+    if qkv is None:
+        qkv = F.linear(x, mha.in_proj_weight, mha.in_proj_bias)
+    B, L, D = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
     nh = mha.num_heads
     hd = D // nh
-    qkv = F.linear(x, mha.in_proj_weight, mha.in_proj_bias)
     q, k, v = qkv.reshape(B, L, 3, nh, hd).permute(2, 0, 3, 1, 4).unbind(0)  # each B×nh×L×hd
     if need_attn:
         attn = torch.softmax((q * (hd ** -0.5)) @ k.transpose(-2, -1), dim=-1)  # B×nh×L×L
@@ -122,13 +126,17 @@ def _block_attention(blk: nn.Module, x: torch.Tensor, need_attn: bool) -> tuple[
 
 
 def run_block(blk: nn.Module, x: torch.Tensor, need_attn: bool = False,
-              ln1_out: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+              ln1_out: Optional[torch.Tensor] = None, qkv: Optional[torch.Tensor] = None
+              ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """One pre-LN residual block: ``x + attn(ln_1(x))`` then ``+ mlp(ln_2(·))``.
 
-    ``ln1_out`` lets GradCAM substitute the (gradient-tracked) ``ln_1`` activation (spec §2.3).
+    GradCAM (spec §2.3) substitutes a gradient-tracked ``ln_1`` activation (``ln1_out``) or its
+    input projection ``qkv = ln_1(x)·W_inᵀ + b_in`` (``B×L×3D``).
     """
-    a = blk.ln_1(x) if ln1_out is None else ln1_out
-    out, attn = _block_attention(blk, a, need_attn)
+    if qkv is None:
+        out, attn = _block_attention(blk, blk.ln_1(x) if ln1_out is None else ln1_out, need_attn)
+    else:
+        out, attn = _block_attention(blk, None, need_attn, qkv=qkv)
     x = x + blk.ls_1(out)
     x = x + blk.ls_2(blk.mlp(blk.ln_2(x)))
     return x, attn

@@ -97,8 +97,9 @@ def initial_cam(backbone: FrozenCLIP, tokens_prev: torch.Tensor, hw: tuple[int, 
 
 
 def _gradcam_per_image(res: CAMOutput, backbone: FrozenCLIP, blk, tokens_prev, hw, keys, text_fg, text_bg, scale):
-    """One block-N forward per image; the K backwards of its classes as one vectorised backward."""
-    _, L, D = tokens_prev.shape
+    """One block-N forward per image; the K backwards of its classes as one vectorised backward.
+    (Per image rather than per group of images: the autograd graph of block N stays small, which
+    keeps the training step's peak memory down at the same speed, issue 9.)"""
     h, w = hw
     for b, kb in enumerate(keys):
         kb = list(kb)
@@ -109,22 +110,40 @@ def _gradcam_per_image(res: CAMOutput, backbone: FrozenCLIP, blk, tokens_prev, h
         # one forward serves all of them.
         text = F.normalize(torch.cat([text_fg[kb], text_bg], dim=0), dim=-1, eps=1e-12)
         x = tokens_prev[b : b + 1]
+        act, qkv = _hooked_activation(blk, x)
         with torch.enable_grad():
-            act = blk.ln_1(x).detach().requires_grad_(True)  # hooked activation: ln_1 output (§2.3)
-            out, attn = run_block(blk, x, need_attn=True, ln1_out=act)
+            out, attn = run_block(blk, x, need_attn=True, qkv=qkv)
             p = torch.softmax(scale * backbone.pooled_embedding(out) @ text.t(), dim=-1)  # 1×(K+n_bg)
             if k == 1:
-                (grad,) = torch.autograd.grad(p[0, 0], act)
+                (grad,) = torch.autograd.grad(p[0, 0], qkv)
             else:  # one vectorised backward with K one-hot cotangents = K separate backwards
                 eye = torch.eye(k, dtype=p.dtype, device=p.device)
-                (grad,) = torch.autograd.grad(p[0, :k], act, grad_outputs=eye, is_grads_batched=True)
-        grad = grad.reshape(k, L, D)[:, 1:]  # K×hw×D, CLS dropped
-        alpha = grad.mean(dim=1)  # K×D channel weights: mean of the gradient over x, y
-        cam = torch.relu(alpha @ act.detach()[0, 1:].t()).reshape(k, h, w)
-        res.cams[b] = minmax_normalize(cam)
+                (grad,) = torch.autograd.grad(p[0, :k], qkv, grad_outputs=eye, is_grads_batched=True)
+        alpha = _channel_weights(blk, grad.reshape(k, *qkv.shape[1:]))  # K×D
+        res.cams[b] = minmax_normalize(torch.relu(alpha @ act[0, 1:].t()).reshape(k, h, w))
         res.probs[b] = p.detach().expand(k, -1).clone()
         res.attn_last[b] = attn.detach()[0]
         res.tokens_last[b] = out.detach()[0]
+
+
+def _hooked_activation(blk, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """GradCAM's hooked activation ``A = ln_1(x)`` (spec §2.3, ``B×L×D``) and its input projection
+    ``A·W_inᵀ + b_in`` (``B×L×3D``), the latter as a leaf that requires grad.
+
+    ``A`` enters block N only through that projection, so ``∂p/∂A_j = (∂p/∂qkv_j)·W_in``, and the
+    token mean GradCAM needs is ``mean_j(∂p/∂qkv_j)·W_in`` (``_channel_weights``): one vector-matrix
+    product instead of the backward's ``L×3D×D`` input-gradient matmul per class.
+    """
+    with torch.no_grad():
+        act = blk.ln_1(x)
+        qkv = F.linear(act, blk.attn.in_proj_weight, blk.attn.in_proj_bias)
+    return act, qkv.requires_grad_(True)
+
+
+def _channel_weights(blk, grad_qkv: torch.Tensor) -> torch.Tensor:
+    """GradCAM channel weights ``α = mean over patch tokens of ∂p/∂A`` from ``∂p/∂qkv``
+    (``…×L×3D`` → ``…×D``; CLS dropped)."""
+    return grad_qkv[..., 1:, :].mean(dim=-2) @ blk.attn.in_proj_weight
 
 
 def _gradcam_pairs(res: CAMOutput, backbone: FrozenCLIP, blk, tokens_prev, hw, keys, text_fg, text_bg, scale):
@@ -148,14 +167,14 @@ def _gradcam_pairs(res: CAMOutput, backbone: FrozenCLIP, blk, tokens_prev, hw, k
         target[n] = j
     valid[:, kmax:] = True
     text = F.normalize(torch.cat([tfg, text_bg.unsqueeze(0).expand(len(pairs), -1, -1)], dim=1), dim=-1, eps=1e-12)
+    act, qkv = _hooked_activation(blk, x)
     with torch.enable_grad():
-        act = blk.ln_1(x).detach().requires_grad_(True)  # hooked activation: ln_1 output (§2.3)
-        out, attn = run_block(blk, x, need_attn=True, ln1_out=act)
+        out, attn = run_block(blk, x, need_attn=True, qkv=qkv)
         logits = scale * torch.einsum("ne,nke->nk", backbone.pooled_embedding(out), text)
         p = torch.softmax(logits.masked_fill(~valid, float("-inf")), dim=-1)
-        (grad,) = torch.autograd.grad(p.gather(1, target[:, None]).sum(), act)
-    alpha = grad[:, 1:].mean(dim=1, keepdim=True)  # N×1×D
-    cam = minmax_normalize(torch.relu((act.detach()[:, 1:] * alpha).sum(-1)).reshape(-1, h, w))
+        (grad,) = torch.autograd.grad(p.gather(1, target[:, None]).sum(), qkv)
+    alpha = _channel_weights(blk, grad)  # N×D
+    cam = minmax_normalize(torch.relu(torch.einsum("nd,nld->nl", alpha, act[:, 1:])).reshape(-1, h, w))
     p = p.detach()
     seen = set()
     for n, (b, j) in enumerate(pairs):

@@ -6,7 +6,7 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-__all__ = ["segmentation_loss", "radius_mask", "affinity_labels", "affinity_loss"]
+__all__ = ["segmentation_loss", "upsampled_cross_entropy", "radius_mask", "affinity_labels", "affinity_loss"]
 
 IGNORE = 255
 
@@ -15,22 +15,83 @@ def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str = "b
     """``logits`` ``B×C×h×w`` (upsampled bilinearly to the label size here), ``labels`` ``B×H×W``.
 
     ``balanced`` (code, §6.1): ``0.5·(CE over bg pixels + CE over fg pixels)``, each averaged over
-    its own pixels; an empty term is skipped (the reference would return NaN). ``ce``: plain CE.
+    its own pixels; an empty term is skipped (the reference would return NaN). ``ce``: plain CE
+    averaged over the non-ignored pixels. Both are one weighted per-pixel CE, computed by
+    ``upsampled_cross_entropy`` (equal to ``F.interpolate`` + ``F.cross_entropy``, fewer passes
+    over the ``B×C×H×W`` tensor; ``tests/test_core.py``).
     """
-    logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+    if kind not in ("balanced", "ce"):
+        raise ValueError(f"segmentation loss must be 'balanced' or 'ce', not {kind!r}")
     labels = labels.long()
+    valid = labels != IGNORE
     if kind == "ce":
-        return F.cross_entropy(logits, labels, ignore_index=IGNORE)
-    bg = labels == 0
-    fg = (labels != 0) & (labels != IGNORE)
-    logp = F.log_softmax(logits, dim=1)  # once for both terms: cross_entropy = nll_loss ∘ log_softmax
-    terms = []
-    for sel in (bg, fg):
-        if sel.any():
-            terms.append(F.nll_loss(logp, labels.masked_fill(~sel, IGNORE), ignore_index=IGNORE))
-        else:
-            terms.append(logits.sum() * 0.0)
-    return 0.5 * (terms[0] + terms[1])
+        weight = valid.float() / valid.sum().clamp_min(1)
+    else:
+        bg = labels == 0
+        fg = valid & ~bg
+        weight = bg.float() * (0.5 / bg.sum().clamp_min(1)) + fg.float() * (0.5 / fg.sum().clamp_min(1))
+    return upsampled_cross_entropy(logits, labels.masked_fill(~valid, 0), weight)
+
+
+def _interp_matrix(n_out: int, n_in: int, device, dtype) -> torch.Tensor:
+    """``n_out×n_in`` matrix of 1-D bilinear resizing with ``align_corners=False`` (as
+    ``F.interpolate`` with ``size=``): source ``(i + 0.5)·n_in/n_out − 0.5`` clamped at 0."""
+    src = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5).clamp_min(0)
+    i0 = src.floor().long().clamp_max(n_in - 1)
+    i1 = (i0 + 1).clamp_max(n_in - 1)
+    lam = src - i0
+    m = torch.zeros(n_out, n_in, dtype=torch.float64)
+    rows = torch.arange(n_out)
+    m.index_put_((rows, i0), 1 - lam, accumulate=True)
+    m.index_put_((rows, i1), lam, accumulate=True)
+    return m.to(device=device, dtype=dtype)
+
+
+class _UpsampledCE(torch.autograd.Function):
+    """``Σ_p w_p·CE(up(logits)_p, y_p)`` with ``up`` the separable bilinear resize as two matmuls.
+
+    The backward writes ``w·(softmax − onehot)`` once and resizes it back with the transposed
+    matrices, instead of autograd's log-softmax, NLL (one per term), accumulation and
+    upsampling backwards over ``B×C×H×W``.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, labels, weight):
+        h, w = logits.shape[-2:]
+        H, W = labels.shape[-2:]
+        with torch.autocast(device_type=logits.device.type, enabled=False):  # fp32 also under AMP
+            x = logits.float()
+            my = _interp_matrix(H, h, x.device, x.dtype)
+            mx = _interp_matrix(W, w, x.device, x.dtype)
+            up = my @ (x @ mx.t())  # B×C×H×W
+            lse = torch.logsumexp(up, dim=1)  # B×H×W
+            picked = up.gather(1, labels[:, None])[:, 0]
+            loss = (weight * (lse - picked)).sum()
+        ctx.save_for_backward(up, lse, labels, weight, my, mx)
+        ctx.in_dtype = logits.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        up, lse, labels, weight, my, mx = ctx.saved_tensors
+        with torch.autocast(device_type=up.device.type, enabled=False):
+            g = up - lse[:, None]
+            g.exp_().mul_(weight[:, None])  # w·softmax
+            g.scatter_add_(1, labels[:, None], -weight[:, None])
+            g = my.t() @ (g @ mx)  # back to B×C×h×w
+            return (g * grad_out.float()).to(ctx.in_dtype), None, None
+
+
+def upsampled_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Weighted CE of bilinearly upsampled logits (``align_corners=False``).
+
+    ``logits`` ``B×C×h×w``; ``labels`` ``B×H×W`` int64 in ``[0, C)``; ``weight`` ``B×H×W`` float
+    (0 drops a pixel) → ``Σ weight·CE`` (scalar).
+    """
+    if labels.shape != weight.shape or labels.dim() != 3 or logits.dim() != 4 or labels.shape[0] != logits.shape[0]:
+        raise ValueError(f"shapes do not match: logits {tuple(logits.shape)}, labels {tuple(labels.shape)}, "
+                         f"weight {tuple(weight.shape)}")
+    return _UpsampledCE.apply(logits, labels, weight.float())
 
 
 @lru_cache(maxsize=16)
