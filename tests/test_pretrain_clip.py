@@ -153,3 +153,30 @@ def test_short_run_with_attention_loss(tmp_path):
     prov = json.loads((tmp_path / "provenance.json").read_text())
     assert prov["attn_loss"] == 1.0 and prov["attn_blocks"] == 2 and "attention" in prov["loss"]
     assert res["steps"] == 2
+
+
+def test_prompt_vs_background_loss_prefers_present_class_over_backgrounds():
+    n_cls, n_bg = len(pc.CLASS_NAMES), len(pc.BACKGROUND_NAMES)
+    txt = torch.eye(n_cls + n_bg, 16)
+    y = torch.zeros(2, n_cls + n_bg)
+    y[0, 2] = y[0, n_cls + 1] = 1  # class 2 on background 1
+    y[1, 0] = y[1, 5] = y[1, n_cls] = 1
+    good = torch.stack([txt[2], txt[0] + txt[5]])  # the image embeddings point at their classes
+    bad = torch.stack([txt[n_cls + 1], txt[n_cls]])  # ... or at their backgrounds
+    scale = torch.tensor(10.0)
+    lg, lb = pc.prompt_vs_background_loss(good, txt, y, scale), pc.prompt_vs_background_loss(bad, txt, y, scale)
+    assert lg < 0.1 < 5.0 < lb
+    assert float(pc.prompt_vs_background_loss(good, txt, torch.zeros_like(y), scale)) == 0.0  # no present class
+    img = bad.clone().requires_grad_()
+    pc.prompt_vs_background_loss(img, txt, y, scale).backward()
+    assert img.grad[0, 2] < 0  # descending the loss moves image 0 towards its class prompt
+
+
+def test_short_run_with_prompt_loss(tmp_path):
+    pc.main(["--tiny", "--steps", "2", "--batch-size", "4", "--eval-zs", "4", "--eval-cam", "2", "--eval-every", "0",
+             "--threads", "1", "--workers", "0", "--dtype", "fp32", "--out", str(tmp_path), "--token-loss", "1.0",
+             "--prompt-loss", "1.0"])
+    prov = json.loads((tmp_path / "provenance.json").read_text())
+    assert prov["prompt_loss"] == 1.0 and "background-prompts" in prov["loss"]
+    with pytest.raises(SystemExit):
+        pc.main(["--tiny", "--steps", "1", "--out", str(tmp_path / "x"), "--prompt-loss", "1.0"])

@@ -72,6 +72,7 @@ __all__ = [
     "build_clip",
     "positive_matrix",
     "multi_positive_clip_loss",
+    "prompt_vs_background_loss",
     "presence_matrix",
     "label_prompts",
     "token_prompt_probs",
@@ -313,6 +314,25 @@ def attention_affinity_loss(attn: torch.Tensor, token_probs: torch.Tensor, eps: 
     return (t * (t.clamp_min(eps).log() - a.clamp_min(eps).log())).sum(-1).mean()
 
 
+def prompt_vs_background_loss(img: torch.Tensor, label_txt: torch.Tensor, y: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The scoring GradCAM uses (spec §2.2), trained on image-level labels: for every present class
+    c of image i, cross-entropy of ``softmax(scale·img_i·[t_c; T_bg])`` with target ``t_c``.
+
+    ``img`` ``B×E`` pooled embeddings, ``label_txt`` ``(C+n_bg)×E`` class then background prompt
+    embeddings, ``y`` ``B×(C+n_bg)`` presence. Without it a small CLIP can let a background prompt
+    win for an image that holds an object (p_c ≈ 0), and GradCAM of a saturated score lands on the
+    background.
+    """
+    n_cls = len(CLASS_NAMES)
+    img = F.normalize(img.float(), dim=-1)
+    t = F.normalize(label_txt.float(), dim=-1)
+    s_fg = scale * img @ t[:n_cls].t()  # B×C
+    s_bg = scale * img @ t[n_cls:].t()  # B×n_bg
+    lse = torch.logaddexp(s_fg, torch.logsumexp(s_bg, dim=1, keepdim=True))  # B×C
+    present = y[:, :n_cls] > 0.5
+    return ((lse - s_fg) * present).sum() / present.sum().clamp_min(1)
+
+
 def multi_positive_clip_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     """Symmetric InfoNCE with soft targets spread uniformly over the positives of each row/column."""
     logits = scale * img.float() @ txt.float().t()
@@ -475,6 +495,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--attn-loss", type=float, default=0.0,
                     help="weight of the attention-affinity loss (needs --token-loss, value tokens): the last "
                          "--attn-blocks blocks' attention is pulled towards the affinity of the tokens' prompt predictions")
+    ap.add_argument("--prompt-loss", type=float, default=0.0,
+                    help="weight of the present-class-vs-background-prompts loss (needs --token-loss > 0)")
     ap.add_argument("--attn-blocks", type=int, default=4, help="how many last blocks the attention loss reads")
     ap.add_argument("--init", type=Path, default=None, help="start from this clip.safetensors (fine-tuning)")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast (only faster on CPUs with native bf16)")
@@ -555,8 +577,9 @@ def main(argv=None) -> dict:
                 + (f" + {args.token_loss} x token-level MIL loss (per-token softmax over the WeCLIP class/background prompts,"
                    " max over tokens, BCE vs image-level presence)" if args.token_loss > 0 else "")
                 + (f" + {args.attn_loss} x attention-affinity loss (KL from the affinity of the tokens' detached prompt"
-                   f" predictions to the head-averaged attention of the last {args.attn_blocks} blocks)" if args.attn_loss > 0 else ""),
-        "token_loss": args.token_loss, "token_feature": args.token_feature,
+                   f" predictions to the head-averaged attention of the last {args.attn_blocks} blocks)" if args.attn_loss > 0 else "")
+                + (f" + {args.prompt_loss} x present-class-vs-background-prompts CE on the pooled embedding" if args.prompt_loss > 0 else ""),
+        "prompt_loss": args.prompt_loss, "token_loss": args.token_loss, "token_feature": args.token_feature,
         "attn_loss": args.attn_loss, "attn_blocks": args.attn_blocks,
         "init": str(args.init) if args.init is not None else None,
         "pool": "avg of patch tokens after ln_post (= FrozenCLIP.pooled_embedding)",
@@ -612,6 +635,8 @@ def main(argv=None) -> dict:
         def _keep_input(_m, inp):
             last_in[0] = inp[0]
         clip.visual.transformer.resblocks[-1].register_forward_pre_hook(_keep_input)
+    if args.prompt_loss > 0 and not args.token_loss > 0:
+        raise SystemExit("--prompt-loss needs --token-loss > 0 (it reads the same prompt embeddings)")
     if args.attn_loss > 0 and not (args.token_loss > 0 and args.token_feature == "value"):
         raise SystemExit("--attn-loss needs --token-loss > 0 with --token-feature value")
     attn_in: dict = {}
@@ -647,6 +672,8 @@ def main(argv=None) -> dict:
             loss_tok = mil_bce(qp, y)
             tok_acc += loss_tok.item()
             loss = loss + args.token_loss * loss_tok
+        if args.prompt_loss > 0:
+            loss = loss + args.prompt_loss * prompt_vs_background_loss(img, txt_all[tok.shape[0]:], y, clip.logit_scale.exp())
         if args.attn_loss > 0:  # qp is detached inside the loss
             blocks = clip.visual.transformer.resblocks
             loss_attn = sum(attention_affinity_loss(head_mean_attention(blocks[bi], xin), qp)
