@@ -1,7 +1,7 @@
 """The paper's ablation ladder measured on the demo world (held-out val split, exact GT).
 
     python benchmarks/demo_ablation.py --world data/demo_world \
-        --rfm runs/demo_rfm --norfm runs/demo_norfm --full runs/demo_full [--max-images 300]
+        --rfm runs/demo_rfm --norfm runs/demo_norfm --full runs/demo_full [--noref runs/demo_noref] [--max-images 300]
 
 Each run folder is a training output (``checkpoints/latest`` is used) or a checkpoint directory.
 Rows: initial CAM · + static refinement (CLIP-ES) · + PAR · RFM pseudo labels (+PAR) with the
@@ -53,6 +53,7 @@ def main() -> int:
     ap.add_argument("--rfm", required=True)
     ap.add_argument("--norfm", default=None)
     ap.add_argument("--full", default=None)
+    ap.add_argument("--noref", default=None, help="decoder trained with model.refine.use_refinement=false (CAM + PAR labels)")
     ap.add_argument("--max-images", type=int, default=300)
     ap.add_argument("--batch", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
@@ -121,6 +122,9 @@ def main() -> int:
         seg_n = Segmenter(load_checkpoint(resolve(a.norfm), device="cpu"))
         dec["decoder trained without RFM (static pseudo labels), single scale"] = eval_seg(seg_n, scales=[1.0], flip=False)["miou"]
         dec["decoder trained without RFM, multi-scale + flip"] = eval_seg(seg_n)["miou"]
+    if a.noref:
+        seg_r = Segmenter(load_checkpoint(resolve(a.noref), device="cpu"))
+        dec["decoder trained without refinement (initial CAM + PAR labels), multi-scale + flip"] = eval_seg(seg_r)["miou"]
     dec["decoder trained with RFM, single scale"] = eval_seg(seg, scales=[1.0], flip=False)["miou"]
     ms = eval_seg(seg)
     dec["decoder trained with RFM, multi-scale + flip"] = ms["miou"]
