@@ -1,4 +1,4 @@
-"""Heap policy of a CPU training process (glibc; no-ops elsewhere), issue 9.
+"""Heap policy of a CPU process: training, batch segmentation, serving (glibc; no-ops elsewhere), issue 9.
 
 A training step allocates and frees hundreds of megabytes of temporaries, many of them larger
 than glibc's mmap threshold (32 MB at most, e.g. the ``B×C×H×W`` upsampled logits). Each such
@@ -37,14 +37,10 @@ def _libc_fn(name: str):
     return fn
 
 
-def _malloc_trim():
-    return _libc_fn("malloc_trim")
-
-
 def reuse_freed_memory(mmap_threshold: int = 1 << 30, trim_threshold: int = 1 << 30) -> bool:
     """Keep freed blocks up to ``mmap_threshold`` bytes in the heap for reuse, and only return
     the heap's top to the OS when more than ``trim_threshold`` bytes are free there. Process-wide;
-    call once before a CPU training loop. Returns False where glibc's ``mallopt`` is missing."""
+    call once before a CPU training or inference loop. Returns False where glibc's ``mallopt`` is missing."""
     fn = _libc_fn("mallopt")
     if fn is None:
         return False
@@ -54,5 +50,5 @@ def reuse_freed_memory(mmap_threshold: int = 1 << 30, trim_threshold: int = 1 <<
 def trim_heap() -> bool:
     """Release free heap pages to the OS. Returns True if memory was released; a no-op (False)
     where the C library has no ``malloc_trim``."""
-    fn = _malloc_trim()
+    fn = _libc_fn("malloc_trim")
     return bool(fn(0)) if fn is not None else False
