@@ -36,10 +36,9 @@ def main() -> int:
     dev = torch.device(a.device)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     model = build_model({"backbone": {"clip_weights": "random"}, "text": {"dataset": "voc"}}, device=dev)
-    if dev.type == "cpu":
-        from weclip_infer.memory import reuse_freed_memory
+    from weclip_infer.memory import reuse_freed_memory
 
-        reuse_freed_memory()  # as training, the batch CLI and the handler do on CPU
+    reuse_freed_memory(device=dev)  # as training, the batch CLI and the handler do
     model.train()
     opt = torch.optim.AdamW(model.decoder.parameters(), lr=2e-4)
     g = torch.Generator().manual_seed(0)

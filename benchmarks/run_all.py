@@ -48,8 +48,7 @@ def bench_train(args) -> dict:
     dev = torch.device(args.device)
     model = build_model({"backbone": {"clip_weights": "random"}, "text": {"dataset": "voc"}}, device=dev)
     rss_built = rss_gb()
-    if dev.type == "cpu":
-        reuse_freed_memory()  # as the training loop does on CPU
+    reuse_freed_memory(device=dev)  # as the training loop does
     model.train()
     opt = torch.optim.AdamW(model.decoder.parameters(), lr=2e-3, weight_decay=0.01)
     g = torch.Generator().manual_seed(0)
@@ -95,13 +94,11 @@ def bench_infer(args) -> dict:
 
     from weclip_infer import Segmenter, build_model
     from weclip_infer.crf import crf_available, dense_crf
-
     from weclip_infer.memory import reuse_freed_memory
 
     dev = torch.device(args.device)
     model = build_model({"backbone": {"clip_weights": "random"}, "text": {"dataset": "voc"}}, device=dev).eval()
-    if dev.type == "cpu":
-        reuse_freed_memory()  # as the batch CLI and the TorchServe handler do on CPU
+    reuse_freed_memory(device=dev)  # as the batch CLI and the TorchServe handler do
     img = np.random.default_rng(0).integers(0, 256, (375, 500, 3), dtype=np.uint8)
     buf = io.BytesIO()
     Image.fromarray(img).save(buf, format="JPEG", quality=90)
@@ -180,10 +177,9 @@ def bench_folder(args) -> dict:
             s = generate_sample(0, SPLIT_OFFSETS["test"] + k + 1, WorldConfig(size=256))
             Image.fromarray(s.image).save(src / f"{k:04d}.jpg", quality=90)
         seg = Segmenter.from_pretrained(DEMO_MODEL_DIR, device=args.device)
-        if torch.device(args.device).type == "cpu":
-            from weclip_infer.memory import reuse_freed_memory
+        from weclip_infer.memory import reuse_freed_memory
 
-            reuse_freed_memory()  # as the batch CLI does on CPU
+        reuse_freed_memory(device=seg.device)  # as the batch CLI does
         seg.predict(np.asarray(Image.open(src / "0000.jpg")))  # warm-up
         for crf in ([False, True] if crf_available() else [False]):
             r = segment_folder(seg, src, Path(tmp) / f"out_{crf}", workers=1, crf=crf, progress=False)

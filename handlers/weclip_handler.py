@@ -324,10 +324,9 @@ class WeCLIPHandler(BaseHandler):
         logger.info("WeCLIP model loaded from %s (%s, device %s) in %.2f s", model_dir,
                     "bundle" if is_bundle else "checkpoint", device, time.perf_counter() - t0)
         self.model = getattr(self.segmenter, "model", None)
-        if self.device.type == "cpu":
-            from weclip_infer.memory import reuse_freed_memory
+        from weclip_infer.memory import reuse_freed_memory
 
-            reuse_freed_memory()  # per-request temporaries reused, not page-faulted in again (issue 9)
+        reuse_freed_memory(device=self.device)  # per-request temporaries reused, not page-faulted in again (issue 9)
         self.initialized = True
 
     # -- per-request parsing ------------------------------------------------------------------------

@@ -279,7 +279,8 @@ def test_reuse_freed_memory_policy():
 
     from weclip_infer.memory import reuse_freed_memory, trim_heap
 
-    ok = reuse_freed_memory()
+    assert reuse_freed_memory(device="cuda:0") is False  # only CPU work changes the heap policy
+    ok = reuse_freed_memory(device="cpu")
     assert ok == sys.platform.startswith("linux")  # glibc here; a no-op returning False elsewhere
     x = torch.ones(3 * 2 ** 23)  # 96 MB: from the heap now, not a fresh mmap
     assert float(x.sum()) == 3 * 2 ** 23

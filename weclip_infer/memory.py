@@ -37,10 +37,14 @@ def _libc_fn(name: str):
     return fn
 
 
-def reuse_freed_memory(mmap_threshold: int = 1 << 30, trim_threshold: int = 1 << 30) -> bool:
+def reuse_freed_memory(mmap_threshold: int = 1 << 30, trim_threshold: int = 1 << 30, *, device=None) -> bool:
     """Keep freed blocks up to ``mmap_threshold`` bytes in the heap for reuse, and only return
     the heap's top to the OS when more than ``trim_threshold`` bytes are free there. Process-wide;
-    call once before a CPU training or inference loop. Returns False where glibc's ``mallopt`` is missing."""
+    call once before a training or inference loop. With ``device`` (``torch.device`` or string)
+    it only applies to CPU work (a CUDA process keeps glibc's defaults). Returns False where it did
+    nothing (not a CPU device, or no glibc ``mallopt``)."""
+    if device is not None and str(device).split(":")[0] != "cpu":
+        return False
     fn = _libc_fn("mallopt")
     if fn is None:
         return False

@@ -244,10 +244,9 @@ def main(argv=None) -> int:
         model = a.model or str(DEMO_MODEL_DIR)
         kw = {} if a.backend in ("auto", "eager") else {"backend": a.backend}
         seg = Segmenter.from_pretrained(model, device=a.device, **kw)
-        if str(seg.device).split(":")[0] == "cpu":
-            from .memory import reuse_freed_memory
+        from .memory import reuse_freed_memory
 
-            reuse_freed_memory()  # per-image temporaries reused, not page-faulted in again (issue 9)
+        reuse_freed_memory(device=seg.device)  # per-image temporaries reused, not page-faulted in again (issue 9)
         if a.crf:
             from .crf import crf_available, INSTALL_HINT
 
