@@ -205,3 +205,57 @@ def test_cli(tmp_path, capsys):
     assert meta["config"]["size"] == 64 and meta["seed"] == 1
     with Image.open(out / "JPEGImages" / "demo_val_000001.jpg") as im:
         assert im.size == (64, 64)
+
+
+def test_badge_style_layout_matches_flat_and_colours_only_the_badge():
+    """``object_style="badge"``: same layout, masks and captions as the flat world; the class colour
+    is confined to the badge disk inside each object and the rest of the object is the shared body."""
+    flat_cfg = W.WorldConfig(size=128)
+    badge_cfg = W.WorldConfig(size=128, object_style="badge")
+    n_checked = 0
+    for i in range(12):
+        f = W.generate_sample(3, i, flat_cfg)
+        b = W.generate_sample(3, i, badge_cfg)
+        # layout draws come before the badge draws, so masks, classes and captions coincide
+        np.testing.assert_array_equal(f.mask, b.mask)
+        assert f.classes == b.classes and f.captions == b.captions
+        assert not np.array_equal(f.image, b.image)
+        for k, obj in enumerate(b.objects):
+            visible = b.instances == k + 1
+            bx, by = obj.params["badge_center"]
+            rad = obj.params["badge_radius"]
+            assert 0.38 * obj.radius <= rad <= 0.48 * obj.radius
+            # the badge centre lies inside the object
+            assert W.rasterize_object(obj, 128)[int(by), int(bx)]
+            ys, xs = np.mgrid[0:128, 0:128]
+            dist = np.hypot(xs - bx, ys - by)
+            badge = visible & (dist <= rad - 1.5)
+            body = visible & (dist >= rad + 1.5)
+            # erode by a pixel so anti-aliased outlines don't count
+            inner = visible & np.roll(visible, 1, 0) & np.roll(visible, -1, 0) & np.roll(visible, 1, 1) & np.roll(visible, -1, 1)
+            badge, body = badge & inner, body & inner
+            if badge.sum() < 10 or body.sum() < 10 or W.CLASS_NAMES[obj.class_id] == "diamond":
+                continue  # black diamonds look like the dark stripes
+            img = b.image.astype(np.float32)
+            colour = np.asarray(obj.color, np.float32)
+            badge_err = np.abs(img[badge] - colour).mean()
+            body_err = np.abs(img[body] - colour).mean()
+            assert badge_err < 40 < body_err, (i, k, badge_err, body_err)
+            # the body is the same for every class: its pixels lie between the two stripe colours
+            lo = np.minimum(W._BODY_DARK, W._BODY_LIGHT) * 0.75 - 8
+            hi = np.maximum(W._BODY_DARK, W._BODY_LIGHT) * 1.25 + 8
+            assert ((img[body] >= lo) & (img[body] <= hi)).all(axis=1).mean() > 0.97
+            n_checked += 1
+    assert n_checked >= 8
+    with pytest.raises(ValueError, match="object_style"):
+        W.WorldConfig(object_style="shiny")
+    with pytest.raises(ValueError, match="badge_scale"):
+        W.WorldConfig(badge_scale=(0.5, 0.2))
+
+
+def test_make_world_cli_badge_style(tmp_path):
+    out = tmp_path / "w"
+    assert make_world_main(["--out", str(out), "--n-train", "3", "--n-val", "2", "--size", "64",
+                            "--object-style", "badge", "--quiet"]) == 0
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["config"]["object_style"] == "badge"

@@ -15,6 +15,7 @@ import time
 from typing import Optional, Sequence
 
 from weclip_infer.demo.world import (
+    OBJECT_STYLES,
     BACKGROUND_NAMES,
     CLASS_NAMES,
     WorldConfig,
@@ -38,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"use the first N foreground classes (default {len(CLASS_NAMES)})")
     p.add_argument("--max-objects", type=int, default=3, help="most objects per image (default 3)")
     p.add_argument("--single-object-prob", type=float, default=0.5, help="share of one-object images (default 0.5)")
+    p.add_argument("--object-style", choices=OBJECT_STYLES, default="flat",
+                   help="flat: objects filled with their class colour (default); badge: a striped body shared by "
+                        "all classes with a class-coloured badge, so CAMs cover objects partly")
     p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     p.add_argument("--jpeg-quality", type=int, default=95, help="JPEG quality (default 95)")
     p.add_argument("--overwrite", action="store_true",
@@ -52,7 +56,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = WorldConfig(size=args.size, n_classes=args.n_classes, max_objects=args.max_objects,
-                          single_object_prob=args.single_object_prob)
+                          single_object_prob=args.single_object_prob, object_style=args.object_style)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from weclip_infer.backbone import IMAGENET_MEAN, IMAGENET_STD, FrozenCLIP, _block_attention, load_clip, save_clip
 from weclip_infer.config import BackboneConfig
 from weclip_infer.demo.world import (
+    OBJECT_STYLES,
     BACKGROUND_NAMES,
     CLASS_NAMES,
     CLASS_PROMPTS,
@@ -498,6 +499,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--prompt-loss", type=float, default=0.0,
                     help="weight of the present-class-vs-background-prompts loss (needs --token-loss > 0)")
     ap.add_argument("--attn-blocks", type=int, default=4, help="how many last blocks the attention loss reads")
+    ap.add_argument("--object-style", choices=OBJECT_STYLES, default="flat",
+                    help="demo-world object style (WorldConfig.object_style) to train and evaluate on")
     ap.add_argument("--init", type=Path, default=None, help="start from this clip.safetensors (fine-tuning)")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast (only faster on CPUs with native bf16)")
     ap.add_argument("--dtype", choices=("fp16", "fp32"), default="fp16", help="stored weight dtype")
@@ -520,7 +523,7 @@ def eval_only(args: argparse.Namespace) -> dict:
     model_cfg.pop("patch_stem", None)
     clip = load_clip(BackboneConfig(clip_weights=str(path)))
     size = args.eval_size or int(model_cfg["vision_cfg"]["image_size"])
-    ev = EvalSet(args.seed, WorldConfig(size=size), args.eval_zs, args.eval_cam)
+    ev = EvalSet(args.seed, WorldConfig(size=size, object_style=args.object_style), args.eval_zs, args.eval_cam)
     refine = DEFAULT_WECLIP_REFINE(int(model_cfg["vision_cfg"]["layers"]))
     if args.static_blocks:
         refine["static_blocks"] = args.static_blocks
@@ -540,7 +543,7 @@ def main(argv=None) -> dict:
     torch.manual_seed(args.seed)
     model_cfg = json.loads(args.model_cfg) if args.model_cfg else copy.deepcopy(TINY_MODEL_CFG if args.tiny else DEFAULT_MODEL_CFG)
     img_size = int(model_cfg["vision_cfg"]["image_size"])
-    world = WorldConfig(size=img_size)
+    world = WorldConfig(size=img_size, object_style=args.object_style)
     ctx = int(model_cfg["text_cfg"]["context_length"])
     token_ids = world_token_ids(ctx)
     if args.init is not None:

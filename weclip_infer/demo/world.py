@@ -12,8 +12,8 @@ Determinism
 -----------
 A sample is a pure function of ``(seed, index, cfg)``: :func:`generate_sample` builds a
 ``numpy.random.SeedSequence([seed, index])`` (the same entropy that
-``np.random.default_rng([seed, index])`` uses) and spawns three independent child streams from it
-— layout, texture noise and captions — so a sample never depends on which other samples were
+``np.random.default_rng([seed, index])`` uses) and spawns four independent child streams from it
+— layout, texture noise, captions and (``"badge"`` style) badges — so a sample never depends on which other samples were
 generated, and changing e.g. ``n_captions`` does not change the pixels.
 
 Splits use disjoint index ranges (see :data:`SPLIT_OFFSETS`): the ``k``-th (1-based) image of a
@@ -52,6 +52,7 @@ __all__ = [
     "BACKGROUND_NAMES",
     "ORIGAMI_TEMPLATE",
     "SPLIT_OFFSETS",
+    "OBJECT_STYLES",
     "WorldConfig",
     "PlacedObject",
     "Sample",
@@ -87,6 +88,9 @@ BACKGROUND_NAMES: list[str] = ["grass", "sand", "snow", "road", "dirt"]
 
 #: WeCLIP's prompt template; one caption form uses it so the prompt is in distribution.
 ORIGAMI_TEMPLATE = "a clean origami {}."
+
+#: Object rendering styles of :class:`WorldConfig` (``object_style``).
+OBJECT_STYLES: tuple[str, ...] = ("flat", "badge")
 
 #: Index offset of each split (``index = offset + k`` for the ``k``-th, 1-based, item).
 SPLIT_OFFSETS: dict[str, int] = {"train": 0, "val": 10_000_000, "test": 20_000_000, "pretrain": 100_000_000}
@@ -149,6 +153,14 @@ class WorldConfig:
         n_captions: captions stored in ``Sample.captions``.
         caption_form_weights: relative probabilities of the caption forms
             ``objects_background``, ``objects``, ``origami`` and ``background``.
+        object_style: ``"flat"`` (the default world: each object is filled with its class colour)
+            or ``"badge"``: each object's body is a striped texture shared by all classes and only
+            a disk-shaped *badge* inside it (radius ``badge_scale`` × the object radius) carries
+            the class colour. The mask still covers the whole object, so a classifier can name the
+            class from the badge alone and its CAM covers only part of the object — the situation
+            that CAM refinement (spec §4) exists for. See :data:`OBJECT_STYLES`.
+        badge_scale: (lo, hi) range of the badge radius as a fraction of the object radius
+            (``"badge"`` style only).
     """
 
     size: int = 256
@@ -163,9 +175,16 @@ class WorldConfig:
     antialias: bool = True
     n_captions: int = 4
     caption_form_weights: tuple = (0.35, 0.25, 0.3, 0.1)
+    object_style: str = "flat"
+    badge_scale: tuple = (0.38, 0.48)
 
     def __post_init__(self) -> None:
         self.caption_form_weights = tuple(float(w) for w in self.caption_form_weights)
+        self.badge_scale = tuple(float(b) for b in self.badge_scale)
+        if self.object_style not in OBJECT_STYLES:
+            raise ValueError(f"object_style must be one of {OBJECT_STYLES}, got {self.object_style!r}")
+        if len(self.badge_scale) != 2 or not 0.0 < self.badge_scale[0] <= self.badge_scale[1] <= 1.0:
+            raise ValueError(f"badge_scale must be (lo, hi) with 0 < lo <= hi <= 1, got {self.badge_scale}")
         if self.size < 32:
             raise ValueError(f"size must be >= 32, got {self.size}")
         if not 1 <= self.n_classes <= len(CLASS_NAMES):
@@ -201,6 +220,7 @@ class WorldConfig:
         """JSON-serialisable view of the config."""
         d = asdict(self)
         d["caption_form_weights"] = list(self.caption_form_weights)
+        d["badge_scale"] = list(self.badge_scale)
         return d
 
 
@@ -444,6 +464,30 @@ def _object_color(cls: int, rng: np.random.Generator) -> np.ndarray:
     return np.array([r, g, b], dtype=np.float32) * np.float32(255.0)
 
 
+#: The class-independent body of ``"badge"`` objects: stripes between these two RGB colours
+#: (charcoal and a light warm grey: no background is striped, and none is this dark).
+_BODY_DARK = np.array([38.0, 36.0, 42.0], dtype=np.float32)
+_BODY_LIGHT = np.array([182.0, 176.0, 168.0], dtype=np.float32)
+
+
+def _badge_body(col: np.ndarray, shade: np.ndarray, u: np.ndarray, v: np.ndarray, win: tuple,
+                obj: "PlacedObject", rng: np.random.Generator) -> np.ndarray:
+    """3×h×w colour of a ``"badge"`` object: stripes (period 0.30–0.40 object radii, random
+    direction) everywhere, the class colour ``col`` inside the badge disk."""
+    f32 = np.float32
+    th = rng.uniform(0, math.pi)
+    period = rng.uniform(0.30, 0.40)
+    phase = (u * f32(math.cos(th)) + v * f32(math.sin(th))) * f32(2 * math.pi / period)
+    t = f32(0.5) + f32(0.5) * np.tanh(f32(4.0) * np.sin(phase + f32(rng.uniform(0, 2 * math.pi))))
+    body = (_BODY_DARK[:, None, None] + (_BODY_LIGHT - _BODY_DARK)[:, None, None] * t[None]) * shade[None]
+    bx, by = obj.params["badge_center"]
+    ys = np.arange(win[0].start, win[0].stop, dtype=np.float32)[:, None] - f32(by)
+    xs = np.arange(win[1].start, win[1].stop, dtype=np.float32)[None, :] - f32(bx)
+    # anti-aliased disk edge (1 px), as the object outline
+    a = np.clip(f32(obj.params["badge_radius"] + 0.5) - np.sqrt(xs * xs + ys * ys), 0.0, 1.0)
+    return body + (col - body) * a[None]
+
+
 def _local_sd(size: int, cx: float, cy: float, r: float, angle: float, sd, params) -> tuple[tuple[slice, slice], np.ndarray, np.ndarray, np.ndarray]:
     """Signed distance (pixels) of one object over its bounding window, plus local coords."""
     x0 = max(int(math.floor(cx - r - 1)), 0)
@@ -559,7 +603,8 @@ def generate_sample(seed: int, index: int, cfg: Optional[WorldConfig] = None) ->
     f32 = np.float32
     S = cfg.size
     ss = np.random.SeedSequence([int(seed), int(index)])
-    r_layout, r_tex, r_cap = (np.random.default_rng(s) for s in ss.spawn(3))
+    # a fourth stream for the badge style, so badges change neither layout nor textures
+    r_layout, r_tex, r_cap, r_badge = (np.random.default_rng(s) for s in ss.spawn(4))
 
     # ---- layout
     background = int(r_layout.integers(len(BACKGROUND_NAMES)))
@@ -603,6 +648,15 @@ def generate_sample(seed: int, index: int, cfg: Optional[WorldConfig] = None) ->
         if accepted is None:
             continue
         win, d, u, v, inside, area, r, cx, cy = accepted
+        if cfg.object_style == "badge":
+            # badge centre: a pixel from the deeper half of the object (so a ring's badge sits on
+            # the band, not in the hole); radius relative to the object's
+            depth = -d[inside]
+            ys_in, xs_in = np.nonzero(inside)
+            deep = np.flatnonzero(depth >= 0.5 * depth.max())
+            j = int(deep[r_badge.integers(len(deep))])
+            params = dict(params, badge_center=(float(win[1].start + xs_in[j]), float(win[0].start + ys_in[j])),
+                          badge_radius=float(r * r_badge.uniform(*cfg.badge_scale)))
         k = len(placed) + 1
         inst[win][inside] = k
         areas.append(area)
@@ -626,6 +680,8 @@ def generate_sample(seed: int, index: int, cfg: Optional[WorldConfig] = None) ->
         col = color[:, None, None] * shade[None]
         if CLASS_NAMES[cls] == "diamond":
             col = col + f32(8.0) * shade[None]  # keep some visible shading on black
+        if cfg.object_style == "badge":
+            col = _badge_body(col, shade, u, v, win, obj, r_tex)
         if cfg.antialias:
             a = np.clip(f32(0.5) - d, 0.0, 1.0)
         else:
