@@ -7,7 +7,7 @@ Each run folder is a training output (``checkpoints/latest`` is used) or a check
 Rows: initial CAM · + static refinement (CLIP-ES) · + PAR · RFM pseudo labels (+PAR) with the
 RFM-trained decoder's affinity · Table-6 refining maps · decoders (single scale, + multi-scale
 and flip, + DenseCRF) · fully supervised upper bound · zero-shot accuracy of the small CLIP.
-Writes ``benchmarks/results/demo_ablation.{md,json}``.
+Writes ``benchmarks/results/<name>.{md,json}`` (``--name``, default ``demo_ablation``).
 """
 from __future__ import annotations
 
@@ -59,6 +59,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-crf", action="store_true")
     ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--name", default="demo_ablation", help="output file stem (e.g. demo_ablation_badge for the badge world)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     from weclip_infer import Segmenter, load_checkpoint
@@ -162,7 +163,7 @@ def main() -> int:
               "zero_shot_top1": zs, "zero_shot_images": total, "crf_s_per_image": crf_s,
               "ws_over_fully_supervised": (ms["miou"] / full) if full else None,
               "per_class_iou_rfm_ms": format_iou_table(ms, names), "seconds": time.time() - t_start}
-    lines = [f"Demo world val split, {n} images, exact GT. mIoU (%), background included.", "",
+    lines = [f"Demo world val split ({a.world}), {n} images, exact GT. mIoU (%), background included.", "",
              "| stage | mIoU |", "|---|---|"]
     lines += [f"| {k} | {100 * v:.1f} |" for k, v in rows.items()]
     lines += [f"| {k} | {100 * v:.1f} |" for k, v in dec.items()]
@@ -179,8 +180,8 @@ def main() -> int:
     print(md)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "demo_ablation.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "demo_ablation.md").write_text(md)
+    (out / f"{a.name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{a.name}.md").write_text(md)
     return 0
 
 

@@ -224,7 +224,8 @@ def test_badge_style_layout_matches_flat_and_colours_only_the_badge():
             visible = b.instances == k + 1
             bx, by = obj.params["badge_center"]
             rad = obj.params["badge_radius"]
-            assert 0.38 * obj.radius <= rad <= 0.48 * obj.radius
+            lo, hi = badge_cfg.badge_scale
+            assert lo * obj.radius <= rad <= hi * obj.radius
             # the badge centre lies inside the object
             assert W.rasterize_object(obj, 128)[int(by), int(bx)]
             ys, xs = np.mgrid[0:128, 0:128]

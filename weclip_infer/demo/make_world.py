@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--object-style", choices=OBJECT_STYLES, default="flat",
                    help="flat: objects filled with their class colour (default); badge: a striped body shared by "
                         "all classes with a class-coloured badge, so CAMs cover objects partly")
+    p.add_argument("--badge-scale", type=float, nargs=2, metavar=("LO", "HI"), default=None,
+                   help="badge style: badge radius range as a fraction of the object radius (default 0.55 0.65)")
     p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     p.add_argument("--jpeg-quality", type=int, default=95, help="JPEG quality (default 95)")
     p.add_argument("--overwrite", action="store_true",
@@ -56,7 +58,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = WorldConfig(size=args.size, n_classes=args.n_classes, max_objects=args.max_objects,
-                          single_object_prob=args.single_object_prob, object_style=args.object_style)
+                          single_object_prob=args.single_object_prob, object_style=args.object_style,
+                          **({"badge_scale": tuple(args.badge_scale)} if args.badge_scale else {}))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

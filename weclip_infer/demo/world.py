@@ -176,7 +176,7 @@ class WorldConfig:
     n_captions: int = 4
     caption_form_weights: tuple = (0.35, 0.25, 0.3, 0.1)
     object_style: str = "flat"
-    badge_scale: tuple = (0.38, 0.48)
+    badge_scale: tuple = (0.55, 0.65)
 
     def __post_init__(self) -> None:
         self.caption_form_weights = tuple(float(w) for w in self.caption_form_weights)
