@@ -41,6 +41,7 @@ __all__ = [
     "IMAGENET_STD",
     "CLIP_MEAN",
     "CLIP_STD",
+    "BUILTIN_WEIGHTS",
 ]
 
 # Spec §1.2: the authors' code normalises with ImageNet statistics on 0..255 RGB.
@@ -53,7 +54,13 @@ OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
 
 # Named CLIP weights that ship with the package: ``clip_weights: demo`` is the small CLIP
 # pre-trained on the procedural demo world (see weclip_infer/assets/demo_clip/provenance.json).
-BUILTIN_WEIGHTS = {"demo": Path(__file__).resolve().parent / "assets" / "demo_clip" / "clip.safetensors"}
+BUILTIN_WEIGHTS = {
+    # the small CLIP of the default (flat-object) demo world
+    "demo": Path(__file__).resolve().parent / "assets" / "demo_clip" / "clip.safetensors",
+    # the same CLIP fine-tuned on the "badge" demo world (WorldConfig(object_style="badge")), where
+    # CAMs cover objects only partly; used for the refinement ablation
+    "demo-badge": Path(__file__).resolve().parent / "assets" / "demo_clip_badge" / "clip.safetensors",
+}
 
 
 class WeightsUnavailableError(RuntimeError):
@@ -306,7 +313,8 @@ def load_clip(cfg: BackboneConfig, device: str | torch.device = "cpu") -> nn.Mod
     """Build the open_clip model and load the weights named by ``cfg.clip_weights``.
 
     * ``"random"``: random init (seeded by ``cfg.seed``), for tests.
-    * ``"demo"``: the small CLIP shipped with the package (pre-trained on the demo world).
+    * ``"demo"``: the small CLIP shipped with the package (pre-trained on the demo world);
+      ``"demo-badge"``: the same fine-tuned on the badge demo world (see ``BUILTIN_WEIGHTS``).
     * ``"openai"`` (or another open_clip pretrained tag): open_clip's registry. Only the local
       cache is used when the network is unreachable; then a ``WeightsUnavailableError`` says how
       to pass a local file instead. Never hangs: reachability is probed with a 3 s timeout.

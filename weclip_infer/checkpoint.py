@@ -92,7 +92,9 @@ def _model_cfg_of(model) -> dict:
 
 
 def _resolve_weights(path: str, base: Path) -> str:
-    if path in ("openai", "random", "demo") or os.path.isabs(path):
+    from .backbone import BUILTIN_WEIGHTS
+
+    if path in ("openai", "random") or path in BUILTIN_WEIGHTS or os.path.isabs(path):
         return path
     cand = base / path
     return str(cand) if cand.exists() else path
