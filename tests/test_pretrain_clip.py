@@ -175,9 +175,10 @@ def test_prompt_vs_background_loss_prefers_present_class_over_backgrounds():
 def test_short_run_with_prompt_loss(tmp_path):
     pc.main(["--tiny", "--steps", "2", "--batch-size", "4", "--eval-zs", "4", "--eval-cam", "2", "--eval-every", "0",
              "--threads", "1", "--workers", "0", "--dtype", "fp32", "--out", str(tmp_path), "--token-loss", "1.0",
-             "--prompt-loss", "1.0"])
+             "--prompt-loss", "1.0", "--object-style", "badge", "--badge-scale", "0.4", "0.5"])
     prov = json.loads((tmp_path / "provenance.json").read_text())
     assert prov["prompt_loss"] == 1.0 and "background-prompts" in prov["loss"]
+    assert prov["world"]["object_style"] == "badge" and prov["world"]["badge_scale"] == [0.4, 0.5]
     with pytest.raises(SystemExit):
         pc.main(["--tiny", "--steps", "1", "--out", str(tmp_path / "x"), "--prompt-loss", "1.0"])
 
