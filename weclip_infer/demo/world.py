@@ -8,6 +8,10 @@ family** (no object colour coincides with a background colour), with random vari
 saturation, brightness, size, rotation and lighting. Objects are big (15–45 % of the image side);
 later objects are drawn over earlier ones, and the label mask records what is visible.
 
+``WorldConfig(object_style="badge")`` is a variant with the same layouts, masks and captions in
+which every object has a striped body shared by all classes and carries its class colour only on
+a disk-shaped badge, so class evidence covers part of each object (partial CAMs, as in real WSSS).
+
 Determinism
 -----------
 A sample is a pure function of ``(seed, index, cfg)``: :func:`generate_sample` builds a
