@@ -243,9 +243,9 @@ def test_badge_style_layout_matches_flat_and_colours_only_the_badge():
             body_err = np.abs(img[body] - colour).mean()
             assert badge_err < 40 < body_err, (i, k, badge_err, body_err)
             # the body is the same for every class: its pixels lie between the two stripe colours
-            lo = np.minimum(W._BODY_DARK, W._BODY_LIGHT) * 0.75 - 8
-            hi = np.maximum(W._BODY_DARK, W._BODY_LIGHT) * 1.25 + 8
-            assert ((img[body] >= lo) & (img[body] <= hi)).all(axis=1).mean() > 0.97
+            floor = np.minimum(W._BODY_DARK, W._BODY_LIGHT) * 0.75 - 8
+            ceil = np.maximum(W._BODY_DARK, W._BODY_LIGHT) * 1.25 + 8
+            assert ((img[body] >= floor) & (img[body] <= ceil)).all(axis=1).mean() > 0.97
             n_checked += 1
     assert n_checked >= 8
     with pytest.raises(ValueError, match="object_style"):

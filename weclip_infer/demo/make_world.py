@@ -42,8 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--object-style", choices=OBJECT_STYLES, default="flat",
                    help="flat: objects filled with their class colour (default); badge: a striped body shared by "
                         "all classes with a class-coloured badge, so CAMs cover objects partly")
-    p.add_argument("--badge-scale", type=float, nargs=2, metavar=("LO", "HI"), default=None,
-                   help="badge style: badge radius range as a fraction of the object radius (default 0.55 0.65)")
+    p.add_argument("--badge-scale", type=float, nargs=2, metavar=("LO", "HI"), default=list(WorldConfig.badge_scale),
+                   help="badge style: badge radius range as a fraction of the object radius "
+                        f"(default {' '.join(map(str, WorldConfig.badge_scale))})")
     p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     p.add_argument("--jpeg-quality", type=int, default=95, help="JPEG quality (default 95)")
     p.add_argument("--overwrite", action="store_true",
@@ -59,7 +60,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         cfg = WorldConfig(size=args.size, n_classes=args.n_classes, max_objects=args.max_objects,
                           single_object_prob=args.single_object_prob, object_style=args.object_style,
-                          **({"badge_scale": tuple(args.badge_scale)} if args.badge_scale else {}))
+                          badge_scale=tuple(args.badge_scale))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

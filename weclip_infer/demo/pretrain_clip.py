@@ -501,8 +501,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--attn-blocks", type=int, default=4, help="how many last blocks the attention loss reads")
     ap.add_argument("--object-style", choices=OBJECT_STYLES, default="flat",
                     help="demo-world object style (WorldConfig.object_style) to train and evaluate on")
-    ap.add_argument("--badge-scale", type=float, nargs=2, metavar=("LO", "HI"), default=None,
-                    help="badge style: badge radius range as a fraction of the object radius (WorldConfig default if unset)")
+    ap.add_argument("--badge-scale", type=float, nargs=2, metavar=("LO", "HI"), default=list(WorldConfig.badge_scale),
+                    help="badge style: badge radius range as a fraction of the object radius "
+                         f"(default {' '.join(map(str, WorldConfig.badge_scale))})")
     ap.add_argument("--init", type=Path, default=None, help="start from this clip.safetensors (fine-tuning)")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast (only faster on CPUs with native bf16)")
     ap.add_argument("--dtype", choices=("fp16", "fp32"), default="fp16", help="stored weight dtype")
@@ -515,10 +516,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def _badge_kw(args: argparse.Namespace) -> dict:
-    return {"badge_scale": tuple(args.badge_scale)} if args.badge_scale else {}
-
-
 def eval_only(args: argparse.Namespace) -> dict:
     """Evaluate a written ``clip.safetensors`` (optionally at another image size / static_blocks)."""
     from safetensors import safe_open
@@ -529,7 +526,7 @@ def eval_only(args: argparse.Namespace) -> dict:
     model_cfg.pop("patch_stem", None)
     clip = load_clip(BackboneConfig(clip_weights=str(path)))
     size = args.eval_size or int(model_cfg["vision_cfg"]["image_size"])
-    ev = EvalSet(args.seed, WorldConfig(size=size, object_style=args.object_style, **_badge_kw(args)), args.eval_zs, args.eval_cam)
+    ev = EvalSet(args.seed, WorldConfig(size=size, object_style=args.object_style, badge_scale=tuple(args.badge_scale)), args.eval_zs, args.eval_cam)
     refine = DEFAULT_WECLIP_REFINE(int(model_cfg["vision_cfg"]["layers"]))
     if args.static_blocks:
         refine["static_blocks"] = args.static_blocks
@@ -549,7 +546,7 @@ def main(argv=None) -> dict:
     torch.manual_seed(args.seed)
     model_cfg = json.loads(args.model_cfg) if args.model_cfg else copy.deepcopy(TINY_MODEL_CFG if args.tiny else DEFAULT_MODEL_CFG)
     img_size = int(model_cfg["vision_cfg"]["image_size"])
-    world = WorldConfig(size=img_size, object_style=args.object_style, **_badge_kw(args))
+    world = WorldConfig(size=img_size, object_style=args.object_style, badge_scale=tuple(args.badge_scale))
     ctx = int(model_cfg["text_cfg"]["context_length"])
     token_ids = world_token_ids(ctx)
     if args.init is not None:
