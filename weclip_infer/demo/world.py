@@ -607,7 +607,8 @@ def generate_sample(seed: int, index: int, cfg: Optional[WorldConfig] = None) ->
     f32 = np.float32
     S = cfg.size
     ss = np.random.SeedSequence([int(seed), int(index)])
-    # a fourth stream for the badge style, so badges change neither layout nor textures
+    # a fourth stream for badge placement, so the badge style keeps the flat world's layout (its
+    # stripes are drawn from r_tex after the background, so only object shading differs)
     r_layout, r_tex, r_cap, r_badge = (np.random.default_rng(s) for s in ss.spawn(4))
 
     # ---- layout
