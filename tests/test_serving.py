@@ -28,11 +28,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "handlers"))
 
 pytest.importorskip("ts", reason="torchserve not installed (pip install -e '.[serve]'; `make test` does)")
-import weclip_handler as wh  # noqa: E402
+from weclip_infer.serving import RequestError, parse_options, rle_decode, rle_encode  # noqa: E402
+from weclip_infer.serving.torchserve import WeCLIPHandler  # noqa: E402
 
 MODEL = "weclip"
 SERVE_CONFIG = {"num_threads": 1, "max_pixels": 4_000_000}
@@ -132,18 +131,18 @@ def test_rle_roundtrip():
     rng = np.random.RandomState(0)
     for shape in [(1, 1), (5, 7), (16, 3)]:
         m = rng.rand(*shape) > 0.5
-        assert np.array_equal(wh.rle_decode(wh.rle_encode(m), shape), m)
-    assert wh.rle_encode(np.array([[1, 1, 0]]))[0] == 0  # starts with a (empty) run of zeros
+        assert np.array_equal(rle_decode(rle_encode(m), shape), m)
+    assert rle_encode(np.array([[1, 1, 0]]))[0] == 0  # starts with a (empty) run of zeros
 
 
 def test_parse_options():
-    o = wh.parse_options({"output": b"JSON", "scales": "1,0.5", "flip": "false", "rle": "1", "labels": "red box,2"})
+    o = parse_options({"output": b"JSON", "scales": "1,0.5", "flip": "false", "rle": "1", "labels": "red box,2"})
     assert o == {"output": "json", "scales": (1.0, 0.5), "flip": False, "rle": True, "labels": ["red box", 2]}
     for bad in ({"output": "gif"}, {"scales": "abc"}, {"scales": "0"}, {"scales": "1,9"}, {"flip": "maybe"},
                 {"rle": "true"}):  # rle without json
-        with pytest.raises(wh.PredictionException) as ei:
-            wh.parse_options(bad)
-        assert ei.value.error_code == 400
+        with pytest.raises(RequestError) as ei:
+            parse_options(bad)
+        assert ei.value.status == 400
 
 
 def test_handler_mixed_batch_in_process(model_dir, segmenter, tmp_path):
@@ -154,7 +153,7 @@ def test_handler_mixed_batch_in_process(model_dir, segmenter, tmp_path):
     shutil.copytree(model_dir, d)
     (d / "serve_config.json").write_text(json.dumps(SERVE_CONFIG))
     ctx = Context(MODEL, str(d), None, 4, None, "0.12.0")
-    h = wh.WeCLIPHandler()
+    h = WeCLIPHandler()
     h.initialize(ctx)
     imgs = [_img(40, 56, 1), _img(70, 33, 2, "PNG")]
     data = [{"body": bytearray(imgs[0])}, {"body": bytearray(b"not an image")},
@@ -173,7 +172,7 @@ def test_handler_mixed_batch_in_process(model_dir, segmenter, tmp_path):
     ref = segmenter.predict(imgs[1]).labels
     assert js["size"] == list(ref.shape)
     for name, counts in js["rle"].items():
-        assert np.array_equal(wh.rle_decode(counts, ref.shape), ref == segmenter.class_names.index(name))
+        assert np.array_equal(rle_decode(counts, ref.shape), ref == segmenter.class_names.index(name))
     assert np.array_equal(_decode_png(out[3]), segmenter.predict(imgs[0], scales=(1.0,), flip=False).labels)
 
 
@@ -220,6 +219,7 @@ def server(request, model_dir, tmp_path_factory):
     if ts_bin is None:
         pytest.skip("torchserve not installed")
     from weclip_infer.export.mar import build_mar
+    from weclip_infer.serving import torchserve_config_file
 
     root = tmp_path_factory.mktemp("torchserve")
     store = root / "model_store"
@@ -229,7 +229,7 @@ def server(request, model_dir, tmp_path_factory):
     tmp.mkdir()
     ports = {k: _free_port() for k in ("inference", "management", "metrics")}
     cfg_lines = []
-    for line in (REPO / "config.properties").read_text().splitlines():  # the repo config, test ports
+    for line in torchserve_config_file().read_text().splitlines():  # the shipped config, test ports
         key = line.split("=", 1)[0].strip()
         if key.endswith("_address"):
             line = f"{key}=http://127.0.0.1:{ports[key[:-len('_address')]]}"
@@ -329,7 +329,7 @@ def test_multipart_and_json_with_rle(server, segmenter):
     assert {"decode", "total"} <= set(js["timings"])
     for name in present:
         m = ref.labels == ref.class_names.index(name)
-        assert np.array_equal(wh.rle_decode(js["rle"][name], ref.labels.shape), m)
+        assert np.array_equal(rle_decode(js["rle"][name], ref.labels.shape), m)
         if name != "background":
             ys, xs = np.nonzero(m)
             assert js["boxes"][name] == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]

@@ -44,11 +44,8 @@ __all__ = [
     "BUILTIN_WEIGHTS",
 ]
 
-# Spec §1.2: the authors' code normalises with ImageNet statistics on 0..255 RGB.
-IMAGENET_MEAN = (123.675, 116.28, 103.53)
-IMAGENET_STD = (58.395, 57.12, 57.375)
-CLIP_MEAN = tuple(255.0 * m for m in (0.48145466, 0.4578275, 0.40821073))
-CLIP_STD = tuple(255.0 * s for s in (0.26862954, 0.26130258, 0.27577711))
+# Spec §1.2 constants, owned by weclip_infer.normalization (re-exported here for compatibility).
+from .normalization import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
 OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
 

@@ -13,7 +13,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import Any, Mapping, Optional, Sequence, Tuple, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -189,9 +189,34 @@ class WeCLIPConfig:
         _check_choice("loss.aff", self.loss.aff, ("linear", "bce"))
         if self.loss.aff_radius < 1:
             raise ConfigError("loss.aff_radius: must be >= 1")
-        if not self.inference.scales or any(float(s) <= 0 for s in self.inference.scales):
-            raise ConfigError("inference.scales: a non-empty list of positive numbers")
+        try:
+            validate_scales(self.inference.scales, "inference.scales")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if isinstance(self.inference.long_side, bool) or not isinstance(self.inference.long_side, int) \
+                or self.inference.long_side < 0:
+            raise ConfigError(f"inference.long_side: a non-negative integer (0 disables the resize), "
+                              f"got {self.inference.long_side!r}")
         return self
+
+
+MAX_SCALE = 4.0
+
+
+def validate_scales(scales: Any, key: str = "scales") -> Tuple[float, ...]:
+    """The one rule for test-time scales: a non-empty list of numbers in (0, 4]; returns floats.
+
+    Used by the config, :class:`~weclip_infer.predictor.Segmenter` and the servers alike, so a
+    value one of them accepts is accepted by all.
+    """
+    if isinstance(scales, (str, bytes)) or not isinstance(scales, (list, tuple)) or not scales:
+        raise ValueError(f"{key}: a non-empty list of numbers in (0, {MAX_SCALE:g}] expected, got {scales!r}")
+    out = []
+    for s in scales:
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not (0 < float(s) <= MAX_SCALE):
+            raise ValueError(f"{key}: each scale must be a number in (0, {MAX_SCALE:g}], got {s!r}")
+        out.append(float(s))
+    return tuple(out)
 
 
 def _check_choice(key: str, value: Any, choices: Sequence[str]) -> None:

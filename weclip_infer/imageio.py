@@ -15,7 +15,8 @@ from typing import Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["ImageDecodeError", "load_image", "DEFAULT_MAX_PIXELS", "save_png_atomic", "atomic_write_bytes"]
+__all__ = ["ImageDecodeError", "load_image", "DEFAULT_MAX_PIXELS", "save_png_atomic", "atomic_write_bytes",
+           "encode_label_png", "encode_overlay_jpeg"]
 
 DEFAULT_MAX_PIXELS = 40_000_000  # 40 MP; decompression bombs beyond this are refused
 
@@ -136,16 +137,40 @@ def atomic_write_bytes(path: Union[str, os.PathLike], data: bytes) -> None:
         raise
 
 
-def save_png_atomic(path: Union[str, os.PathLike], array: np.ndarray, palette: np.ndarray | None = None) -> None:
-    """Save a H×W label map (palette PNG when ``palette`` is given) or H×W×3 image atomically."""
-    arr = np.asarray(array)
-    if arr.ndim == 2:
-        img = Image.fromarray(arr.astype(np.uint8), mode="L")
-        if palette is not None:
-            img = Image.fromarray(arr.astype(np.uint8), mode="P")
-            img.putpalette(np.asarray(palette, dtype=np.uint8).reshape(-1).tolist())
+def encode_label_png(labels: np.ndarray, palette: np.ndarray | None = None) -> bytes:
+    """A label map as PNG bytes: a palette PNG (pixel value = class index; VOC colours unless
+    ``palette`` is given) for values 0..255, 16-bit greyscale for more classes."""
+    from .palette import voc_palette
+
+    arr = np.asarray(labels)
+    if arr.size and (arr.min() < 0 or arr.max() > 255):
+        img = Image.fromarray(arr.astype(np.uint16))
     else:
-        img = Image.fromarray(arr.astype(np.uint8))
+        img = Image.fromarray(arr.astype(np.uint8), mode="P")
+        pal = voc_palette() if palette is None else np.asarray(palette, dtype=np.uint8)
+        img.putpalette(pal.reshape(-1).tolist())
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def encode_overlay_jpeg(image: np.ndarray, labels: np.ndarray, quality: int = 90) -> bytes:
+    """The VOC-coloured ``labels`` blended over ``image`` (H×W×3 uint8), as JPEG bytes."""
+    from .palette import overlay
+
+    buf = io.BytesIO()
+    Image.fromarray(overlay(image, labels)).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def save_png_atomic(path: Union[str, os.PathLike], array: np.ndarray, palette: np.ndarray | None = None) -> None:
+    """Save a H×W label map (palette PNG when ``palette`` is given, else 8-bit grey) or an
+    H×W×3 image atomically."""
+    arr = np.asarray(array)
+    if arr.ndim == 2 and palette is not None:
+        atomic_write_bytes(path, encode_label_png(arr, palette))
+        return
+    img = Image.fromarray(arr.astype(np.uint8), mode="L") if arr.ndim == 2 else Image.fromarray(arr.astype(np.uint8))
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     atomic_write_bytes(path, buf.getvalue())

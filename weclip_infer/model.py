@@ -13,7 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .backbone import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, FrozenCLIP, load_clip, run_block
+from .backbone import FrozenCLIP, load_clip, run_block
+from .normalization import mean_std
 from .cam import box_masks, class_keys, initial_cam, minmax_normalize
 from .config import WeCLIPConfig, load_config
 from .decoder import WeCLIPDecoder, count_parameters
@@ -78,7 +79,7 @@ class WeCLIP(nn.Module):
                                      d.num_heads, d.mlp_ratio, d.dropout)
         self.register_buffer("text_fg", text_fg.float().clone(), persistent=False)
         self.register_buffer("text_bg", text_bg.float().clone(), persistent=False)
-        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if cfg.backbone.normalize == "imagenet" else (CLIP_MEAN, CLIP_STD)
+        mean, std = mean_std(cfg.backbone.normalize)
         self.register_buffer("pixel_mean", torch.tensor(mean).reshape(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(std).reshape(1, 3, 1, 1), persistent=False)
         self.iter_num = 0  # forward counter of the RFM switch (§4.1)

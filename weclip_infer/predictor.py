@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .backbone import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
+from .normalization import mean_std
 from .imageio import DEFAULT_MAX_PIXELS, ImageSource, load_image
 from .tensor_ops import channel_argmax
 
@@ -125,7 +125,7 @@ class Segmenter:
         self.backend = backend
         self.patch_size = int(patch_size)
         self.class_names = list(class_names) if class_names is not None else None
-        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if normalize == "imagenet" else (CLIP_MEAN, CLIP_STD)
+        mean, std = mean_std(normalize)
         self._mean = torch.tensor(mean, dtype=torch.float32).reshape(1, 3, 1, 1)
         self._std = torch.tensor(std, dtype=torch.float32).reshape(1, 3, 1, 1)
         self.max_pixels = max_pixels
@@ -153,8 +153,9 @@ class Segmenter:
 
     @staticmethod
     def _validate(scales, flip, crf) -> None:
-        if not scales or any((not isinstance(s, (int, float))) or s <= 0 or s > 4 for s in scales):
-            raise ValueError(f"scales: positive numbers up to 4 expected, got {scales!r}")
+        from .config import validate_scales
+
+        validate_scales(list(scales), "scales")
         if not isinstance(flip, bool) or not isinstance(crf, bool):
             raise ValueError("flip and crf must be booleans")
 

@@ -35,8 +35,11 @@ MODEL_NAME = "weclip"
 MAR_NAME = "weclip_demo"
 
 
-def _repo_root() -> Path:
-    return PKG.parent
+def _config_file() -> Path:
+    """The TorchServe ``config.properties`` shipped in the package (works from a wheel too)."""
+    from .serving import torchserve_config_file
+
+    return torchserve_config_file()
 
 
 def _props(path: Path) -> dict:
@@ -142,7 +145,7 @@ def _start(root: Path, inf: str, mgmt: str) -> None:
         raise RuntimeError("TorchServe needs Java 11+ (e.g. apt-get install openjdk-17-jre-headless)")
     env = {**os.environ, "LOG_LOCATION": str(root / "logs"), "METRICS_LOCATION": str(root / "logs")}
     cmd = [exe, "--start", "--ncs", "--model-store", "model_store", "--models", f"{MODEL_NAME}={MAR_NAME}.mar",
-           "--ts-config", "config.properties"]
+           "--ts-config", str(_config_file())]
     print("starting:", " ".join(cmd[1:]), flush=True)
     subprocess.run(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True, timeout=120)
     deadline = time.time() + 180
@@ -162,13 +165,15 @@ def stop(root: Path) -> int:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="weclip-demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="out")
+    ap.add_argument("--out", default="out", help="folder for the masks and grid.png (default: out)")
+    ap.add_argument("--workdir", default=".", help="server working folder: model_store/, logs/, key_file.json "
+                    "(default: the current folder)")
     ap.add_argument("--stop", action="store_true", help="stop the TorchServe started by the demo")
     a = ap.parse_args(argv)
-    root = _repo_root()
+    root = Path(a.workdir).resolve()
     if a.stop:
         return stop(root)
-    props = _props(root / "config.properties")
+    props = _props(_config_file())
     inf, mgmt = props["inference_address"], props["management_address"]
     try:
         _build_mar(root)

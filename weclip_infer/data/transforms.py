@@ -43,14 +43,9 @@ __all__ = [
     "EvalTransform",
 ]
 
-# Spec §1.2: ImageNet constants on 0..255 RGB (the authors' code) and CLIP's own constants (the
-# reference defines but never applies them), both on the 0..255 scale; defined once in backbone.
-from ..backbone import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
-
-NORMALIZATIONS: dict[str, Tuple[Tuple[float, float, float], Tuple[float, float, float]]] = {
-    "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
-    "clip": (CLIP_MEAN, CLIP_STD),
-}
+# Spec §1.2 constants: owned by weclip_infer.normalization, re-exported for the data API.
+from ..normalization import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, NORMALIZATIONS  # noqa: E402
+from ..normalization import mean_std as _named_mean_std  # noqa: E402
 
 IGNORE_INDEX = 255  # GT-mask value for "ignore" and for the padded area of a crop
 
@@ -61,10 +56,7 @@ RandomSource = Union[random.Random, np.random.Generator, int, None]
 
 
 def _mean_std(kind: str) -> Tuple[np.ndarray, np.ndarray]:
-    try:
-        mean, std = NORMALIZATIONS[kind]
-    except KeyError:
-        raise ValueError(f"normalize: kind must be one of {sorted(NORMALIZATIONS)}, got {kind!r}") from None
+    mean, std = _named_mean_std(kind)
     return np.asarray(mean, dtype=np.float32), np.asarray(std, dtype=np.float32)
 
 

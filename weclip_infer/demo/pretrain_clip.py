@@ -49,7 +49,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from weclip_infer.backbone import IMAGENET_MEAN, IMAGENET_STD, FrozenCLIP, _block_attention, load_clip, save_clip
+from weclip_infer.backbone import FrozenCLIP, _block_attention, load_clip, save_clip
+from weclip_infer.normalization import normalize_array
 from weclip_infer.config import BackboneConfig
 from weclip_infer.demo.world import (
     OBJECT_STYLES,
@@ -165,13 +166,11 @@ def weclip_config(model_cfg: dict, refine: Optional[dict] = None) -> dict:
 # Data
 # ------------------------------------------------------------------------------------------------
 _FORM_ORDER = ("objects_background", "objects", "origami", "background")
-_MEAN = np.array(IMAGENET_MEAN, np.float32)
-_STD = np.array(IMAGENET_STD, np.float32)
 
 
 def normalize_batch(images: Sequence[np.ndarray]) -> torch.Tensor:
     """H×W×3 uint8 images → ``B×3×H×W`` float32, ImageNet mean/std on 0..255 (spec §1.2)."""
-    arr = (np.stack(images).astype(np.float32) - _MEAN) / _STD
+    arr = normalize_array(np.stack(images), "imagenet")
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(0, 3, 1, 2)))
 
 

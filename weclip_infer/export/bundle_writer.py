@@ -17,7 +17,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
-from weclip_infer.backbone import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
+from weclip_infer.normalization import mean_std
 from weclip_infer.io_utils import write_json_atomic
 
 from .onnx_export import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME, export_onnx
@@ -68,7 +68,7 @@ def build_manifest(model, files: dict, opset: Optional[int], parity: dict, fp16:
     cfg = model.cfg
     p = int(model.backbone.patch_size)
     norm = cfg.backbone.normalize
-    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if norm == "imagenet" else (CLIP_MEAN, CLIP_STD)
+    mean, std = mean_std(norm)
     inf = cfg.inference
     return {
         "format": BUNDLE_FORMAT,

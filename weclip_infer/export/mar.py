@@ -1,4 +1,4 @@
-"""Package a model directory as a TorchServe ``.mar`` archive for ``handlers/weclip_handler.py``.
+"""Package a model directory as a TorchServe ``.mar`` archive with the package's handler file.
 
 The model directory is one of ours: a checkpoint (``config.json`` + ``model.safetensors``, with
 ``backbone.safetensors`` when saved with ``include_backbone=True``) or an exported bundle
@@ -23,15 +23,18 @@ import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
+from ..serving.serve_config import SERVE_CONFIG, check_backend_for_model, validate_serve_config
+
 __all__ = ["build_mar", "default_handler_path", "main"]
 
-SERVE_CONFIG = "serve_config.json"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 
 def default_handler_path() -> Path:
-    """``handlers/weclip_handler.py`` of the repository (next to this package's source folder)."""
-    return Path(__file__).resolve().parents[1] / "handlers" / "weclip_handler.py"
+    """The handler file shipped in :mod:`weclip_infer.serving` (found in a wheel install too)."""
+    from ..serving import handler_file
+
+    return handler_file()
 
 
 def _is_model_dir(d: Path) -> str:
@@ -54,7 +57,7 @@ def build_mar(model_dir: Union[str, os.PathLike], export_path: Union[str, os.Pat
     model_dir = Path(model_dir).resolve()
     if not model_dir.is_dir():
         raise FileNotFoundError(f"{model_dir}: model directory not found")
-    kind = _is_model_dir(model_dir)
+    _is_model_dir(model_dir)
     if not _NAME_RE.match(name):
         raise ValueError(f"model name {name!r}: use letters, digits, '_', '-', '.'")
     if not _NAME_RE.match(str(version)):
@@ -63,22 +66,7 @@ def build_mar(model_dir: Union[str, os.PathLike], export_path: Union[str, os.Pat
     if not handler.is_file():
         raise FileNotFoundError(f"{handler}: handler not found")
     if serve_config is not None:
-        sys.path.insert(0, str(handler.parent))  # validate with the handler's own reader
-        try:
-            from weclip_handler import WeCLIPHandler  # type: ignore
-        except ImportError:
-            WeCLIPHandler = None
-        finally:
-            sys.path.pop(0)
-        if WeCLIPHandler is not None:
-            with tempfile.TemporaryDirectory() as td:
-                (Path(td) / SERVE_CONFIG).write_text(json.dumps(dict(serve_config)))
-                WeCLIPHandler.read_serve_config(Path(td))
-        backend = str(serve_config.get("backend", "auto")).lower()
-        if backend == "eager" and kind == "bundle":
-            raise ValueError("serve_config backend 'eager' needs a checkpoint directory, not an export bundle")
-        if backend in ("torchscript", "onnx") and kind == "checkpoint":
-            raise ValueError(f"serve_config backend {backend!r} needs an export bundle, not a checkpoint directory")
+        check_backend_for_model(validate_serve_config(serve_config)["backend"], model_dir)
     export_path = Path(export_path).resolve()
     export_path.mkdir(parents=True, exist_ok=True)
 
@@ -125,7 +113,7 @@ def main(argv=None) -> int:
     ap.add_argument("--scales", default=None, help="default scales, e.g. 1,0.75")
     ap.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None)
     ap.add_argument("--crf", action=argparse.BooleanOptionalAction, default=None)
-    ap.add_argument("--handler", default=None, help="handler file (default: handlers/weclip_handler.py)")
+    ap.add_argument("--handler", default=None, help="handler file (default: the one shipped in weclip_infer.serving)")
     a = ap.parse_args(argv)
     sc = {}
     if a.backend is not None:

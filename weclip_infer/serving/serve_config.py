@@ -1,0 +1,75 @@
+"""``serve_config.json``: the per-archive server settings, validated in one place.
+
+Keys: ``backend`` (``auto``|``torchscript``|``onnx``|``eager``), ``max_pixels`` (default: the
+library's decode limit), default ``scales`` / ``flip`` / ``crf``, ``long_side`` and
+``num_threads``. Both the archive builder and every server read it through
+:func:`read_serve_config` / :func:`validate_serve_config`.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, Mapping
+
+from ..imageio import DEFAULT_MAX_PIXELS
+from .errors import RequestError
+from .options import parse_bool, parse_scales
+
+__all__ = ["SERVE_CONFIG", "BACKENDS", "SERVE_KEYS", "read_serve_config", "validate_serve_config",
+           "check_backend_for_model"]
+
+SERVE_CONFIG = "serve_config.json"
+BACKENDS = ("auto", "torchscript", "onnx", "eager")
+SERVE_KEYS = ("backend", "max_pixels", "scales", "flip", "crf", "long_side", "num_threads")
+
+
+def validate_serve_config(cfg: Mapping[str, Any]) -> Dict[str, Any]:
+    """Typed copy of ``cfg`` with defaults filled in; ``ValueError`` naming the key otherwise."""
+    if not isinstance(cfg, Mapping):
+        raise ValueError(f"{SERVE_CONFIG}: expected a JSON object")
+    out = dict(cfg)
+    unknown = set(out) - set(SERVE_KEYS)
+    if unknown:
+        raise ValueError(f"{SERVE_CONFIG}: unknown keys {sorted(unknown)}")
+    backend = str(out.get("backend", "auto")).lower()
+    if backend not in BACKENDS:
+        raise ValueError(f"{SERVE_CONFIG}: backend must be one of {BACKENDS}, got {backend!r}")
+    out["backend"] = backend
+    for key, default in (("max_pixels", DEFAULT_MAX_PIXELS), ("long_side", None), ("num_threads", None)):
+        v = out.get(key, default)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or v < (0 if key == "long_side" else 1):
+            raise ValueError(f"{SERVE_CONFIG}: {key} must be a positive integer, got {v!r}")
+        out[key] = v
+    try:
+        if out.get("scales") is not None:
+            out["scales"] = parse_scales(out["scales"])
+        for k in ("flip", "crf"):
+            if out.get(k) is not None:
+                out[k] = parse_bool(k, out[k])
+    except RequestError as e:
+        raise ValueError(f"{SERVE_CONFIG}: {e.message}") from None
+    return out
+
+
+def read_serve_config(model_dir: Path) -> Dict[str, Any]:
+    """The validated ``serve_config.json`` of ``model_dir`` (defaults when there is none)."""
+    f = Path(model_dir) / SERVE_CONFIG
+    if not f.is_file():
+        return validate_serve_config({})
+    try:
+        cfg = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{SERVE_CONFIG}: invalid JSON: {e}") from None
+    return validate_serve_config(cfg)
+
+
+def check_backend_for_model(backend: str, model_dir: Path) -> None:
+    """``ValueError`` when ``backend`` cannot serve the kind of model directory ``model_dir`` is."""
+    is_bundle = (Path(model_dir) / "manifest.json").is_file()
+    if backend == "eager" and is_bundle:
+        raise ValueError(f"{SERVE_CONFIG}: backend 'eager' needs a checkpoint directory, this is an export bundle")
+    if backend in ("torchscript", "onnx") and not is_bundle:
+        raise ValueError(f"{SERVE_CONFIG}: backend {backend!r} needs an export bundle (manifest.json), "
+                         "this is a checkpoint directory")

@@ -1,0 +1,153 @@
+"""The segmentation service behind every server engine: parse → decode → segment → encode.
+
+:class:`SegmentationService` holds one :class:`~weclip_infer.predictor.Segmenter` and turns a
+batch of raw requests into one :class:`Response` each. A bad request never fails its neighbours:
+client errors become 4xx responses, unexpected failures a 500 for that request only. Engine
+adapters (the TorchServe handler, the Ray Serve deployment) only translate their request objects
+into ``(request mapping, headers)`` pairs and the responses back.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from .errors import RequestError
+from .requests import parse_request
+from .responses import encode_result, error_body
+from .serve_config import check_backend_for_model, read_serve_config
+
+__all__ = ["Response", "SegmentationService"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Response:
+    """One answer: HTTP ``status``, ``content_type``, ``body`` and per-stage ``timings`` (s)."""
+
+    status: int
+    content_type: str
+    body: bytes
+    timings: Dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class _Item:
+    payload: Optional[bytes] = None
+    opts: Dict[str, Any] = field(default_factory=dict)
+    image: Optional[np.ndarray] = None
+    result: Any = None
+    error: Optional[str] = None
+    status: int = 200
+    t0: float = field(default_factory=time.perf_counter)
+    timings: Dict[str, float] = field(default_factory=dict)
+
+    def fail(self, message: str, status: int) -> None:
+        self.error, self.status = message, status
+
+
+class SegmentationService:
+    """Requests in, responses out, around one ``Segmenter`` (see the module docstring)."""
+
+    def __init__(self, segmenter: Any, max_pixels: int):
+        self.segmenter = segmenter
+        self.max_pixels = int(max_pixels)
+
+    @classmethod
+    def from_model_dir(cls, model_dir: Union[str, Path], device: Union[str, None] = None) -> "SegmentationService":
+        """Load a checkpoint directory or export bundle with its ``serve_config.json``."""
+        import torch
+
+        from ..memory import reuse_freed_memory
+        from ..predictor import Segmenter
+
+        model_dir = Path(model_dir)
+        cfg = read_serve_config(model_dir)
+        backend = cfg["backend"]
+        check_backend_for_model(backend, model_dir)
+        if cfg.get("num_threads"):
+            torch.set_num_threads(int(cfg["num_threads"]))
+        options = {k: cfg[k] for k in ("scales", "flip", "crf", "long_side") if cfg.get(k) is not None}
+        t0 = time.perf_counter()
+        seg = Segmenter.from_pretrained(model_dir, device=device, backend="auto" if backend == "eager" else backend,
+                                        max_pixels=cfg["max_pixels"], **options)
+        logger.info("WeCLIP model loaded from %s (device %s) in %.2f s", model_dir, seg.device,
+                    time.perf_counter() - t0)
+        reuse_freed_memory(device=seg.device)  # per-request temporaries reused, not page-faulted in again
+        svc = cls(seg, cfg["max_pixels"])
+        svc.serve_config = cfg
+        return svc
+
+    serve_config: Dict[str, Any] = {}
+
+    # -- stages ------------------------------------------------------------------------------------
+    def _decode(self, requests: Sequence[Tuple[Any, Mapping[str, Any]]]) -> List[_Item]:
+        from ..imageio import ImageDecodeError, load_image
+
+        items = []
+        for idx, (req, headers) in enumerate(requests):
+            item = _Item()
+            items.append(item)
+            try:
+                item.payload, item.opts = parse_request(req, headers)
+                t0 = time.perf_counter()
+                item.image = load_image(item.payload, max_pixels=self.max_pixels, name="request body")
+                item.timings["decode"] = time.perf_counter() - t0
+                item.payload = None
+            except RequestError as e:
+                item.fail(e.message, e.status)
+            except ImageDecodeError as e:
+                item.fail(f"bad image: {e.reason}", 413 if "more than the limit" in e.reason else 400)
+            except Exception as e:  # noqa: BLE001 - one request's failure is answered, not raised
+                logger.exception("request %d: preprocessing failed", idx)
+                item.fail(f"preprocessing failed: {type(e).__name__}: {e}", 500)
+        return items
+
+    def _infer(self, items: List[_Item]) -> None:
+        for idx, item in enumerate(items):
+            if item.error is not None:
+                continue
+            o = item.opts
+            try:
+                item.result = self.segmenter.predict(item.image, scales=o.get("scales"), flip=o.get("flip"),
+                                                     crf=o.get("crf"), labels_hint=o.get("labels"))
+                item.timings.update({k: v for k, v in item.result.timings.items() if k != "decode"})
+            except ImportError as e:
+                item.fail(f"option not available on this server: {e}", 400)
+            except ValueError as e:  # too small image, unknown label hint, bad scale...
+                item.fail(str(e), 400)
+            except Exception as e:  # noqa: BLE001
+                logger.exception("request %d: inference failed", idx)
+                item.fail(f"inference failed: {type(e).__name__}: {e}", 500)
+
+    def _encode(self, items: List[_Item]) -> List[Response]:
+        out = []
+        for idx, item in enumerate(items):
+            body, ctype = b"", "application/json"
+            if item.error is None:
+                try:
+                    t0 = time.perf_counter()
+                    item.result.timings["decode"] = item.timings.get("decode", 0.0)
+                    body, ctype = encode_result(item.result, item.image, item.opts.get("output", "png"),
+                                                item.opts.get("rle", False))
+                    item.timings["encode"] = time.perf_counter() - t0
+                except Exception as e:  # noqa: BLE001
+                    logger.exception("request %d: encoding failed", idx)
+                    item.fail(f"encoding failed: {type(e).__name__}: {e}", 500)
+            if item.error is not None:
+                body, ctype = error_body(item.error), "application/json"
+            item.timings["request"] = time.perf_counter() - item.t0
+            out.append(Response(item.status, ctype, body, dict(item.timings)))
+            item.image = item.result = None
+        return out
+
+    def handle(self, requests: Sequence[Tuple[Any, Mapping[str, Any]]]) -> List[Response]:
+        """One :class:`Response` per ``(request mapping, headers)`` pair, in order."""
+        items = self._decode(requests)
+        self._infer(items)
+        return self._encode(items)
