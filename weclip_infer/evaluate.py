@@ -34,7 +34,8 @@ import numpy as np
 from PIL import Image
 
 from .classes import COCO_CLASSES, VOC_CLASSES
-from .imageio import ImageDecodeError, save_png_atomic, atomic_write_bytes
+from .imageio import ImageDecodeError, save_png_atomic
+from .io_utils import atomic_write_bytes
 from .metrics import ConfusionMatrix, format_iou_table, to_jsonable
 from .palette import voc_palette
 

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .io_utils import atomic_write_bytes  # the one atomic-write owner; re-exported for callers
 
 __all__ = ["ImageDecodeError", "load_image", "DEFAULT_MAX_PIXELS", "save_png_atomic", "atomic_write_bytes",
            "encode_label_png", "encode_overlay_jpeg"]
@@ -116,25 +117,6 @@ def load_image(src: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS, name: str
     except Exception as e:  # noqa: BLE001
         raise ImageDecodeError(label, f"cannot decode image: {e}") from None
     return np.ascontiguousarray(arr)
-
-
-def atomic_write_bytes(path: Union[str, os.PathLike], data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same folder + ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def encode_label_png(labels: np.ndarray, palette: np.ndarray | None = None) -> bytes:

@@ -45,7 +45,7 @@ from typing import Iterator, Optional, Sequence, Union
 import numpy as np
 from PIL import Image
 
-from weclip_infer.imageio import atomic_write_bytes
+from weclip_infer.io_utils import atomic_write_bytes
 from weclip_infer.palette import voc_palette
 
 __all__ = [
