@@ -90,7 +90,7 @@ def main() -> int:
         gt = torch.stack([it["mask"] for it in items]).numpy()
         size = x.shape[-2:]
         with torch.no_grad():
-            tr = model.trace(x, cls, use_rfm=False)
+            tr = model.intermediates(x, cls, use_rfm=False)
             stages["initial CAM"].update(gt, labels_from_cams(tr["cam_init"], tr["cam_keys"], size).numpy())
             stages["+ static refinement (CLIP-ES)"].update(gt, labels_from_cams(tr["cam_static"], tr["cam_keys"], size).numpy())
             stages["+ static refinement + PAR"].update(gt, tr["pseudo_label"].numpy())

@@ -47,8 +47,8 @@ def parity() -> dict:
     cls[1, [0]] = 1
     out = {}
     for use_rfm in (False, True):
-        a = m_cpu.trace(x, cls, use_rfm=use_rfm)
-        b = m_gpu.trace(x.cuda(), cls.cuda(), use_rfm=use_rfm)
+        a = m_cpu.intermediates(x, cls, use_rfm=use_rfm)
+        b = m_gpu.intermediates(x.cuda(), cls.cuda(), use_rfm=use_rfm)
         rel = lambda u, v: float((u.float() - v.float().cpu()).abs().max() / (u.float().abs().max() + 1e-12))  # noqa: E731
         key = "rfm" if use_rfm else "static"
         out[key] = {

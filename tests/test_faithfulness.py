@@ -38,7 +38,7 @@ def rel(ours, ref) -> float:
 def traces(reference_model, reference):
     x = torch.from_numpy(reference["inputs/train320/x"])
     cls = torch.from_numpy(reference["inputs/train320/cls_label"]).float()
-    return {case: reference_model.trace(x, cls, use_rfm=rfm) for case, rfm in CASES}
+    return {case: reference_model.intermediates(x, cls, use_rfm=rfm) for case, rfm in CASES}
 
 
 def test_text_embeddings(reference_model, reference):

@@ -34,15 +34,13 @@ class CAMOutput:
     ``cams``: per image a ``K_i×h×w`` tensor in [0, 1] (ascending class order);
     ``keys``: per image the ``K_i`` 0-based foreground class ids;
     ``attn_last``: ``B×L×L`` head-averaged attention of block N (spec §2.3 last item);
-    ``probs``: per image ``K_i×(K_i+n_bg)`` softmax scores of each GradCAM target's forward;
-    ``tokens_last``: ``B×L×D`` output of block N.
+    ``probs``: per image ``K_i×(K_i+n_bg)`` softmax scores of each GradCAM target's forward.
     """
 
     cams: list
     keys: list
     attn_last: torch.Tensor
     probs: list
-    tokens_last: torch.Tensor
 
 
 def class_keys(cls_labels: torch.Tensor) -> list[list[int]]:
@@ -83,13 +81,12 @@ def initial_cam(backbone: FrozenCLIP, tokens_prev: torch.Tensor, hw: tuple[int, 
     tokens_prev = tokens_prev.detach()
     res = CAMOutput(cams=[tokens_prev.new_zeros(len(k), h, w) for k in keys], keys=[list(k) for k in keys],
                     attn_last=torch.empty(B, L, L, dtype=tokens_prev.dtype, device=tokens_prev.device),
-                    probs=[tokens_prev.new_zeros(len(k), len(k) + text_bg.shape[0]) for k in keys],
-                    tokens_last=torch.empty_like(tokens_prev))
+                    probs=[tokens_prev.new_zeros(len(k), len(k) + text_bg.shape[0]) for k in keys])
     empty = [b for b in range(B) if not keys[b]]
     if empty:  # images without classes still need block N's attention map
         with torch.no_grad():
-            out, a = run_block(blk, tokens_prev[empty], need_attn=True)
-        res.attn_last[empty], res.tokens_last[empty] = a, out
+            _, a = run_block(blk, tokens_prev[empty], need_attn=True)
+        res.attn_last[empty] = a
     if len(empty) < B:
         fill = _gradcam_per_image if batching == "image" else _gradcam_pairs
         fill(res, backbone, blk, tokens_prev, hw, keys, text_fg, text_bg, scale)
@@ -123,7 +120,6 @@ def _gradcam_per_image(res: CAMOutput, backbone: FrozenCLIP, blk, tokens_prev, h
         res.cams[b] = minmax_normalize(torch.relu(alpha @ act[0, 1:].t()).reshape(k, h, w))
         res.probs[b] = p.detach().expand(k, -1).clone()
         res.attn_last[b] = attn.detach()[0]
-        res.tokens_last[b] = out.detach()[0]
 
 
 def _hooked_activation(blk, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,7 +180,6 @@ def _gradcam_pairs(res: CAMOutput, backbone: FrozenCLIP, blk, tokens_prev, hw, k
         if b not in seen:
             seen.add(b)
             res.attn_last[b] = attn.detach()[n]
-            res.tokens_last[b] = out.detach()[n]
 
 
 def initial_cam_per_class(backbone: FrozenCLIP, tokens_prev: torch.Tensor, hw: tuple[int, int], keys, text_fg, text_bg,

@@ -1,13 +1,16 @@
 """The WeCLIP model: frozen CLIP + decoder + online pseudo labels (spec §0).
 
 One module serves training (``forward`` with labels → losses), inference (``segment`` →
-logits; also what export traces) and inspection (``trace`` → every named intermediate).
+logits; also what export traces), inspection (``intermediates`` → every named intermediate)
+and the pseudo-label path that training and ``weclip_infer.annotate`` share (``label_cams`` →
+``upsample_cams`` → ``par_labels``).
 """
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -20,7 +23,7 @@ from .config import WeCLIPConfig, load_config
 from .decoder import WeCLIPDecoder, count_parameters
 from .losses import affinity_labels, affinity_loss, segmentation_loss
 from .memory import trim_heap
-from .par import cam_stack, pixel_adaptive_refine, pseudo_labels_from_cams
+from .par import cam_stack, pixel_adaptive_refine, pseudo_labels_from_cams, upsample_cams
 from .refine import apply_transition, patch_attention, refine_affinity, sinkhorn_transition, static_refine_map
 from .text import ClassSpec, resolve_classes, text_embeddings
 
@@ -37,26 +40,24 @@ def select_device(device: Optional[Union[str, torch.device]] = None) -> torch.de
     return dev
 
 
-class _StageTimer:
-    """Accumulates wall time per named stage into ``model.timings`` when it is a dict (benchmarks)."""
-
-    def __init__(self, owner: "WeCLIP", name: str):
-        self.owner, self.name = owner, name
-
-    def __enter__(self):
-        if self.owner.timings is not None:
-            if self.owner.timings.get("_sync") and torch.cuda.is_available():
-                torch.cuda.synchronize()
-            self.t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        t = self.owner.timings
-        if t is not None:
-            if t.get("_sync") and torch.cuda.is_available():
-                torch.cuda.synchronize()
-            t[self.name] = t.get(self.name, 0.0) + time.perf_counter() - self.t0
-        return False
+@contextmanager
+def _stage(owner: "WeCLIP", name: str) -> Iterator[None]:
+    """Add the wall time of the ``with`` body to ``owner.timings[name]`` when ``owner.timings``
+    is a dict (benchmarks); a no-op otherwise. The time is recorded also when the body raises."""
+    t = owner.timings
+    if t is None:
+        yield
+        return
+    sync = bool(t.get("_sync")) and torch.cuda.is_available()
+    if sync:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        if sync:
+            torch.cuda.synchronize()
+        t[name] = t.get(name, 0.0) + time.perf_counter() - t0
 
 
 class WeCLIP(nn.Module):
@@ -149,7 +150,74 @@ class WeCLIP(nn.Module):
         r = self.cfg.refine
         return r.use_rfm and self.iter_num > r.rfm_switch_iter
 
-    def _pseudo_labels(self, images, feats, attns, hw, aff, keys, use_rfm: bool, record: Optional[dict] = None):
+    def refinement_kind(self, use_rfm: Optional[bool] = None) -> str:
+        """The refinement the training path applies: ``"none"`` (``refine.use_refinement`` off),
+        ``"rfm"`` (the decoder-affinity refinement, once the forward counter has passed the switch
+        or when ``use_rfm`` says so) or ``"static"`` (the CLIP attention average)."""
+        if not self.cfg.refine.use_refinement:
+            return "none"
+        return "rfm" if self._use_rfm(use_rfm) else "static"
+
+    def label_cams(self, tokens_prev: torch.Tensor, attns: Sequence[torch.Tensor], hw: tuple[int, int],
+                   keys: Sequence[Sequence[int]], *, refinement: str = "static", aff: Optional[torch.Tensor] = None,
+                   text_fg: Optional[torch.Tensor] = None, text_bg: Optional[torch.Tensor] = None,
+                   record: Optional[dict] = None) -> list[torch.Tensor]:
+        """GradCAM on the last CLIP block, box masks and refinement: per image ``K_i×h×w`` CAMs on
+        the patch grid (the first half of the pseudo-label path; ``par_labels`` is the second).
+
+        ``tokens_prev``: ``B×L×D`` output of block N−1; ``attns``: head-averaged ``B×L×L`` maps of
+        the blocks before N that the refinement uses (block N's map comes from GradCAM);
+        ``keys``: per image the 0-based rows of ``text_fg`` to explain (ascending);
+        ``refinement``: ``"rfm"`` (needs ``aff``, the decoder's ``B×hw×hw`` affinity),
+        ``"static"`` or ``"none"``; ``text_fg``/``text_bg``: text embeddings (default: the
+        model's class prompts and background prompts). Training and the annotator both call this.
+        """
+        if refinement not in ("rfm", "static", "none"):
+            raise ValueError(f"refinement must be 'rfm', 'static' or 'none', not {refinement!r}")
+        if refinement == "rfm" and aff is None:
+            raise ValueError("refinement='rfm' needs the decoder affinity (aff)")
+        r = self.cfg.refine
+        fg = self.text_fg if text_fg is None else text_fg
+        bg = self.text_bg if text_bg is None else text_bg
+        with _stage(self, "gradcam"):
+            cam = initial_cam(self.backbone, tokens_prev, hw, keys, fg, bg, r.cam_logit_scale)
+        with _stage(self, "refine"):
+            maps = patch_attention(list(attns) + [cam.attn_last])  # B×n×hw×hw, last block last
+            boxes = [box_masks(c, r.box_threshold) for c in cam.cams]
+            refined, trans, rmap, scores, keep = cam.cams, None, None, None, None
+            if refinement != "none":
+                if refinement == "rfm":
+                    rmap, scores, keep = refine_affinity(maps, aff, r)
+                else:
+                    rmap = static_refine_map(maps, r.static_blocks)
+                trans = sinkhorn_transition(rmap, r.sinkhorn_iters, r.power)
+                refined = [apply_transition(trans[b], cam.cams[b], boxes[b]) for b in range(len(keys))]
+            if record is not None:
+                record.update(cam_keys=cam.keys, cam_init=cam.cams, clip_probs=cam.probs, attn_last=cam.attn_last,
+                              box_mask=boxes, use_rfm=refinement == "rfm", transition=trans, cam_refined=refined)
+                if refinement != "none":
+                    record.update(refine_map=rmap, layer_scores=scores, layer_keep=keep)
+                # the static refinement as well, for comparison (§4.1)
+                st = sinkhorn_transition(static_refine_map(maps, r.static_blocks), r.sinkhorn_iters, r.power)
+                record["cam_static"] = [apply_transition(st[b], cam.cams[b], boxes[b]) for b in range(len(keys))]
+        return refined
+
+    def par_labels(self, guide: torch.Tensor, cams_hr: Sequence[torch.Tensor], keys: Sequence[Sequence[int]],
+                   record: Optional[dict] = None) -> torch.Tensor:
+        """Background channel, PAR guided by ``guide`` (``B×3×H×W`` normalised image) and argmax:
+        per image ``K_i×H×W`` CAMs in [0, 1] (``upsample_cams``) → ``B×H×W`` int64 labels in
+        ``{0} ∪ {k + 1 for k in keys}`` (the second half of the pseudo-label path)."""
+        r, p = self.cfg.refine, self.cfg.par
+        with _stage(self, "par"):
+            stack, valid = cam_stack(cams_hr, r.bg_power)
+            par_out = pixel_adaptive_refine(guide, stack, p.dilations, p.num_iter, p.w1, p.w2)
+            labels = pseudo_labels_from_cams(par_out, valid, keys)
+        if record is not None:
+            record.update(cam_refined_hr=list(cams_hr), par_in=stack, cam_par=par_out, par_valid=valid,
+                          pseudo_label=labels)
+        return labels
+
+    def _pseudo_labels(self, images, feats, attns, hw, aff, keys, refinement: str, record: Optional[dict] = None):
         """Spec §2, §4, §5 (Appendix A) for a batch. Returns ``B×H×W`` int64 pseudo labels.
 
         Always computed in fp32, also inside an AMP autocast region (``train.amp``): GradCAM,
@@ -157,67 +225,31 @@ class WeCLIP(nn.Module):
         """
         with torch.autocast(device_type=images.device.type, enabled=False):
             n = self.backbone.num_blocks
-            feats = [f if i != n - 2 else f.float() for i, f in enumerate(feats)]
-            return self._pseudo_labels_fp32(images.float(), feats, [a.float() for a in attns], hw, aff.float(), keys,
-                                            use_rfm, record)
-
-    def _pseudo_labels_fp32(self, images, feats, attns, hw, aff, keys, use_rfm: bool, record: Optional[dict] = None):
-        r = self.cfg.refine
-        bb = self.backbone
-        H, W = images.shape[-2:]
-        tokens_prev = feats[bb.num_blocks - 2]
-        with _StageTimer(self, "gradcam"):
-            cam = initial_cam(bb, tokens_prev, hw, keys, self.text_fg, self.text_bg, r.cam_logit_scale)
-        timer = _StageTimer(self, "refine").__enter__()
-        maps = patch_attention(list(attns) + [cam.attn_last])  # B×n×hw×hw, last block last
-        boxes = [box_masks(c, r.box_threshold) for c in cam.cams]
-        refined, trans = cam.cams, None
-        if r.use_refinement:
-            if use_rfm:
-                rmap, scores, keep = refine_affinity(maps, aff, r)
-            else:
-                rmap, scores, keep = static_refine_map(maps, r.static_blocks), None, None
-            trans = sinkhorn_transition(rmap, r.sinkhorn_iters, r.power)
-            refined = [apply_transition(trans[b], cam.cams[b], boxes[b]) for b in range(len(keys))]
-        hr = [F.interpolate(minmax_normalize(c)[None], size=(H, W), mode="bilinear", align_corners=False)[0]
-              if c.shape[0] else c.new_zeros(0, H, W) for c in refined]
-        stack, valid = cam_stack(hr, r.bg_power)
-        if record is None:
-            del maps, trans  # B×n×hw×hw and B×hw×hw: not needed by PAR (peak memory)
-        timer.__exit__(None, None, None)
-        p = self.cfg.par
-        with _StageTimer(self, "par"):
-            par_out = pixel_adaptive_refine(images, stack, p.dilations, p.num_iter, p.w1, p.w2)
-            labels = pseudo_labels_from_cams(par_out, valid, keys)
-        if record is not None:
-            record.update(cam_keys=cam.keys, cam_init=cam.cams, clip_probs=cam.probs, attn_last=cam.attn_last,
-                          box_mask=boxes, use_rfm=use_rfm, transition=trans, cam_refined=refined,
-                          cam_refined_hr=hr, par_in=stack, cam_par=par_out, par_valid=valid, pseudo_label=labels)
-            if r.use_refinement:
-                record.update(refine_map=rmap, layer_scores=scores, layer_keep=keep)
-            # the static refinement as well, for comparison (§4.1)
-            st = sinkhorn_transition(static_refine_map(maps, r.static_blocks), r.sinkhorn_iters, r.power)
-            record["cam_static"] = [apply_transition(st[b], cam.cams[b], boxes[b]) for b in range(len(keys))]
-        return labels
+            images = images.float()
+            refined = self.label_cams(feats[n - 2].float(), [a.float() for a in attns], hw, keys,
+                                      refinement=refinement, aff=aff.float(), record=record)
+            return self.par_labels(images, upsample_cams(refined, images.shape[-2:]), keys, record)
 
     # ---- training forward --------------------------------------------------------------------------
     def forward(self, images: torch.Tensor, cls_labels: Optional[torch.Tensor] = None,
-                masks: Optional[torch.Tensor] = None, use_rfm: Optional[bool] = None) -> Any:
-        """Training: ``images`` ``B×3×H×W`` normalised, ``cls_labels`` ``B×(C−1)`` multi-hot →
-        dict ``loss``, ``loss_seg``, ``loss_aff``, ``seg_logits``, ``pseudo_label``, ``affinity``.
-        Fully supervised mode takes ``masks`` ``B×H×W`` instead. Without labels: ``segment``."""
+                masks: Optional[torch.Tensor] = None, use_rfm: Optional[bool] = None) -> dict[str, torch.Tensor]:
+        """One training step's forward (inference is ``segment``; every named intermediate is
+        ``intermediates``): ``images`` ``B×3×H×W`` normalised, ``cls_labels`` ``B×(C−1)``
+        multi-hot → dict ``loss``, ``loss_seg``, ``loss_aff``, ``seg_logits``, ``pseudo_label``,
+        ``affinity``. Fully supervised mode takes ``masks`` ``B×H×W`` instead of ``cls_labels``."""
         if cls_labels is None and masks is None:
-            return self.segment(images)
+            raise ValueError("forward is the training step and needs cls_labels (or masks in fully supervised "
+                             "mode); use WeCLIP.segment for inference")
         return self._train_step(images, cls_labels, masks, use_rfm, record=None)
 
-    def _train_step(self, images, cls_labels, masks, use_rfm, record: Optional[dict]):
+    def _train_step(self, images, cls_labels, masks, use_rfm, record: Optional[dict]) -> dict[str, torch.Tensor]:
         if self.training or self.cfg.refine.count_eval_forwards:
             self.iter_num += 1
         fully = self.cfg.decoder.fully_supervised
         attn_blocks = 0 if fully else self._attn_blocks
-        with _StageTimer(self, "clip"):
+        with _stage(self, "clip"):
             feats, attns, hw = self._features(images, attn_blocks=max(attn_blocks, 0), pooled=True)
-        with _StageTimer(self, "decoder"):
+        with _stage(self, "decoder"):
             fu = self.decoder.fuse_features(feats[: self.feature_blocks], hw)
             logits, dec_attn = self.decoder.head(fu, need_weights=record is not None)
         out: dict = {"seg_logits": logits}
@@ -235,8 +267,8 @@ class WeCLIP(nn.Module):
             raise ValueError("weakly supervised training needs image-level labels (cls_labels)")
         keys = class_keys(cls_labels)
         aff = self.decoder.affinity(fu)
-        pseudo = self._pseudo_labels(images, feats, attns, hw, aff, keys, self._use_rfm(use_rfm), record)
-        with _StageTimer(self, "loss"):
+        pseudo = self._pseudo_labels(images, feats, attns, hw, aff, keys, self.refinement_kind(use_rfm), record)
+        with _stage(self, "loss"):
             aff_target = affinity_labels(pseudo, hw, self.cfg.loss.aff_radius)
             loss_seg = segmentation_loss(logits, pseudo, self.cfg.loss.seg)
             loss_aff = affinity_loss(aff, aff_target, self.cfg.loss.aff)
@@ -251,9 +283,9 @@ class WeCLIP(nn.Module):
         """Online pseudo labels ``B×H×W`` for normalised ``images`` and multi-hot ``cls_labels``."""
         feats, attns, hw = self._features(images, attn_blocks=self._attn_blocks, pooled=True)
         aff = self.decoder.affinity(self.decoder.fuse_features(feats[: self.feature_blocks], hw))
-        return self._pseudo_labels(images, feats, attns, hw, aff, class_keys(cls_labels), self._use_rfm(use_rfm))
+        return self._pseudo_labels(images, feats, attns, hw, aff, class_keys(cls_labels), self.refinement_kind(use_rfm))
 
-    def trace(self, images: torch.Tensor, cls_labels: torch.Tensor, use_rfm: Optional[bool] = None) -> dict:
+    def intermediates(self, images: torch.Tensor, cls_labels: torch.Tensor, use_rfm: Optional[bool] = None) -> dict:
         """Every named intermediate of one training forward (no parameter update; the forward
         counter is not advanced). ``images`` ``B×3×H×W`` normalised (spec §1.2), ``cls_labels``
         ``B×(C−1)`` multi-hot. ``use_rfm``: None → regime implied by the counter.

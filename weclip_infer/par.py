@@ -12,9 +12,11 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from .cam import minmax_normalize
 from .tensor_ops import channel_argmax
 
-__all__ = ["NEIGHBOUR_OFFSETS", "par_kernel", "pixel_adaptive_refine", "cam_stack", "pseudo_labels_from_cams"]
+__all__ = ["NEIGHBOUR_OFFSETS", "par_kernel", "pixel_adaptive_refine", "upsample_cams", "cam_stack",
+           "pseudo_labels_from_cams"]
 
 # (dy, dx) of the 8 neighbours in the order of spec §5.2.
 NEIGHBOUR_OFFSETS = [(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)]
@@ -93,6 +95,14 @@ def pixel_adaptive_refine(image: torch.Tensor, cams: torch.Tensor, dilations: Se
             acc.addcmul_(nbs[i], kern[:, i : i + 1])
         x = acc
     return x
+
+
+def upsample_cams(cams: Sequence[torch.Tensor], size: Sequence[int]) -> list[torch.Tensor]:
+    """Per image ``K_i×h×w`` CAMs → ``K_i×H×W``: min-max normalised, then bilinear
+    (``align_corners=False``) to ``size`` (spec §5.1 steps 1–2)."""
+    H, W = int(size[0]), int(size[1])
+    return [F.interpolate(minmax_normalize(c)[None], size=(H, W), mode="bilinear", align_corners=False)[0]
+            if c.shape[0] else c.new_zeros(0, H, W) for c in cams]
 
 
 def cam_stack(cams_hr: Sequence[torch.Tensor], bg_power: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:

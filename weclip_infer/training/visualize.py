@@ -4,7 +4,7 @@
   otherwise a small built-in PIL plotter draws the same curves (plain, but no extra dependency).
 * :func:`make_panels` renders, for a few val images, one row each of
   image | GT | initial CAM | refined CAM | online pseudo label | prediction, using
-  ``WeCLIP.trace`` (the exact training-forward intermediates) and the predictor's labels.
+  ``WeCLIP.intermediates`` (the exact training-forward intermediates) and the predictor's labels.
 """
 from __future__ import annotations
 
@@ -190,7 +190,7 @@ def _resize_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 def _panel_input(image: torch.Tensor, mask: Optional[torch.Tensor], long_side: int, patch: int):
     """Resize a normalised ``3×H×W`` image so its long side is about ``long_side`` and both
-    sides are multiples of the patch size (for ``trace``)."""
+    sides are multiples of the patch size (for ``intermediates``)."""
     _, h, w = image.shape
     s = long_side / max(h, w)
     nh, nw = max(patch, int(round(h * s / patch)) * patch), max(patch, int(round(w * s / patch)) * patch)
@@ -205,14 +205,14 @@ _COLUMNS = ["image", "GT", "initial CAM", "refined CAM", "pseudo label", "predic
 
 
 @torch.no_grad()
-def _trace(model, x: torch.Tensor, cls: torch.Tensor) -> dict:
-    with torch.enable_grad():  # GradCAM needs autograd inside trace
-        return model.trace(x, cls)
+def _intermediates(model, x: torch.Tensor, cls: torch.Tensor) -> dict:
+    with torch.enable_grad():  # GradCAM needs autograd inside intermediates
+        return model.intermediates(x, cls)
 
 
 def make_panels(model, dataset, indices: Sequence[int], predictions: Mapping[int, np.ndarray], path: Path,
                 long_side: int = 320, normalize: str = "imagenet", title: str = "") -> Optional[Path]:
-    """Write a PNG with one row per val image (see module docstring). Images whose trace fails
+    """Write a PNG with one row per val image (see module docstring). Images whose intermediates fail
     (e.g. no foreground class) show only what is available. Returns the path, or None."""
     if not indices:
         return None
@@ -231,7 +231,7 @@ def make_panels(model, dataset, indices: Sequence[int], predictions: Mapping[int
             tiles = [base, colorize(mask.numpy()) if mask is not None else blank]
             cls = item["cls_label"][None].to(dev)
             if bool(cls.any()) and not model.cfg.decoder.fully_supervised:
-                tr = _trace(model, img[None].to(dev), cls)
+                tr = _intermediates(model, img[None].to(dev), cls)
                 tiles.append(_cam_image(tr["cam_init"][0], (H, W), base))
                 tiles.append(_cam_image(tr["cam_refined"][0], (H, W), base))
                 tiles.append(colorize(tr["pseudo_label"][0].cpu().numpy()))
