@@ -27,9 +27,9 @@ TINY_CASES = ((2, 64, 64), (1, 48, 80), (1, 75, 101))
 
 
 @pytest.fixture(scope="module")
-def tiny_bundle(tiny_model, tmp_path_factory):
+def tiny_bundle(shared_tiny_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("bundle")
-    man = write_bundle(tiny_model, out, trace_size=(64, 64), parity_cases=TINY_CASES)
+    man = write_bundle(shared_tiny_model, out, trace_size=(64, 64), parity_cases=TINY_CASES)
     return out, man
 
 
@@ -132,6 +132,32 @@ def test_load_bundle_backend_modes(tiny_bundle, tmp_path):
         load_bundle_backend(tmp_path, backend="onnx", device="cpu")
     with pytest.raises(BundleError, match="neither"):
         load_bundle_backend(tmp_path, backend="auto", device="cpu")
+
+
+def test_ort_session_providers_are_explicit_and_checked(tiny_bundle, monkeypatch):
+    import onnxruntime as ort
+
+    from weclip_infer.bundle import ort_session
+
+    out, _ = tiny_bundle
+    assert ort_session(out / "model.onnx", "cpu").get_providers() == ["CPUExecutionProvider"]
+    # a CUDA request needs the CUDA provider: never a silent CPU session
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    with pytest.raises(BundleError, match="CUDAExecutionProvider"):
+        ort_session(out / "model.onnx", "cuda:0")
+    # a provider that is listed but not granted by the session is reported, not ignored
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+
+    class _Session:
+        def __init__(self, *a, **k):
+            pass
+
+        def get_providers(self):
+            return ["CPUExecutionProvider"]
+
+    monkeypatch.setattr(ort, "InferenceSession", _Session)
+    with pytest.raises(BundleError, match="session runs on"):
+        ort_session(out / "model.onnx", "cuda:0")
 
 
 def test_missing_onnxruntime_message(tiny_bundle, monkeypatch):

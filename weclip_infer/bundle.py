@@ -16,7 +16,7 @@ from typing import Callable, Optional, Tuple, Union
 
 import torch
 
-__all__ = ["BundleError", "load_bundle_backend", "read_manifest", "ort_providers"]
+__all__ = ["BundleError", "load_bundle_backend", "read_manifest", "ort_providers", "ort_session", "onnx_runner"]
 
 MANIFEST = "manifest.json"
 FILES = {"torchscript": "model.ts.pt", "onnx": "model.onnx"}
@@ -69,8 +69,14 @@ def ort_providers(device: torch.device) -> list:
     return ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
-def _onnx_backend(file: Path, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+def ort_session(file: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu"):
+    """An ONNX Runtime ``InferenceSession`` for ``file`` on ``device``: the one place sessions are made.
+
+    Providers are explicit (CPU only for a CPU device; CUDA then CPU for a CUDA device) and the
+    session's granted providers are checked, so a CUDA request never falls back to the CPU silently.
+    """
     ort = _import_ort()
+    device = torch.device(device)
     providers = ort_providers(device)
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -78,9 +84,17 @@ def _onnx_backend(file: Path, device: torch.device) -> Callable[[torch.Tensor], 
     provider_options = [{"device_id": device.index or 0}, {}] if device.type == "cuda" else None
     sess = ort.InferenceSession(str(file), sess_options=so, providers=providers, provider_options=provider_options)
     granted = sess.get_providers()
-    if device.type == "cuda" and (not granted or granted[0] != "CUDAExecutionProvider"):
-        raise BundleError(f"CUDAExecutionProvider was requested for {file} but the session runs on {granted} "
-                          f"(CUDA/cuDNN libraries for onnxruntime-gpu missing?)")
+    if not granted or granted[0] != providers[0]:
+        raise BundleError(f"{providers[0]} was requested for {file} but the session runs on {granted}"
+                          + (" (CUDA/cuDNN libraries for onnxruntime-gpu missing?)" if device.type == "cuda" else ""))
+    return sess
+
+
+def onnx_runner(file: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu"
+                ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A torch-in/torch-out callable over :func:`ort_session` (``.session`` holds the session);
+    the output is returned on the input's device."""
+    sess = ort_session(file, device)
     name = sess.get_inputs()[0].name
 
     def run(x: torch.Tensor) -> torch.Tensor:
@@ -143,6 +157,6 @@ def load_bundle_backend(path: Union[str, os.PathLike], backend: str = "auto", de
     if not file.is_file():
         have = [f.name for f in (onnx_file, ts_file) if f.is_file()]
         raise BundleError(f"{root}: backend {backend!r} needs {file.name}, which is missing (bundle has {have})")
-    fn = _onnx_backend(file, dev) if backend == "onnx" else _torchscript_backend(file, dev)
+    fn = onnx_runner(file, dev) if backend == "onnx" else _torchscript_backend(file, dev)
     meta = dict(meta, backend=backend)
     return fn, meta, dev

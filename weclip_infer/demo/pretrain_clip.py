@@ -419,7 +419,7 @@ def evaluate(clip: nn.Module, ev: EvalSet, model_cfg: dict, refine: Optional[dic
         lab = torch.zeros(len(ss), n_cls)
         for b, s in enumerate(ss):
             lab[b, list(s.classes)] = 1
-        rec = model.trace(x, lab, use_rfm=False)
+        rec = model.intermediates(x, lab, use_rfm=False)
         size = tuple(x.shape[-2:])
         init_l += _cam_labels(rec["cam_init"], rec["cam_keys"], size)
         static_l += _cam_labels(rec["cam_static"], rec["cam_keys"], size)
@@ -442,12 +442,9 @@ def save_outputs(clip: nn.Module, out: Path, model_cfg: dict, token_ids: list[in
     save_clip(c, path, model_cfg, patch_stem="conv", text_token_ids=token_ids)
     size = path.stat().st_size
     prov = dict(prov, file_bytes=size, weights_dtype=dtype)
-    from weclip_infer.io_utils import atomic_path
+    from weclip_infer.io_utils import write_json_atomic
 
-    with atomic_path(out / "provenance.json") as tmp:
-        Path(tmp).write_text(json.dumps(prov, indent=2) + "\n")
-    for f in (path, out / "provenance.json"):
-        os.chmod(f, 0o644)  # shipped assets: world-readable (atomic writes create 0600 files)
+    write_json_atomic(out / "provenance.json", prov)  # files get the user's umask mode
     return size
 
 

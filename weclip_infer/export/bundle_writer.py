@@ -18,7 +18,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 
 from weclip_infer.normalization import mean_std
-from weclip_infer.io_utils import write_json_atomic
+from weclip_infer.io_utils import fsync_dir, write_json_atomic
 
 from .onnx_export import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME, export_onnx
 from .parity import DEFAULT_CASES, check_parity
@@ -29,16 +29,6 @@ __all__ = ["BUNDLE_FORMAT", "FILES", "write_bundle", "export_checkpoint", "build
 BUNDLE_FORMAT = "weclip_infer.bundle/1"
 FILES = {"torchscript": "model.ts.pt", "onnx": "model.onnx"}
 MANIFEST = "manifest.json"
-
-
-def _publish(path: Path) -> None:
-    """Temp files are created 0600; published bundle files get the usual umask-derived mode."""
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.chmod(path, 0o666 & ~umask)
-    except OSError:
-        pass
 
 
 def parse_formats(formats: Union[str, Sequence[str]]) -> Tuple[str, ...]:
@@ -118,12 +108,10 @@ def write_bundle(model, out_dir: Union[str, os.PathLike], formats: Sequence[str]
             ts_mod = export_torchscript(model, stage / FILES["torchscript"], trace_size, fp16=fp16)
         if "onnx" in formats:
             export_onnx(model, stage / FILES["onnx"], opset, trace_size, fp16=fp16)
-        providers = None
-        if fp16 and "onnx" in formats:
-            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        onnx_device = model.pixel_mean.device if fp16 else torch.device("cpu")  # fp16 graphs run on CUDA
         parity = check_parity(model, torchscript=(stage / FILES["torchscript"]) if ts_mod is not None else None,
                               onnx_path=(stage / FILES["onnx"]) if "onnx" in formats else None, cases=parity_cases,
-                              rel_tol=rel_tol, min_agreement=min_agreement, fp16=fp16, onnx_providers=providers)
+                              rel_tol=rel_tol, min_agreement=min_agreement, fp16=fp16, onnx_device=onnx_device)
         files = {}
         for fmt in formats:
             f = stage / FILES[fmt]
@@ -135,13 +123,12 @@ def write_bundle(model, out_dir: Union[str, os.PathLike], formats: Sequence[str]
         # a stale manifest must not describe new files half-way through the move
         (out / MANIFEST).unlink(missing_ok=True)
         for fmt in formats:
-            os.replace(stage / FILES[fmt], out / FILES[fmt])
-            _publish(out / FILES[fmt])
+            os.replace(stage / FILES[fmt], out / FILES[fmt])  # written durably, umask mode, by atomic_path
+        fsync_dir(out)
         for fmt, name in FILES.items():  # formats not exported this time: drop stale graphs
             if fmt not in formats:
                 (out / name).unlink(missing_ok=True)
         write_json_atomic(out / MANIFEST, manifest)
-        _publish(out / MANIFEST)
         return manifest
     finally:
         shutil.rmtree(stage, ignore_errors=True)

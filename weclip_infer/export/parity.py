@@ -21,14 +21,16 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
+from weclip_infer.bundle import onnx_runner
+
 from .graph import SegmentationGraph, example_input
 
-__all__ = ["ParityError", "check_parity", "compare_logits", "onnx_runner", "FP32_REL_TOL", "MIN_AGREEMENT",
+__all__ = ["ParityError", "check_parity", "compare_logits", "FP32_REL_TOL", "MIN_AGREEMENT",
            "DEFAULT_CASES"]
 
 FP32_REL_TOL = 1e-4
@@ -63,29 +65,13 @@ def compare_logits(ref: torch.Tensor, out: torch.Tensor, rel_tol: float) -> dict
             "agreement": float(agree), "agreement_raw": float(equal.sum().item() / n)}
 
 
-def onnx_runner(path, providers: Optional[Sequence[str]] = None) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A torch-in/torch-out callable over an ONNX Runtime session (CPU by default)."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.intra_op_num_threads = torch.get_num_threads()
-    sess = ort.InferenceSession(str(path), sess_options=so, providers=list(providers or ["CPUExecutionProvider"]))
-    name = sess.get_inputs()[0].name
-
-    def run(x: torch.Tensor) -> torch.Tensor:
-        arr = x.detach().to("cpu", torch.float32).contiguous().numpy()
-        return torch.from_numpy(sess.run(None, {name: arr})[0])
-
-    return run
-
-
 def check_parity(model, torchscript=None, onnx_path=None, cases: Sequence[Tuple[int, int, int]] = DEFAULT_CASES,
                  rel_tol: Optional[float] = None, min_agreement: Optional[float] = None, fp16: bool = False,
-                 onnx_providers: Optional[Sequence[str]] = None, seed: int = 0, raise_on_failure: bool = True) -> dict:
+                 onnx_device: Union[str, torch.device] = "cpu", seed: int = 0, raise_on_failure: bool = True) -> dict:
     """Compare eager vs TorchScript (a module or path) vs ONNX Runtime (a path) on ``cases``.
 
-    Returns a JSON-serialisable report; raises ``ParityError`` (after building the whole report)
+    ``onnx_device``: where the ONNX Runtime session runs (``"cpu"`` by default, whatever the
+    model's device). Returns a JSON-serialisable report; raises ``ParityError`` (after building the whole report)
     when any backend exceeds the tolerance or falls below the agreement threshold.
     """
     rel_tol = float(rel_tol if rel_tol is not None else (FP16_REL_TOL if fp16 else FP32_REL_TOL))
@@ -101,7 +87,7 @@ def check_parity(model, torchscript=None, onnx_path=None, cases: Sequence[Tuple[
                 ts = torch.jit.load(str(torchscript), map_location=dev)
         backends["torchscript"] = ts
     if onnx_path is not None:
-        backends["onnx"] = onnx_runner(onnx_path, onnx_providers)
+        backends["onnx"] = onnx_runner(onnx_path, onnx_device)
     report = {"rel_tol": rel_tol, "min_agreement": min_agreement, "precision": "fp16" if fp16 else "fp32",
               "rule": "max_abs <= rel_tol * max(1, max|eager logits|) and argmax agreement >= min_agreement "
                       "(ties within 2*tolerance count as agreeing)",
