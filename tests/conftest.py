@@ -24,35 +24,41 @@ def _find_shared() -> Path:
 
 
 SHARED = _find_shared()
+
+
+def _require_fixture(path: Path) -> None:
+    """Skip when a reference-fixture file is missing, saying where it was looked for and how to
+    point at it; under CI (``CI=true``) its absence fails the test instead."""
+    if path.is_file():
+        return
+    msg = (f"reference fixture file not found: {path} (set WECLIP_SHARED to the folder that holds "
+           f"fixtures/reference/, e.g. WECLIP_SHARED=/path/to/shared)")
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(msg + "; CI requires the reference fixture", pytrace=False)
+    pytest.skip(msg)
 FIXTURE_DIR = SHARED / "fixtures" / "reference"
 CACHE = Path(os.environ.get("WECLIP_TEST_CACHE", Path.home() / ".cache" / "weclip_infer" / "tests"))
 
-TINY_CLIP_CFG = {
-    "embed_dim": 64,
-    "vision_cfg": {"image_size": 64, "layers": 4, "width": 64, "patch_size": 16, "head_width": 32},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-}
+from weclip_infer.testing import TINY_CLIP_CFG, tiny_config  # noqa: E402,F401 - re-exported for fixtures
 
 
-def tiny_config(**over) -> dict:
-    cfg = {
-        "backbone": {"clip_weights": "random", "model_cfg": TINY_CLIP_CFG, "seed": 0},
-        "text": {"dataset": "custom", "class_names": ["red box", "green box", "blue box"], "bg_prompts": ["noise", "grey"]},
-        "decoder": {"dim": 32, "num_heads": 4, "num_layers": 1},
-        "refine": {"candidate_blocks": 2, "static_blocks": 3, "cam_logit_scale": 10.0},
-        "par": {"num_iter": 3, "dilations": [1, 2]},
-    }
-    for k, v in over.items():
-        cfg.setdefault(k, {}).update(v)
-    return cfg
-
-
-@pytest.fixture(scope="session")
-def tiny_model():
+def _build_tiny():
     from weclip_infer import build_model
 
     torch.manual_seed(0)
     return build_model(tiny_config(), device="cpu")
+
+
+@pytest.fixture
+def tiny_model():
+    """A fresh tiny random model per test (tests may switch it between train and eval, or train it)."""
+    return _build_tiny()
+
+
+@pytest.fixture(scope="session")
+def shared_tiny_model():
+    """One tiny model for session/module fixtures that only save or export it; never mutate it."""
+    return _build_tiny()
 
 
 @pytest.fixture(scope="session")
@@ -60,8 +66,7 @@ def reference():
     import numpy as np
 
     f = FIXTURE_DIR / "reference_train320.npz"
-    if not f.is_file():
-        pytest.skip(f"reference fixture not found at {f} (set WECLIP_SHARED)")
+    _require_fixture(f)
     return dict(np.load(f))
 
 
@@ -69,8 +74,7 @@ def reference():
 def reference_clip_path() -> Path:
     """The seeded random OpenAI-format ViT-B/16 state dict of the reference fixture (~300 MB)."""
     script = FIXTURE_DIR / "make_random_clip.py"
-    if not script.is_file():
-        pytest.skip("reference fixture script not found")
+    _require_fixture(script)
     out = CACHE / "reference_random_vitb16.pt"
     if not out.is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -88,3 +92,30 @@ def reference_model(reference_clip_path):
                                     {"backbone": {"clip_weights": str(reference_clip_path)}, "text": {"dataset": "voc"}},
                                     device="cpu")
     return m.eval()  # the fixture was computed with Dropout2d off
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    """The reference fixture folder (required files checked)."""
+    _require_fixture(FIXTURE_DIR / "weclip_decoder_random.pth")
+    return FIXTURE_DIR
+
+
+# Markers follow from the fixtures a test uses, so no test can forget them: `make test-fast`
+# deselects by marker (see pyproject.toml for the list).
+_FIXTURE_MARKERS = {
+    "reference": ("reference",),
+    "reference_dir": ("reference",),
+    "reference_clip_path": ("reference", "fullsize", "slow"),
+    "reference_model": ("reference", "fullsize", "slow"),
+    "server": ("serve", "slow"),
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        for fx, marks in _FIXTURE_MARKERS.items():
+            if fx in names:
+                for m in marks:
+                    item.add_marker(getattr(pytest.mark, m))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_config
+from weclip_infer.testing import tiny_config
 from weclip_infer import build_model
 from weclip_infer.backbone import run_block
 from weclip_infer.cam import box_mask, class_keys, initial_cam, initial_cam_per_class

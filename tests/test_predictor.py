@@ -111,12 +111,11 @@ def test_checkpoint_errors(tmp_path, tiny_model):
         load_checkpoint(tmp_path / "c")
 
 
-def test_import_reference_checkpoint_cli(tmp_path, reference_clip_path, reference):
-    from conftest import FIXTURE_DIR
+def test_import_reference_checkpoint_cli(tmp_path, reference_clip_path, reference, reference_dir):
     from weclip_infer.checkpoint import main
 
     out = tmp_path / "imported"
-    assert main([str(FIXTURE_DIR / "weclip_decoder_random.pth"), "--clip", str(reference_clip_path), "--out", str(out)]) == 0
+    assert main([str(reference_dir / "weclip_decoder_random.pth"), "--clip", str(reference_clip_path), "--out", str(out)]) == 0
     model = load_checkpoint(out, clip_weights=str(reference_clip_path), device="cpu")
     x = torch.from_numpy(reference["inputs/train320/x"])
     with torch.no_grad():

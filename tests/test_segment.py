@@ -18,9 +18,9 @@ from weclip_infer.segment import list_inputs, main, shard
 
 
 @pytest.fixture(scope="module")
-def ckpt(tiny_model, tmp_path_factory):
+def ckpt(shared_tiny_model, tmp_path_factory):
     d = tmp_path_factory.mktemp("ckpt")
-    save_checkpoint(tiny_model, d, include_backbone=True)
+    save_checkpoint(shared_tiny_model, d, include_backbone=True)
     return d
 
 

@@ -93,11 +93,11 @@ def _decode_png(body: bytes) -> np.ndarray:
 
 
 @pytest.fixture(scope="session")
-def model_dir(tiny_model, tmp_path_factory):
+def model_dir(shared_tiny_model, tmp_path_factory):
     from weclip_infer.checkpoint import save_checkpoint
 
     d = tmp_path_factory.mktemp("serve_model") / "model"
-    save_checkpoint(tiny_model, d, include_backbone=True)
+    save_checkpoint(shared_tiny_model, d, include_backbone=True)
     return d
 
 
