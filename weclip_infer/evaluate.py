@@ -31,11 +31,11 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
-from PIL import Image
 
 from .classes import COCO_CLASSES, VOC_CLASSES
 from .imageio import ImageDecodeError, save_png_atomic
 from .io_utils import atomic_write_bytes
+from .labelmap import read_label_png as _read_label_png
 from .metrics import ConfusionMatrix, format_iou_table, to_jsonable
 from .palette import voc_palette
 
@@ -112,32 +112,14 @@ def load_class_names(path: PathLike, num_classes: int) -> List[str]:
 
 
 def read_label_png(path: PathLike) -> np.ndarray:
-    """Read a label PNG as raw H×W indices (palette "P" or "L"/"I" mode; never converted to RGB).
+    """Read a label PNG as raw H×W class indices (the rule of :mod:`weclip_infer.labelmap`).
 
     Raises :class:`EvaluationError` for unreadable files and colour (RGB/RGBA) images.
     """
-    p = Path(path)
     try:
-        with Image.open(p) as img:
-            mode = img.mode
-            if mode in ("RGB", "RGBA", "CMYK", "YCbCr", "LA", "PA", "HSV", "LAB"):
-                raise EvaluationError(
-                    f"{p}: is a {mode} image; expected a single-channel label PNG (mode P or L) with "
-                    f"class indices (a colour visualisation cannot be evaluated)"
-                )
-            img.load()
-            arr = np.asarray(img)
-    except EvaluationError:
-        raise
-    except FileNotFoundError:
-        raise EvaluationError(f"{p}: file not found") from None
-    except Exception as e:  # noqa: BLE001 - any decoder failure is a bad input
-        raise EvaluationError(f"{p}: cannot read label PNG: {e}") from None
-    if arr.ndim != 2:
-        raise EvaluationError(f"{p}: expected a 2-D label map, got shape {arr.shape}")
-    if arr.dtype == np.bool_:
-        arr = arr.astype(np.uint8)
-    return arr
+        return _read_label_png(path)
+    except ImageDecodeError as e:
+        raise EvaluationError(str(e)) from None
 
 
 def _name_of(rel: Path) -> str:

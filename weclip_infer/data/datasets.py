@@ -41,12 +41,12 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
 from ..config import ConfigError
 from ..classes import COCO_CLASSES as _COCO, VOC_CLASSES as _VOC
 from ..imageio import DEFAULT_MAX_PIXELS, ImageDecodeError, load_image
+from ..labelmap import read_label_png
 from .transforms import IGNORE_INDEX, EvalTransform, TrainTransform
 
 __all__ = [
@@ -326,22 +326,11 @@ class SegmentationDataset(Dataset):
         if sample.mask is None:
             return None
         path = str(sample.mask)
-        try:
-            with Image.open(sample.mask) as m:
-                m.load()
-                if m.mode in ("P", "L"):
-                    arr = np.array(m, dtype=np.uint8)
-                elif m.mode in ("I", "I;16", "I;16B", "I;16L", "1"):
-                    arr = np.array(m)
-                    if arr.size and (arr.min() < 0 or arr.max() > 255):
-                        raise ImageDecodeError(path, f"mask values must be 0..255, found {arr.min()}..{arr.max()}")
-                    arr = arr.astype(np.uint8)
-                else:
-                    raise ImageDecodeError(path, f"segmentation mask must be single-channel (P or L), got mode {m.mode}")
-        except ImageDecodeError:
-            raise
-        except Exception as e:  # noqa: BLE001 - any decoder failure is a bad file
-            raise ImageDecodeError(path, f"cannot decode mask: {e}") from None
+        arr = read_label_png(sample.mask)
+        if arr.dtype != np.uint8:
+            if arr.size and (arr.min() < 0 or arr.max() > 255):
+                raise ImageDecodeError(path, f"mask values must be 0..255, found {arr.min()}..{arr.max()}")
+            arr = arr.astype(np.uint8)
         if image_hw is not None and arr.shape != tuple(image_hw):
             raise DatasetError(f"{path}: mask size {arr.shape[1]}x{arr.shape[0]} does not match image "
                                f"{sample.image} size {image_hw[1]}x{image_hw[0]}")

@@ -45,6 +45,7 @@ from typing import Iterator, Optional, Sequence, Union
 import numpy as np
 from PIL import Image
 
+from weclip_infer.imageio import save_png_atomic
 from weclip_infer.io_utils import atomic_write_bytes
 from weclip_infer.palette import voc_palette
 
@@ -740,14 +741,6 @@ def sample_name(split: str, k: int) -> str:
     return f"demo_{split}_{k:06d}"
 
 
-def _png_bytes(mask: np.ndarray) -> bytes:
-    img = Image.fromarray(np.ascontiguousarray(mask, dtype=np.uint8))
-    img.putpalette(voc_palette().reshape(-1).tolist())  # L -> P, indices unchanged
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def _jpeg_bytes(image: np.ndarray, quality: int) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="JPEG", quality=quality, subsampling=0)
@@ -772,7 +765,7 @@ def _write_one(job: tuple) -> dict:
     if overwrite or not jpg.exists():
         atomic_write_bytes(jpg, _jpeg_bytes(s.image, quality))
     if overwrite or not png.exists():
-        atomic_write_bytes(png, _png_bytes(s.mask))
+        save_png_atomic(png, s.mask, palette=voc_palette())  # palette PNG: pixel value = class index
     return {"name": name, "split": split, "classes": s.classes, "background": s.background,
             "background_name": s.background_name, "captions": s.captions}
 
