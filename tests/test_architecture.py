@@ -1,0 +1,241 @@
+"""The import rules of docs/architecture.md, checked on the source with ``ast``.
+
+Dependencies point one way: the outer layers (``training``, ``export``, ``serving``, ``ray``)
+and the application entry points use the core, never the reverse. Every ``import`` statement
+counts, including the ones inside functions (a lazy import is still a dependency), and a rule
+holds for everything a module reaches through other modules of the package, so
+``core → helper → serving`` breaks the rule as surely as ``core → serving``.
+
+Nothing is imported or executed: the test parses the files, so a module with heavy or optional
+dependencies (torch, ray, TorchServe) costs nothing and cannot hide behind an ImportError.
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Set
+
+import pytest
+
+PKG = "weclip_infer"
+PKG_DIR = Path(__file__).resolve().parents[1] / PKG
+
+#: Subpackages that form the outer layers.
+OUTER = ("training", "export", "serving", "ray")
+#: Application entry points at the top of the package: they launch outer layers by design
+#: (``quickstart`` builds a .mar and starts TorchServe; ``train`` is the ``python -m`` shim of
+#: the training CLI), so they are outside the core.
+APPS = ("quickstart", "train")
+#: Leaf helpers every layer may use; they import only each other.
+FOUNDATIONS = ("imageio", "io_utils", "labelmap", "palette", "normalization", "metrics", "memory", "threads",
+               "tensor_ops")
+#: The model and what it is built from: they import only each other and the foundations.
+MODEL_TIER = ("config", "backbone", "text", "classes", "cam", "decoder", "refine", "par", "losses", "model")
+
+
+# ---- the import graph ------------------------------------------------------------------------
+def module_name(path: Path, pkg_dir: Path) -> str:
+    parts = list(path.relative_to(pkg_dir.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def _is_package(path: Path) -> bool:
+    return path.name == "__init__.py"
+
+
+def _imported_names(tree: ast.AST, mod: str, is_pkg: bool, known: Set[str]) -> Set[str]:
+    """Absolute names of the package's modules that ``tree`` imports (anywhere in the file)."""
+    pkg_parts = mod.split(".") if is_pkg else mod.split(".")[:-1]
+    out: Set[str] = set()
+
+    def add(name: str) -> None:
+        # ``a.b.c`` names a module, or an attribute of one: keep the longest module prefix.
+        parts = name.split(".")
+        while parts and ".".join(parts) not in known:
+            parts.pop()
+        if parts:
+            out.add(".".join(parts))
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name == PKG or alias.name.startswith(PKG + "."):
+                    add(alias.name)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = pkg_parts[: len(pkg_parts) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if target == PKG or target.startswith(PKG + "."):
+                add(target)
+                for alias in node.names:  # ``from pkg import submodule``
+                    if f"{target}.{alias.name}" in known:
+                        out.add(f"{target}.{alias.name}")
+        elif isinstance(node, ast.Call):  # importlib.import_module("weclip_infer.x")
+            fn = node.func
+            name = fn.attr if isinstance(fn, ast.Attribute) else fn.id if isinstance(fn, ast.Name) else ""
+            if name in ("import_module", "__import__") and node.args:
+                arg = node.args[0]
+                if isinstance(arg, ast.Constant) and isinstance(arg.value, str) and arg.value.startswith(PKG):
+                    add(arg.value)
+    return out
+
+
+def import_graph(pkg_dir: Path) -> Dict[str, Set[str]]:
+    """Module → the package modules it imports directly. Importing ``a.b.c`` also runs the
+    ``__init__`` of ``a`` and ``a.b``, so those count as dependencies too."""
+    files = {module_name(p, pkg_dir): p for p in sorted(pkg_dir.rglob("*.py"))}
+    known = set(files)
+    graph: Dict[str, Set[str]] = {}
+    for mod, path in files.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        deps = _imported_names(tree, mod, _is_package(path), known)
+        closed: Set[str] = set()
+        for d in deps:
+            parts = d.split(".")
+            closed.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+        closed.discard(mod)
+        graph[mod] = {d for d in closed if d in known}
+    return graph
+
+
+def find_path(graph: Dict[str, Set[str]], start: str, bad) -> Optional[List[str]]:
+    """Shortest import chain from ``start`` to a module for which ``bad(name)`` is true."""
+    prev: Dict[str, Optional[str]] = {start: None}
+    queue = [start]
+    while queue:
+        nxt = []
+        for m in queue:
+            for d in sorted(graph.get(m, ())):
+                if d in prev:
+                    continue
+                prev[d] = m
+                if bad(d):
+                    chain = [d]
+                    while prev[chain[-1]] is not None:
+                        chain.append(prev[chain[-1]])
+                    return chain[::-1]
+                nxt.append(d)
+        queue = nxt
+    return None
+
+
+def _in(name: str, subpackages: Iterable[str], pkg: str = PKG) -> bool:
+    return any(name == f"{pkg}.{s}" or name.startswith(f"{pkg}.{s}.") for s in subpackages)
+
+
+def is_core(name: str, pkg: str = PKG) -> bool:
+    if name == pkg or _in(name, OUTER, pkg):
+        return False
+    short = name[len(pkg) + 1:]
+    return short not in APPS and not short.endswith("__main__")
+
+
+def violations(graph: Dict[str, Set[str]], pkg: str = PKG) -> List[str]:
+    """Every broken rule as ``rule: a → b → c`` (empty when the tree follows the rules)."""
+    out: List[str] = []
+
+    def outer(n: str) -> bool:
+        return _in(n, OUTER, pkg)
+
+    def apps(n: str) -> bool:
+        return n[len(pkg) + 1:] in APPS
+
+    found = {f"{pkg}.{m}" for m in FOUNDATIONS} | {pkg}
+    tier = {f"{pkg}.{m}" for m in MODEL_TIER} | found
+    for mod in sorted(graph):
+        if is_core(mod, pkg):
+            # the chain into an outer layer if there is one (it says why), else into an app
+            chain = find_path(graph, mod, outer) or find_path(graph, mod, apps)
+            if chain:
+                out.append("core must not import training/export/serving/ray or an app: " + " → ".join(chain))
+        if mod in found:
+            chain = find_path(graph, mod, lambda n: n not in found)
+            if chain:
+                out.append("foundations import only foundations: " + " → ".join(chain))
+        elif mod in tier:
+            chain = find_path(graph, mod, lambda n: n not in tier)
+            if chain:
+                out.append("the model tier imports only itself and the foundations: " + " → ".join(chain))
+        if _in(mod, ("serving", "ray"), pkg):
+            chain = find_path(graph, mod, lambda n: _in(n, ("training",), pkg))
+            if chain:
+                out.append("serving must not import training: " + " → ".join(chain))
+        if _in(mod, ("training",), pkg):
+            chain = find_path(graph, mod, lambda n: _in(n, ("serving", "export", "ray"), pkg))
+            if chain:
+                out.append("training must not import serving/export: " + " → ".join(chain))
+    return out
+
+
+# ---- the rules on the real package ---------------------------------------------------------------
+def test_package_follows_the_import_rules():
+    graph = import_graph(PKG_DIR)
+    assert f"{PKG}.model" in graph and f"{PKG}.training.loop" in graph  # the scan found the package
+    found = violations(graph)
+    assert not found, "import rules of docs/architecture.md broken:\n  " + "\n  ".join(found)
+
+
+def test_model_reaches_its_parts():
+    """The graph is not trivially empty: the model's known dependencies are seen."""
+    graph = import_graph(PKG_DIR)
+    for part in ("backbone", "decoder", "cam", "refine", "par"):
+        assert find_path(graph, f"{PKG}.model", lambda n, p=part: n == f"{PKG}.{p}"), part
+
+
+# ---- the checker itself can fail -----------------------------------------------------------------
+def _write(root: Path, files: Dict[str, str]) -> Path:
+    pkg = root / PKG
+    for rel, text in files.items():
+        p = pkg / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(text, encoding="utf-8")
+    return pkg
+
+
+CLEAN = {
+    "__init__.py": "",
+    "model.py": "from .backbone import X\n",
+    "backbone.py": "",
+    "predictor.py": "from .model import WeCLIP\n",
+    "helper.py": "",
+    "imageio.py": "from . import io_utils\n",
+    "io_utils.py": "",
+    "serving/__init__.py": "",
+    "serving/service.py": "from ..predictor import Segmenter\n",
+    "training/__init__.py": "",
+    "training/loop.py": "from weclip_infer.model import build_model\n",
+}
+
+
+def test_checker_accepts_a_clean_tree(tmp_path):
+    assert violations(import_graph(_write(tmp_path, CLEAN))) == []
+
+
+@pytest.mark.parametrize("rel, text, rule", [
+    ("predictor.py", "def f():\n    from .training.loop import train\n", "core must not"),
+    ("helper.py", "import weclip_infer.serving.service as s\n", "core must not"),
+    ("helper.py", "import importlib\nm = importlib.import_module('weclip_infer.training.loop')\n", "core must not"),
+    ("serving/service.py", "from weclip_infer.training import loop\n", "serving must not"),
+    ("training/loop.py", "from ..serving import service\n", "training must not"),
+    ("model.py", "from .predictor import Segmenter\n", "model tier"),
+    ("imageio.py", "from .model import WeCLIP\n", "foundations import only"),
+])
+def test_checker_catches_a_broken_rule(tmp_path, rel, text, rule):
+    files = dict(CLEAN)
+    files[rel] = text
+    found = violations(import_graph(_write(tmp_path, files)))
+    assert any(rule in v for v in found), found
+
+
+def test_checker_follows_chains(tmp_path):
+    """``core → helper → serving`` is caught and the message names the whole chain."""
+    files = dict(CLEAN)
+    files["helper.py"] = "def f():\n    from .serving import service\n"
+    files["backbone.py"] = ""
+    files["predictor.py"] = "from .model import WeCLIP\nfrom .helper import f\n"
+    found = violations(import_graph(_write(tmp_path, files)))
+    assert any("weclip_infer.predictor → weclip_infer.helper → weclip_infer.serving" in v for v in found), found
