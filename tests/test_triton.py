@@ -48,7 +48,7 @@ def triton_repo(shared_tiny_model, tmp_path_factory):
     return root
 
 
-def test_repository_layout_and_schema(triton_repo, tiny_model):
+def test_repository_layout_and_schema(triton_repo, shared_tiny_model):
     model_dir = triton_repo / "repo" / "weclip_tiny"
     assert sorted(p.relative_to(model_dir).as_posix() for p in model_dir.rglob("*")) == [
         "1", "1/model.onnx", "config.pbtxt", "manifest.json"]
@@ -62,13 +62,13 @@ def test_repository_layout_and_schema(triton_repo, tiny_model):
     (inp,), (out,) = cfg.input, cfg.output
     assert inp.data_type == pb2.TYPE_FP32 and out.data_type == pb2.TYPE_FP32
     assert list(inp.dims) == [3, -1, -1]  # batch is implicit (max_batch_size > 0); H, W variable
-    assert list(out.dims) == [tiny_model.num_classes, -1, -1]
+    assert list(out.dims) == [shared_tiny_model.num_classes, -1, -1]
     assert [g.kind for g in cfg.instance_group] == [pb2.ModelInstanceGroup.KIND_CPU]
     man = json.loads((model_dir / "manifest.json").read_text())
-    assert man["class_names"][0] == "background" and len(man["class_names"]) == tiny_model.num_classes
+    assert man["class_names"][0] == "background" and len(man["class_names"]) == shared_tiny_model.num_classes
 
 
-def test_onnx_runs_with_config_names_and_shapes(triton_repo, tiny_model):
+def test_onnx_runs_with_config_names_and_shapes(triton_repo, shared_tiny_model):
     model_dir = triton_repo / "repo" / "weclip_tiny"
     cfg, _ = _parse((model_dir / "config.pbtxt").read_text())
     sess = ort.InferenceSession(str(model_dir / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
@@ -76,10 +76,10 @@ def test_onnx_runs_with_config_names_and_shapes(triton_repo, tiny_model):
     assert [i.name for i in sess.get_inputs()] == [inp.name]
     assert [o.name for o in sess.get_outputs()] == [out.name]
     assert sess.get_inputs()[0].type == "tensor(float)" and sess.get_outputs()[0].type == "tensor(float)"
-    p = int(tiny_model.backbone.patch_size)
-    eager = copy.deepcopy(tiny_model).eval()  # the exported graph is the eval-mode model (Dropout off)
+    p = int(shared_tiny_model.backbone.patch_size)
+    eager = copy.deepcopy(shared_tiny_model).eval()  # the exported graph is the eval-mode model (Dropout off)
     for b, h, w in ((1, 48, 48), (3, 40, 72), (cfg.max_batch_size, 33, 50)):  # batches up to the maximum
-        x = example_input(tiny_model, b, h, w, seed=b)
+        x = example_input(shared_tiny_model, b, h, w, seed=b)
         (y,) = sess.run([out.name], {inp.name: x.numpy()})
         expect = [b, *[d if d > 0 else n for d, n in zip(out.dims, (None, h // p, w // p))]]
         assert list(y.shape) == expect
