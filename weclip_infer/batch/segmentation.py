@@ -1,0 +1,100 @@
+"""Folder segmentation with a trained model: the per-image function of ``weclip-segment``.
+
+Outputs per input name ``N``: ``N.png`` (palette mask, class index per pixel; the done marker),
+optionally ``N_overlay.jpg``; the ``results.jsonl`` line holds ``size``, ``classes``, ``areas``
+and ``timings`` (seconds per stage, decoding included).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence, Union
+
+import numpy as np
+
+from ..crf import crf_labels
+from ..imageio import DEFAULT_MAX_PIXELS, encode_label_png, encode_overlay_jpeg
+from ..palette import voc_palette
+from .listing import DEFAULT_EXTS, Listing
+from .runner import Deferred, ImageResult, run_folder
+from .workers import DecodedImage, worker_initializer
+
+__all__ = ["segment_folder", "mask_name", "overlay_name"]
+
+
+def mask_name(name: str) -> str:
+    return f"{name}.png"
+
+
+def overlay_name(name: str) -> str:
+    return f"{name}_overlay.jpg"
+
+
+@contextlib.contextmanager
+def _crf_pool(enabled: bool) -> Iterator[Any]:
+    """One spawn-context worker process for DenseCRF (single-threaded C++), tied to this process."""
+    if not enabled:
+        yield None
+        return
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    from ..crf import _import_pydensecrf
+
+    _import_pydensecrf()  # fail now with the install hint, not inside a worker
+    pool = ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn"), initializer=worker_initializer())
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def segment_folder(segmenter, src: Union[str, os.PathLike], out: Union[str, os.PathLike], *,
+                   exts: Union[Sequence[str], str] = DEFAULT_EXTS, resume: bool = False, shard_spec: Optional[str] = None,
+                   workers: int = 2, overlay_out: bool = False, crf: Optional[bool] = None, scales=None,
+                   flip: Optional[bool] = None, max_pixels: int = DEFAULT_MAX_PIXELS, keep_ext: bool = False,
+                   listing: Optional[Listing] = None, progress: bool = True, fsync_log: bool = True) -> dict:
+    """Segment every image under ``src`` into ``out`` with ``segmenter`` (a ``Segmenter``).
+
+    With ``crf`` and ``workers > 0`` DenseCRF runs in a worker process while the model segments
+    the next images (outputs are still written in input order). ``listing``: inputs already
+    scanned with :func:`~weclip_infer.batch.listing.scan_inputs`. See
+    :func:`~weclip_infer.batch.runner.run_folder` for the summary, resume and error semantics.
+    """
+    pal = voc_palette()
+    crf = bool(segmenter.crf if crf is None else crf)
+
+    def result(item: DecodedImage, res) -> ImageResult:
+        files = {}
+        if overlay_out:
+            files[overlay_name(item.name)] = encode_overlay_jpeg(item.image, res.labels, quality=90)
+        files[mask_name(item.name)] = encode_label_png(res.labels.astype(np.uint8), pal)
+        t = dict(res.timings)
+        t["decode"] = item.decode_s
+        areas = res.areas()
+        return ImageResult(files, {"size": list(res.labels.shape), "classes": sorted(areas), "areas": areas,
+                                   "timings": {k: round(v, 5) for k, v in t.items()}})
+
+    with _crf_pool(crf and workers > 0) as pool:
+        def process(item: DecodedImage):
+            if pool is None:
+                return result(item, segmenter.predict(item.image, crf=crf, scales=scales, flip=flip))
+            res = segmenter.predict(item.image, crf=False, scales=scales, flip=flip, keep_probs=True)
+            probs, res.probs = res.probs, None
+
+            def finish(value) -> ImageResult:
+                res.labels, res.timings["crf"] = value
+                res.timings["total"] += res.timings["crf"]
+                return result(item, res)
+
+            return Deferred(pool.submit(crf_labels, item.image, probs), finish)
+
+        return run_folder(src, out, process, done_name=mask_name,
+                          output_names=(lambda n: [mask_name(n), overlay_name(n)]) if overlay_out else mask_name_list,
+                          exts=exts, keep_ext=keep_ext, listing=listing, resume=resume, shard_spec=shard_spec, workers=workers,
+                          max_pixels=max_pixels, progress=progress, fsync_log=fsync_log, desc="segment")
+
+
+def mask_name_list(name: str) -> list[str]:
+    return [mask_name(name)]
