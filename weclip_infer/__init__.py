@@ -18,6 +18,7 @@ _LAZY = {
     "load_config": "weclip_infer.config",
     "ConfigError": "weclip_infer.config",
     "Segmenter": "weclip_infer.predictor",
+    "Annotator": "weclip_infer.annotate",
     "SegmentationResult": "weclip_infer.predictor",
     "import_reference_checkpoint": "weclip_infer.checkpoint",
     "save_checkpoint": "weclip_infer.checkpoint",

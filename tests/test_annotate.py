@@ -1,0 +1,223 @@
+"""Annotator: masks from tags, from free-text names and from zero-shot tags, on the tiny random
+model and on the shipped demo model; the same labels as training's pseudo-label path."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from weclip_infer import Annotator, build_model
+from weclip_infer.annotate import AnnotateLimits, AnnotationError
+from weclip_infer.cam import class_keys
+from weclip_infer.imageio import ImageDecodeError
+from weclip_infer.testing import tiny_config
+
+DEMO_MODEL = Path(__file__).resolve().parents[1] / "weclip_infer" / "assets" / "demo_model"
+
+
+def _image(seed: int = 0, size=(64, 64)) -> np.ndarray:
+    g = np.random.default_rng(seed)
+    img = g.integers(0, 256, (*size, 3), dtype=np.uint8)
+    img[size[0] // 4: size[0] // 2, size[1] // 4: size[1] // 2] = (220, 30, 30)
+    return img
+
+
+@pytest.fixture
+def tiny():
+    torch.manual_seed(0)
+    return build_model(tiny_config(), device="cpu", keep_text_tower=True).eval()
+
+
+@pytest.fixture(scope="module")
+def demo():
+    from weclip_infer import load_checkpoint
+
+    return load_checkpoint(DEMO_MODEL, device="cpu").eval()
+
+
+@pytest.fixture(scope="module")
+def demo_images(demo):
+    """Three demo-world val images with their masks and class names (generated, not read from disk)."""
+    from weclip_infer.demo.world import SPLIT_OFFSETS, generate_sample
+
+    out = []
+    for k in (1, 2, 3):
+        s = generate_sample(0, SPLIT_OFFSETS["val"] + k)
+        out.append((s.image, s.mask, [demo.classes.names[i] for i in sorted(s.classes)]))
+    return out
+
+
+# ---- identity with training's pseudo-label path ------------------------------------------------
+@pytest.mark.parametrize("refinement,use_rfm", [("rfm", True), ("static", False)])
+def test_annotator_equals_training_pseudo_labels_tiny(tiny, refinement, use_rfm):
+    img = _image(1)
+    ann = Annotator(tiny, refinement=refinement, long_side=0)
+    res = ann.annotate(img, ["red box", "blue box"])
+    x = tiny.normalize(torch.from_numpy(img).permute(2, 0, 1)[None])
+    cls = torch.tensor([[1.0, 0.0, 1.0]])
+    rec = tiny.intermediates(x, cls, use_rfm=use_rfm)  # the training forward itself (eval: no dropout)
+    np.testing.assert_array_equal(res.labels, rec["pseudo_label"][0].numpy())
+    np.testing.assert_array_equal(res.labels, tiny.pseudo_labels(x, cls, use_rfm=use_rfm)[0].numpy())
+
+
+def test_annotator_equals_training_pseudo_labels_demo(demo, demo_images):
+    ann = Annotator(demo)  # auto: RFM with the trained decoder's affinity (the demo config enables RFM)
+    for img, _, names in demo_images:
+        res = ann.annotate(img, names)
+        assert res.refinement == "rfm" and res.mode == "tags"
+        x = demo.normalize(torch.from_numpy(img).permute(2, 0, 1)[None])
+        cls = torch.zeros(1, demo.num_classes - 1)
+        cls[0, [demo.classes.names.index(n) for n in names]] = 1
+        np.testing.assert_array_equal(res.labels, demo.pseudo_labels(x, cls, use_rfm=True)[0].numpy())
+
+
+# ---- modes ----------------------------------------------------------------------------------------
+def test_tags_mode_tiny_only_given_classes(tiny):
+    ann = Annotator(tiny, long_side=0)
+    for names in (["green box"], ["red box", "blue box"], [1, 3]):
+        res = ann.annotate(_image(2), names)
+        assert res.mode == "tags" and res.labels.shape == (64, 64) and res.labels.dtype == np.int64
+        given = {ann.class_names.index(n) if isinstance(n, str) else n for n in names}
+        assert set(np.unique(res.labels).tolist()) <= {0} | given
+        assert res.class_names == ["background", "red box", "green box", "blue box"]
+        assert all(res.scores[i] == 0 for i in range(1, 4) if i not in given)
+
+
+def test_open_vocabulary_tiny_names_not_in_class_list(tiny):
+    ann = Annotator(tiny, long_side=0)
+    names = ["a red kite", "purple umbrella"]
+    res = ann.annotate(_image(3), names, keep_cams=True)
+    assert res.mode == "open" and res.refinement == "static"
+    assert res.class_names == ["background", *names] and res.classes == names
+    assert set(np.unique(res.labels).tolist()) <= {0, 1, 2}
+    assert res.cams.shape == (2, 64, 64) and float(res.cams.max()) <= 1.0 + 1e-6
+    # embeddings are cached per name: a second call does not encode again
+    cached = dict(ann.text._cache)
+    ann.annotate(_image(3), names[::-1])
+    assert all(ann.text._cache[n] is cached[n] for n in names)
+
+
+def test_open_vocabulary_loads_dropped_text_tower(tiny):
+    model = build_model(tiny_config(), device="cpu").eval()  # text tower dropped
+    assert not model.backbone.has_text_tower()
+    ann = Annotator(model, long_side=0)
+    res = ann.annotate(_image(4), ["a red kite"])
+    assert res.mode == "open" and set(np.unique(res.labels).tolist()) <= {0, 1}
+    # the same embedding as the tower kept at build time (the same seeded weights)
+    emb_kept = Annotator(tiny).text.embed(["a red kite"])
+    torch.testing.assert_close(ann.text.embed(["a red kite"]), emb_kept, atol=1e-5, rtol=1e-5)
+
+
+def test_auto_tags_tiny(tiny):
+    ann = Annotator(tiny, long_side=0, tag_threshold=0.3)
+    res = ann.annotate(_image(5), "auto")
+    assert res.mode == "auto" and set(res.tag_scores) == {"red box", "green box", "blue box"}
+    assert res.classes, "at least the best class is kept"
+    kept = {n for n, s in res.tag_scores.items() if s >= 0.3} or {max(res.tag_scores, key=res.tag_scores.get)}
+    assert set(res.classes) == kept
+    allowed = {0} | {res.class_names.index(n) for n in res.classes}
+    assert set(np.unique(res.labels).tolist()) <= allowed
+
+
+def test_multiscale_and_resize(tiny):
+    ann = Annotator(tiny, long_side=96, scales=(1.0, 0.75))
+    res = ann.annotate(_image(6, size=(80, 50)), ["red box"])
+    assert res.labels.shape == (80, 50)  # labels at the image's own resolution
+    assert set(np.unique(res.labels).tolist()) <= {0, 1}
+
+
+# ---- the demo model ---------------------------------------------------------------------------------
+def test_demo_tags_recover_objects(demo, demo_images):
+    ann = Annotator(demo)
+    for img, mask, names in demo_images:
+        res = ann.annotate(img, names)
+        ids = {demo.classes.names.index(n) + 1 for n in names}
+        assert set(np.unique(res.labels).tolist()) <= {0} | ids
+        assert float((res.labels == mask).mean()) > 0.9
+
+
+def test_demo_absent_class_never_in_output(demo, demo_images):
+    ann = Annotator(demo)
+    img, mask, names = demo_images[0]
+    absent = [n for n in demo.classes.names if n not in names][:2]
+    res = ann.annotate(img, absent)  # wrong tags: only these may appear, never the true class
+    true_ids = {demo.classes.names.index(n) + 1 for n in names}
+    assert not (set(np.unique(res.labels).tolist()) & true_ids)
+
+
+def test_demo_open_vocabulary_names(demo, demo_images):
+    """Free-text names the class list does not contain (the demo CLIP's own words, re-phrased)."""
+    ann = Annotator(demo)
+    prompts = dict(zip(demo.classes.names, demo.cfg.text.class_prompts))
+    for img, mask, names in demo_images:
+        free = [prompts[n] for n in names]
+        assert not set(free) & set(demo.classes.names)
+        res = ann.annotate(img, free)
+        assert res.mode == "open" and res.refinement == "static"
+        lut = np.array([0] + [demo.classes.names.index(n) + 1 for n in names])
+        assert float((lut[res.labels] == mask).mean()) > 0.9
+
+
+def test_demo_auto_tags(demo, demo_images):
+    ann = Annotator(demo)
+    for img, mask, names in demo_images:
+        res = ann.annotate(img, "auto")
+        assert sorted(res.classes) == sorted(names)
+        assert float((res.labels == mask).mean()) > 0.9
+
+
+def test_demo_words_outside_vocabulary_are_refused(demo, demo_images):
+    ann = Annotator(demo)
+    with pytest.raises(AnnotationError, match="vocabulary"):
+        ann.annotate(demo_images[0][0], ["xylophone zebra"])
+
+
+# ---- limits and bad inputs -----------------------------------------------------------------------
+def test_limits_and_bad_inputs(tiny):
+    ann = Annotator(tiny, long_side=0, limits=AnnotateLimits(max_names=2, max_name_length=10, max_pixels=64 * 64))
+    img = _image(7)
+    cases = [
+        ([], "empty"),
+        (["a", "b", "c"], "at most 2"),
+        (["x" * 11], "characters long"),
+        ([""], "empty class name"),
+        (["red box", "red box"], "duplicate"),
+        ([0], "out of range"),
+        ([4], "out of range"),
+        ([1.5], "must be strings"),
+        (["tab\x07"], "control characters"),
+        ("everything", "'auto'"),
+        (None, "list of class names"),
+    ]
+    for labels, msg in cases:
+        with pytest.raises(AnnotationError, match=msg):
+            ann.annotate(img, labels)
+    with pytest.raises(AnnotationError, match="not in the model's classes"):
+        ann.annotate(img, ["kite"], mode="tags")
+    with pytest.raises(AnnotationError, match="mode must be"):
+        ann.annotate(img, ["kite"], mode="decoder")
+    with pytest.raises(AnnotationError, match="cannot be combined"):
+        ann.annotate(img, "auto", mode="open")
+    with pytest.raises(ImageDecodeError):
+        ann.annotate(_image(7, size=(65, 64)), ["red box"])  # over max_pixels
+    with pytest.raises(ImageDecodeError):
+        ann.annotate(b"not an image", ["red box"])
+    with pytest.raises(AnnotationError, match="too small"):
+        ann.annotate(_image(8, size=(8, 40)), ["red box"])
+    for bad in ({"refinement": "best"}, {"scales": [0.0]}, {"tag_threshold": 1.5}, {"long_side": -1}, {"crf": "yes"}):
+        with pytest.raises(AnnotationError):
+            Annotator(tiny, **bad)
+    with pytest.raises(AnnotationError, match="limits.max_names"):
+        AnnotateLimits(max_names=0)
+
+
+def test_crf_option_keeps_only_given_classes(demo, demo_images):
+    pytest.importorskip("pydensecrf")
+    ann = Annotator(demo, crf=True)
+    img, mask, names = demo_images[1]
+    res = ann.annotate(img, names)
+    ids = {demo.classes.names.index(n) + 1 for n in names}
+    assert set(np.unique(res.labels).tolist()) <= {0} | ids and "crf" in res.timings
+    assert float((res.labels == mask).mean()) > 0.9
