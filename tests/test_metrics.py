@@ -259,3 +259,21 @@ def test_module_entry_point_help():
     r = subprocess.run([sys.executable, "-m", "weclip_infer.evaluate", "--help"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "--voc-submission" in r.stdout and "--model" in r.stdout
+
+
+def test_class_names_with_background_contract(tmp_path):
+    from weclip_infer.evaluate import load_class_names_with_background
+
+    f = tmp_path / "c.txt"
+    f.write_text("background\ncat\ndog\n")
+    assert load_class_names_with_background(f, 3) == ["background", "cat", "dog"]
+    f.write_text("cat\ndog\n")
+    assert load_class_names_with_background(f, 3) == ["background", "cat", "dog"]
+    f.write_text("void\ncat\ndog\n")  # a full list keeps its own background name
+    assert load_class_names_with_background(f, 3) == ["void", "cat", "dog"]
+    f.write_text("cat\ndog\n")
+    with pytest.raises(EvaluationError, match="2 class names for --num-classes 4"):
+        load_class_names_with_background(f, 4)
+    f.write_text("cat\ncat\n")
+    with pytest.raises(EvaluationError, match="duplicate"):
+        load_class_names_with_background(f, 3)

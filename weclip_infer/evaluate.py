@@ -47,7 +47,7 @@ __all__ = [
     "evaluate_folders",
     "evaluate_predictions",
     "list_label_files",
-    "load_class_names",
+    "load_class_names_with_background",
     "main",
     "read_label_png",
     "write_voc_submission",
@@ -84,30 +84,24 @@ def default_class_names(num_classes: int) -> List[str]:
     return [f"class_{i}" for i in range(num_classes)]
 
 
-def load_class_names(path: PathLike, num_classes: int) -> List[str]:
-    """Read class names from a JSON list or a text file (one name per line).
+def load_class_names_with_background(path: PathLike, num_classes: int) -> List[str]:
+    """All ``num_classes`` class names, background first, from a class-name file.
 
-    ``num_classes`` names (background first) are expected; ``num_classes - 1`` names are taken as
-    foreground-only and get ``"background"`` prepended (the config's ``class_names`` convention).
+    The file is read by :func:`weclip_infer.data.load_class_names` (a JSON list or one name per
+    line; foreground names, a leading ``background`` entry dropped). ``num_classes - 1`` names get
+    ``"background"`` prepended; ``num_classes`` names are taken as they are (the first one names
+    the background class).
     """
-    p = Path(path)
+    from .data.label_files import DatasetError, load_class_names  # torch only when this option is used
+
     try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as e:
-        raise EvaluationError(f"cannot read class-names file {p}: {e}") from None
-    if p.suffix.lower() == ".json" or text.lstrip().startswith("["):
-        try:
-            names = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise EvaluationError(f"{p}: not valid JSON: {e}") from None
-        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-            raise EvaluationError(f"{p}: expected a JSON list of strings")
-    else:
-        names = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        names = load_class_names(Path(path))
+    except DatasetError as e:
+        raise EvaluationError(f"cannot read class-names file: {e}") from None
     if len(names) == num_classes - 1:
         names = ["background", *names]
     if len(names) != num_classes:
-        raise EvaluationError(f"{p}: {len(names)} class names for --num-classes {num_classes}")
+        raise EvaluationError(f"{path}: {len(names)} class names for --num-classes {num_classes}")
     return names
 
 
@@ -354,7 +348,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             written = write_voc_submission(args.pred, args.voc_submission, names=names, num_classes=args.num_classes)
             print(f"wrote {len(written)} VOC submission PNG(s) to {Path(args.voc_submission) / VOC_SUBMISSION_SUBDIR}")
         if args.gt is not None:
-            class_names = (load_class_names(args.class_names, args.num_classes) if args.class_names
+            class_names = (load_class_names_with_background(args.class_names, args.num_classes) if args.class_names
                            else class_names_model or default_class_names(args.num_classes))
             res = evaluate_folders(args.pred, args.gt, args.num_classes, names,
                                    ignore_index=args.ignore, allow_missing=True)

@@ -23,7 +23,6 @@ import os
 import warnings
 from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
-import numpy as np
 import torch
 
 from weclip_infer.bundle import onnx_runner
