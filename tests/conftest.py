@@ -11,6 +11,9 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the network
+# Checkpoints run eagerly in tests unless a test asks for the processor-chosen path
+# (tests/test_fastpath.py does): exact comparisons against eager models stay meaningful on every CPU.
+os.environ.setdefault("WECLIP_BACKEND", "eager")
 torch.set_num_threads(int(os.environ.get("WECLIP_TEST_THREADS", "1")))
 
 REPO = Path(__file__).resolve().parents[1]

@@ -8,6 +8,8 @@ CLI, training-time evaluation and the TorchServe handler all call it. The networ
 """
 from __future__ import annotations
 
+import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +23,12 @@ from .normalization import mean_std
 from .imageio import DEFAULT_MAX_PIXELS, ImageSource, load_image
 from .tensor_ops import channel_argmax
 
-__all__ = ["SegmentationResult", "Segmenter", "fuse_multiscale", "resize_long_side"]
+__all__ = ["SegmentationResult", "Segmenter", "fuse_multiscale", "resize_long_side", "CHECKPOINT_BACKENDS"]
+
+log = logging.getLogger(__name__)
+
+#: backends that can run one of our checkpoint directories (bundles also take ``torchscript``)
+CHECKPOINT_BACKENDS = ("auto", "eager", "onnx")
 
 Backend = Callable[[torch.Tensor], torch.Tensor]
 
@@ -134,7 +141,14 @@ class Segmenter:
     # ---- construction ---------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path: Union[str, Path], device=None, backend: str = "auto", **options) -> "Segmenter":
-        """Load from our checkpoint directory or an exported bundle directory (``manifest.json``)."""
+        """Load from our checkpoint directory or an exported bundle directory (``manifest.json``).
+
+        ``backend`` for a bundle: ``auto`` | ``torchscript`` | ``onnx``. For a checkpoint directory:
+        ``eager`` (PyTorch), ``onnx`` (ONNX Runtime on an export cached by content, see
+        :mod:`weclip_infer.onnx_cache`) or ``auto``, which picks by processor
+        (:func:`weclip_infer.hardware.inference_path`; the environment variable ``WECLIP_BACKEND``
+        overrides it) and logs the choice.
+        """
         p = Path(path)
         if (p / "manifest.json").is_file():
             from .bundle import load_bundle_backend
@@ -146,6 +160,24 @@ class Segmenter:
             opts.update({k: v for k, v in options.items()})
             return cls(backend=fn, class_names=meta["class_names"], normalize=meta.get("normalize", "imagenet"),
                        patch_size=meta.get("patch_size", 16), device=dev, **opts)
+        if backend not in CHECKPOINT_BACKENDS:
+            raise ValueError(f"backend {backend!r} needs an export bundle (manifest.json); for a checkpoint "
+                             f"directory use one of {CHECKPOINT_BACKENDS}")
+        if backend == "auto":
+            from .hardware import inference_path
+            from .model import select_device
+
+            backend, reason = inference_path(str(select_device(device)))
+            override = os.environ.get("WECLIP_BACKEND", "").strip().lower()
+            if override:
+                if override not in ("eager", "onnx"):
+                    raise ValueError(f"WECLIP_BACKEND: must be 'eager' or 'onnx', got {override!r}")
+                backend, reason = override, f"set by WECLIP_BACKEND={override}"
+            log.info("inference path for %s: %s (%s)", p, backend, reason)
+        if backend == "onnx":
+            from .onnx_cache import cached_onnx_bundle
+
+            return cls.from_pretrained(cached_onnx_bundle(p), device=device, backend="onnx", **options)
         from .checkpoint import load_checkpoint
 
         model = load_checkpoint(p, device=device)

@@ -74,7 +74,7 @@ class SegmentationService:
             torch.set_num_threads(int(cfg["num_threads"]))
         options = {k: cfg[k] for k in ("scales", "flip", "crf", "long_side") if cfg.get(k) is not None}
         t0 = time.perf_counter()
-        seg = Segmenter.from_pretrained(model_dir, device=device, backend="auto" if backend == "eager" else backend,
+        seg = Segmenter.from_pretrained(model_dir, device=device, backend=backend,
                                         max_pixels=cfg["max_pixels"], **options)
         logger.info("WeCLIP model loaded from %s (device %s) in %.2f s", model_dir, seg.device,
                     time.perf_counter() - t0)

@@ -1,0 +1,75 @@
+"""The processor-aware inference path: ISA detection, the choice it makes, and the cached ONNX
+Runtime export that a checkpoint directory runs on where ONNX Runtime is faster."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from weclip_infer.hardware import CpuFeatures, _parse_cpuinfo, cpu_features, inference_path, matmul_peaks
+
+
+def test_cpuinfo_parsing_and_isa_levels():
+    model, flags = _parse_cpuinfo("processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu avx2 fma avx512f "
+                                  "avx512_bf16 avx512_vnni sse4_2\n\nprocessor\t: 1\nflags\t: fpu\n")
+    assert model == "Some CPU"
+    assert flags == {"avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni"}
+    assert CpuFeatures("x", "x86_64", flags).isa == "avx512_bf16"
+    assert CpuFeatures("x", "x86_64", frozenset({"avx2", "fma"})).isa == "avx2"
+    assert CpuFeatures("x", "x86_64", frozenset({"avx512f"})).isa == "avx512"
+    assert CpuFeatures("x", "x86_64", frozenset({"avx512f", "amx_tile", "amx_bf16"})).isa == "amx"
+    assert CpuFeatures("x", "aarch64", frozenset()).isa == "baseline"
+    assert cpu_features().arch  # this machine parses
+
+
+def test_inference_path_choice():
+    avx512 = CpuFeatures("x", "x86_64", frozenset({"avx2", "avx512f"}))
+    avx2 = CpuFeatures("x", "x86_64", frozenset({"avx2"}))
+    assert inference_path("cpu", avx512, ort_available=True)[0] == "onnx"
+    assert inference_path("cpu", avx512, ort_available=False)[0] == "eager"
+    assert inference_path("cpu", avx2, ort_available=True)[0] == "eager"
+    assert inference_path("cuda:0", avx512, ort_available=True)[0] == "eager"
+    assert "AVX2" in inference_path("cpu", avx2, ort_available=True)[1]
+
+
+def test_matmul_peaks_small():
+    peaks = matmul_peaks(64, 64, 64, min_time=0.01)
+    assert {"torch_fp32", "torch_bf16"} <= set(peaks)
+    assert all(v > 0 for v in peaks.values())
+
+
+@pytest.mark.slow
+def test_checkpoint_on_cached_onnx_equals_eager(tiny_model, tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    from weclip_infer import Segmenter, save_checkpoint
+    from weclip_infer import onnx_cache
+
+    ck = save_checkpoint(tiny_model, tmp_path / "ck", include_backbone=True)
+    monkeypatch.setenv("WECLIP_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("WECLIP_BACKEND", raising=False)
+    img = (np.random.RandomState(0).rand(70, 90, 3) * 255).astype(np.uint8)
+    eager = Segmenter.from_pretrained(ck, backend="eager", long_side=64)
+    fast = Segmenter.from_pretrained(ck, backend="onnx", long_side=64)
+    assert fast.model is None  # runs on ONNX Runtime, not on an eager model
+    a, b = eager.predict(img), fast.predict(img)
+    torch.testing.assert_close(b.logits, a.logits, rtol=1e-4, atol=1e-4)
+    assert (a.labels == b.labels).mean() > 0.999
+    entries = list((tmp_path / "cache" / "onnx").iterdir())
+    assert len(entries) == 1 and (entries[0] / "model.onnx").is_file()
+    # a second load re-uses the entry (no export: the file is not rewritten)
+    mtime = (entries[0] / "model.onnx").stat().st_mtime_ns
+    Segmenter.from_pretrained(ck, backend="onnx", long_side=64)
+    assert (entries[0] / "model.onnx").stat().st_mtime_ns == mtime
+    # a different checkpoint gets its own entry
+    with torch.no_grad():
+        tiny_model.decoder.fuse.weight.add_(0.1)
+    ck2 = save_checkpoint(tiny_model, tmp_path / "ck2", include_backbone=True)
+    assert onnx_cache.checkpoint_digest(ck2) != onnx_cache.checkpoint_digest(ck)
+    # auto follows the processor (and WECLIP_BACKEND overrides it)
+    monkeypatch.setenv("WECLIP_BACKEND", "eager")
+    assert Segmenter.from_pretrained(ck, long_side=64).model is not None
+    monkeypatch.setenv("WECLIP_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="WECLIP_BACKEND"):
+        Segmenter.from_pretrained(ck)
+    with pytest.raises(ValueError, match="export bundle"):
+        Segmenter.from_pretrained(ck, backend="torchscript")

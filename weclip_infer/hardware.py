@@ -1,0 +1,155 @@
+"""What the processor offers, and which compute path each stage should take on it.
+
+On x86 CPUs with AVX-512, ONNX Runtime's MLAS kernels run fp32 matrix products about twice as
+fast as PyTorch's eager fp32 path, and AVX512_BF16 / AMX make bf16 products faster still; on
+AVX2-only CPUs eager PyTorch and ONNX Runtime are on par. :func:`cpu_features` reads the
+instruction-set extensions once, :func:`inference_path` turns them into a choice with a reason
+that callers log, and :func:`matmul_peaks` measures the peak of each path on the current machine
+(the benchmarks report every stage as a fraction of it).
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import platform
+import time
+from dataclasses import dataclass, field
+from typing import Dict, FrozenSet, Optional, Tuple
+
+__all__ = ["CpuFeatures", "cpu_features", "inference_path", "matmul_peaks"]
+
+log = logging.getLogger(__name__)
+
+_INTERESTING = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "amx_tile",
+                "amx_bf16", "amx_int8", "asimd", "sve", "bf16")
+
+
+@dataclass(frozen=True)
+class CpuFeatures:
+    """The processor model and the instruction-set extensions that matter for our kernels."""
+
+    model: str
+    arch: str
+    flags: FrozenSet[str] = field(default_factory=frozenset)
+
+    @property
+    def isa(self) -> str:
+        """The best level: ``amx`` > ``avx512_bf16`` > ``avx512`` > ``avx2`` > ``baseline``."""
+        f = self.flags
+        if {"amx_tile", "amx_bf16"} <= f:
+            return "amx"
+        if "avx512_bf16" in f:
+            return "avx512_bf16"
+        if "avx512f" in f:
+            return "avx512"
+        if "avx2" in f:
+            return "avx2"
+        return "baseline"
+
+    @property
+    def fast_bf16(self) -> bool:
+        """bf16 matrix products run natively (AVX512_BF16 or AMX)."""
+        return self.isa in ("amx", "avx512_bf16")
+
+    def as_dict(self) -> Dict[str, object]:
+        return {"model": self.model, "arch": self.arch, "isa": self.isa, "flags": sorted(self.flags)}
+
+
+def _parse_cpuinfo(text: str) -> Tuple[str, FrozenSet[str]]:
+    model, flags = "", set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip().lower()
+        if key in ("model name", "cpu model", "hardware") and not model:
+            model = value.strip()
+        elif key in ("flags", "features") and not flags:
+            flags = set(value.split())
+    return model, frozenset(f for f in flags if f in _INTERESTING)
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_features() -> CpuFeatures:
+    """This machine's processor (read from ``/proc/cpuinfo`` on Linux; empty flags elsewhere)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            model, flags = _parse_cpuinfo(f.read())
+    except OSError:
+        model, flags = platform.processor(), frozenset()
+    return CpuFeatures(model or platform.processor() or "unknown", platform.machine(), flags)
+
+
+def _ort_available() -> bool:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def inference_path(device: str = "cpu", features: Optional[CpuFeatures] = None,
+                   ort_available: Optional[bool] = None) -> Tuple[str, str]:
+    """``(backend, reason)`` for running a checkpoint's network on ``device``.
+
+    ``onnx`` (ONNX Runtime on a cached export) on CPUs with AVX-512, where its fp32 kernels are
+    about twice as fast as eager PyTorch; ``eager`` on CUDA and on AVX2-only CPUs, where the two
+    tie and eager avoids the one-time export.
+    """
+    if str(device).startswith("cuda"):
+        return "eager", "CUDA device: eager PyTorch"
+    feats = features or cpu_features()
+    ort = _ort_available() if ort_available is None else ort_available
+    if feats.isa in ("avx512", "avx512_bf16", "amx"):
+        if ort:
+            return "onnx", f"CPU with {feats.isa.upper()}: ONNX Runtime (its fp32 kernels outrun eager PyTorch here)"
+        return "eager", f"CPU with {feats.isa.upper()}, but onnxruntime is not installed: eager PyTorch"
+    return "eager", f"CPU with {feats.isa.upper()}: eager PyTorch (ONNX Runtime is not faster here)"
+
+
+def _gflops(fn, flop: float, min_time: float = 0.3) -> float:
+    fn()  # warm-up
+    n, t0 = 0, time.perf_counter()
+    while True:
+        fn()
+        n += 1
+        dt = time.perf_counter() - t0
+        if dt >= min_time and n >= 3:
+            return flop * n / dt / 1e9
+
+
+def matmul_peaks(m: int = 1604, k: int = 768, n: int = 3072, min_time: float = 0.3) -> Dict[str, float]:
+    """Same-run GFLOP/s of an ``m×k @ k×n`` product on each CPU path (the ViT-B/16 MLP shape at
+    400 tokens × 4 images): ``torch_fp32``, ``torch_bf16``, ``torch_fp32_bf16_flag`` (fp32 tensors
+    with oneDNN's bf16 matmul precision) and ``ort_fp32`` (when onnxruntime is installed)."""
+    import numpy as np
+    import torch
+
+    flop = 2.0 * m * k * n
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(m, k, generator=g), torch.randn(k, n, generator=g)
+    out: Dict[str, float] = {"torch_fp32": _gflops(lambda: torch.mm(a, b), flop, min_time)}
+    ab, bb = a.bfloat16(), b.bfloat16()
+    out["torch_bf16"] = _gflops(lambda: torch.mm(ab, bb), flop, min_time)
+    prec = getattr(torch.backends.mkldnn, "matmul", None)
+    if prec is not None and hasattr(prec, "fp32_precision"):
+        old = prec.fp32_precision
+        try:
+            prec.fp32_precision = "bf16"
+            out["torch_fp32_bf16_flag"] = _gflops(lambda: torch.mm(a, b), flop, min_time)
+        finally:
+            prec.fp32_precision = old
+    if _ort_available():
+        import onnxruntime as ort
+        from onnx import TensorProto, helper
+
+        graph = helper.make_graph([helper.make_node("MatMul", ["A", "B"], ["C"])], "mm",
+                                  [helper.make_tensor_value_info("A", TensorProto.FLOAT, [m, k]),
+                                   helper.make_tensor_value_info("B", TensorProto.FLOAT, [k, n])],
+                                  [helper.make_tensor_value_info("C", TensorProto.FLOAT, [m, n])])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = max(1, torch.get_num_threads())
+        sess = ort.InferenceSession(model.SerializeToString(),
+                                    so, providers=["CPUExecutionProvider"])
+        feeds = {"A": a.numpy(), "B": np.ascontiguousarray(b.numpy())}
+        out["ort_fp32"] = _gflops(lambda: sess.run(None, feeds), flop, min_time)
+    return out
