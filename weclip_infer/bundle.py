@@ -127,7 +127,7 @@ def load_bundle_backend(path: Union[str, os.PathLike], backend: str = "auto", de
     device is the CPU, onnxruntime imports and ``model.onnx`` exists, else TorchScript (and ONNX
     Runtime as a last resort). ``device``: ``None``/``"auto"`` → CUDA when available, else CPU.
     """
-    from .model import select_device
+    from .device import select_device
 
     root = Path(path)
     meta = read_manifest(root)

@@ -22,22 +22,13 @@ from .cam import box_masks, class_keys, initial_cam, minmax_normalize
 from .config import WeCLIPConfig, load_config
 from .decoder import WeCLIPDecoder, count_parameters
 from .losses import affinity_labels, affinity_loss, segmentation_loss
+from .device import select_device  # re-exported: the owner is weclip_infer.device
 from .memory import trim_heap
 from .par import cam_stack, pixel_adaptive_refine, pseudo_labels_from_cams, upsample_cams
 from .refine import apply_transition, patch_attention, refine_affinity, sinkhorn_transition, static_refine_map
 from .text import ClassSpec, resolve_classes, text_embeddings
 
 __all__ = ["WeCLIP", "build_model", "select_device"]
-
-
-def select_device(device: Optional[Union[str, torch.device]] = None) -> torch.device:
-    """``None``/``"auto"`` → CUDA when available, else CPU; otherwise the given device."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' requested but CUDA is not available (use --device cpu)")
-    return dev
 
 
 @contextmanager
