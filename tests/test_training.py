@@ -151,7 +151,7 @@ def test_config_errors_name_the_key(world, tmp_path):
             d.max_iters) == (pytest.approx(2e-3), 0.01, [0.9, 0.999], 1e-8, 50, 1, 4, 30000)
 
 
-def test_shipped_configs_load():
+def test_shipped_configs_load(tmp_path):
     from weclip_infer.training.cli import shipped_config
 
     voc = load_train_config(shipped_config("voc"))
@@ -162,8 +162,14 @@ def test_shipped_configs_load():
     assert coco.model.refine.candidate_blocks == 10 and coco.model.refine.rfm_switch_iter == 40000
     demo = load_train_config(shipped_config("demo"))
     assert demo.data.kind == "demo" and len(demo.model.text.class_names) == 8
-    custom = load_train_config(shipped_config("custom"))
-    assert custom.data.kind == "custom"
+    assert (demo.model.refine.candidate_blocks, demo.model.refine.static_blocks) == (3, 4)  # follow the 6 blocks
+    assert (demo.model.decoder.dim, demo.model.decoder.num_heads) == (128, 4)  # follow the width-128 demo CLIP
+    (tmp_path / "classes.txt").write_text("zebra\nyak\n")
+    custom = load_train_config(shipped_config("custom"), [f"data.root={tmp_path}", "data.class_names_file=classes.txt"])
+    assert custom.data.kind == "custom" and custom.model.text.class_names == ["zebra", "yak"]
+    assert custom.data.class_names_file == str(tmp_path / "classes.txt")  # looked up in data.root
+    with pytest.raises(ConfigError, match="class_names"):
+        load_train_config(shipped_config("custom"))  # a custom config needs its classes
 
 
 def test_bad_dataset_fails_before_training(world, tmp_path):

@@ -1,13 +1,21 @@
-"""Checkpoints: our format and import of the authors' WeCLIP checkpoints (spec §9).
+"""Checkpoints: our format and import of the authors' WeCLIP checkpoints.
 
 Our format is a directory::
 
-    config.json        {"format": "weclip_infer/1", "version", "config": WeCLIPConfig, "class_names", ...}
+    config.json        {"format": "weclip_infer/1", "version", "config": WeCLIPConfig, "class_names",
+                        "sha256": {file name: hex digest of each weights file}, ...}
     model.safetensors  decoder weights (``decoder.*``) + cached text embeddings (``text_fg``, ``text_bg``)
     backbone.safetensors   optional: the CLIP image tower, so the bundle is self-contained
 
 Serving never needs the text tower: the text embeddings travel in ``model.safetensors``.
 Everything is loaded with safetensors or ``torch.load(weights_only=True)``; nothing is unpickled.
+
+Loading checks what it reads, so a damaged or tampered folder fails with one clear error
+(``CheckpointError`` naming the file and, for config values, the key): ``config.json`` is
+bounded in size and nesting and every config value is validated; each weights file must match
+the sha256 recorded at save time (folders written before hashes were recorded load without that
+check); every tensor must be finite and present; a relative ``clip_weights`` must stay inside the
+checkpoint folder.
 """
 from __future__ import annotations
 
@@ -22,13 +30,17 @@ from typing import Any, Mapping, Optional, Union
 
 import torch
 
-from .config import WeCLIPConfig, load_config, to_dict
+from .config import MAX_CONFIG_BYTES, ConfigError, WeCLIPConfig, load_config, parse_config_text, to_dict
 from .io_utils import atomic_path, write_json_atomic
 
 __all__ = [
     "CheckpointError", "save_checkpoint", "load_checkpoint", "import_reference_checkpoint",
-    "reference_to_ours", "file_sha256", "main",
+    "reference_to_ours", "file_sha256", "read_checkpoint_meta", "read_checkpoint_tensors",
+    "load_decoder_state", "main",
 ]
+
+WEIGHT_FILES = ("model.safetensors", "backbone.safetensors")
+REQUIRED_TENSORS = ("text_fg", "text_bg")
 
 FORMAT = "weclip_infer/1"
 
@@ -38,6 +50,7 @@ class CheckpointError(RuntimeError):
 
 
 def file_sha256(path: Union[str, os.PathLike]) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -72,6 +85,8 @@ def save_checkpoint(model, directory: Union[str, os.PathLike], include_backbone:
             "num_classes": model.num_classes}
     if extra:
         meta.update(extra)
+    meta["sha256"] = {name: file_sha256(d / name) for name in WEIGHT_FILES
+                      if (d / name).is_file() and (name == "model.safetensors" or include_backbone)}
     write_json_atomic(d / "config.json", meta)
     return d
 
@@ -92,48 +107,125 @@ def _model_cfg_of(model) -> dict:
 
 
 def _resolve_weights(path: str, base: Path) -> str:
+    """``clip_weights`` of a checkpoint: a registry tag, a built-in name or an absolute path (the
+    user's own file, as training records it) as is; a relative path must name a file inside the
+    checkpoint folder ``base`` (a path leaving it, by ``..`` or a link, is refused)."""
     from .backbone import BUILTIN_WEIGHTS
 
     if path in ("openai", "random") or path in BUILTIN_WEIGHTS or os.path.isabs(path):
         return path
     cand = base / path
-    return str(cand) if cand.exists() else path
+    if not cand.exists():
+        return path  # e.g. another open_clip pretrained tag
+    root = base.resolve()
+    target = cand.resolve()
+    if target != root and root not in target.parents:
+        raise CheckpointError(f"{base / 'config.json'}: config.backbone.clip_weights={path!r} resolves outside the "
+                              f"checkpoint folder ({target}); refusing to read it")
+    return str(target)
 
 
-def load_checkpoint(path: Union[str, os.PathLike], device=None, clip_weights: Optional[str] = None,
-                    overrides=()) :
-    """Load a model saved by ``save_checkpoint``. ``clip_weights`` overrides the CLIP source."""
-    from safetensors.torch import load_file
-
-    from .model import build_model
-
-    d = Path(path)
-    if d.is_file() and d.name == "config.json":
-        d = d.parent
+def read_checkpoint_meta(directory: Union[str, os.PathLike]) -> dict:
+    """``config.json`` of a checkpoint folder, bounded in size and nesting, with its ``config``
+    checked to be a mapping (its values are validated by ``load_config``)."""
+    d = Path(directory)
     cfg_file, weights = d / "config.json", d / "model.safetensors"
     if not cfg_file.is_file() or not weights.is_file():
         raise CheckpointError(f"{d}: not a weclip_infer checkpoint (needs config.json and model.safetensors)")
     try:
-        meta = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_file}: invalid JSON: {e}") from None
+        if cfg_file.stat().st_size > MAX_CONFIG_BYTES:
+            raise CheckpointError(f"{cfg_file}: larger than {MAX_CONFIG_BYTES} bytes; not a checkpoint config")
+        text = cfg_file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{cfg_file}: cannot read: {e}") from None
+    try:
+        meta = parse_config_text(text, str(cfg_file), json_only=True)
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{cfg_file}: expected a JSON object, got {type(meta).__name__}")
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{cfg_file}: unsupported checkpoint format {meta.get('format')!r}")
-    cfg = load_config(meta["config"], overrides)
-    cfg.backbone.clip_weights = clip_weights or _resolve_weights(cfg.backbone.clip_weights, d)
+    if not isinstance(meta.get("config"), dict):
+        raise CheckpointError(f"{cfg_file}: 'config' must be a JSON object, got {type(meta.get('config')).__name__}")
+    hashes = meta.get("sha256", {})
+    if not isinstance(hashes, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in hashes.items()):
+        raise CheckpointError(f"{cfg_file}: 'sha256' must map file names to hex digests")
+    return meta
+
+
+def verify_weights_file(directory: Path, name: str, meta: Mapping[str, Any]) -> None:
+    """Check ``directory/name`` against the sha256 recorded in ``config.json`` (when recorded)."""
+    expected = (meta.get("sha256") or {}).get(name)
+    if expected is None:
+        return
+    got = file_sha256(directory / name)
+    if got != expected.lower():
+        raise CheckpointError(f"{directory / name}: sha256 {got} does not match the {expected} recorded in "
+                              "config.json; the file is damaged or was changed")
+
+
+def _check_finite(tensors: Mapping[str, torch.Tensor], source: str) -> None:
+    for k, v in tensors.items():
+        if torch.is_floating_point(v) and not bool(torch.isfinite(v).all()):
+            raise CheckpointError(f"{source}: tensor {k!r} holds NaN or infinite values")
+
+
+def read_checkpoint_tensors(directory: Union[str, os.PathLike], meta: Optional[Mapping[str, Any]] = None) -> dict:
+    """Tensors of ``model.safetensors`` (``decoder.*``, ``text_fg``, ``text_bg``), verified against
+    the recorded sha256, complete and finite; ``CheckpointError`` naming the file otherwise."""
+    from safetensors.torch import load_file
+
+    d = Path(directory)
+    if meta is None:
+        meta = read_checkpoint_meta(d)
+    weights = d / "model.safetensors"
+    verify_weights_file(d, "model.safetensors", meta)
     try:
         tensors = load_file(str(weights))
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001 - safetensors raises several types for a bad file
         raise CheckpointError(f"{weights}: cannot read: {e}") from None
+    missing = [k for k in REQUIRED_TENSORS if k not in tensors]
+    if missing:
+        raise CheckpointError(f"{weights}: missing tensor(s) {missing}; not a complete weclip_infer checkpoint")
+    if not any(k.startswith("decoder.") for k in tensors):
+        raise CheckpointError(f"{weights}: no decoder weights (decoder.*)")
+    _check_finite(tensors, str(weights))
+    return tensors
+
+
+def load_checkpoint(path: Union[str, os.PathLike], device=None, clip_weights: Optional[str] = None,
+                    overrides=()):
+    """Load a model saved by ``save_checkpoint``. ``clip_weights`` overrides the CLIP source."""
+    from .model import build_model, select_device
+
+    d = Path(path)
+    if d.is_file() and d.name == "config.json":
+        d = d.parent
+    meta = read_checkpoint_meta(d)
+    try:
+        cfg = load_config(meta["config"], overrides)
+    except ConfigError as e:
+        raise CheckpointError(f"{d / 'config.json'}: config.{e}") from None
+    own_backbone = False
+    if clip_weights is None:
+        clip_weights = _resolve_weights(cfg.backbone.clip_weights, d)
+        own_backbone = Path(clip_weights).parent == d.resolve() and Path(clip_weights).is_file()
+        if own_backbone:
+            verify_weights_file(d, Path(clip_weights).name, meta)
+    cfg.backbone.clip_weights = clip_weights
+    tensors = read_checkpoint_tensors(d, meta)
     model = build_model(cfg, device="cpu", text_fg=tensors.pop("text_fg"), text_bg=tensors.pop("text_bg"))
     dec = {k[len("decoder."):]: v for k, v in tensors.items() if k.startswith("decoder.")}
-    _load_decoder(model, dec, str(weights))
-    from .model import select_device
-
+    load_decoder_state(model, dec, str(d / "model.safetensors"))
+    if own_backbone:
+        _check_finite(dict(model.backbone.named_parameters()), str(clip_weights))
     return model.to(select_device(device)).eval()
 
 
-def _load_decoder(model, sd: Mapping[str, torch.Tensor], source: str) -> None:
+def load_decoder_state(model, sd: Mapping[str, torch.Tensor], source: str) -> None:
+    """Load decoder weights (our key names) into ``model.decoder``; every key and shape must
+    match the model's config (``CheckpointError`` listing the differences)."""
     own = model.decoder.state_dict()
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
@@ -146,7 +238,7 @@ def _load_decoder(model, sd: Mapping[str, torch.Tensor], source: str) -> None:
 
 
 def reference_to_ours(sd: Mapping[str, torch.Tensor]) -> dict:
-    """Map the authors' decoder keys (spec §9.1) to ours; drops ``encoder.*`` and ``par.kernel``."""
+    """Map the authors' decoder keys to ours; drops ``encoder.*`` and ``par.kernel``."""
     out = {}
     for k, v in sd.items():
         if k.startswith("decoder_fts_fuse.linears_modulelist."):
@@ -163,11 +255,11 @@ def reference_to_ours(sd: Mapping[str, torch.Tensor]) -> dict:
 
 def import_reference_checkpoint(path: Union[str, os.PathLike], config: Union[WeCLIPConfig, Mapping, str, None] = None,
                                 device=None, model=None):
-    """Load an authors' ``WeCLIP_model_iter_N.pth`` (flat state dict, spec §9.1) into a ``WeCLIP``.
+    """Load an authors' ``WeCLIP_model_iter_N.pth`` (a flat state dict) into a ``WeCLIP``.
 
     ``config`` must name the CLIP weights (``backbone.clip_weights``) and dataset; the
     checkpoint's own ``encoder.*`` copy of CLIP is ignored (and ``positional_embedding_new``,
-    §11.2 item 19). Pass ``model`` to load into an existing model instead of building one.
+    which the authors' code never uses). Pass ``model`` to load into an existing model instead of building one.
     """
     from .model import build_model, select_device
 
@@ -193,24 +285,50 @@ def import_reference_checkpoint(path: Union[str, os.PathLike], config: Union[WeC
         if n_cls is not None and expected is not None and n_cls != expected:
             raise CheckpointError(f"{p}: classifier has {n_cls} classes but text.dataset={cfg.text.dataset} has {expected}")
         model = build_model(cfg, device="cpu")
-    _load_decoder(model, dec, str(p))
+    load_decoder_state(model, dec, str(p))
     return model.to(select_device(device)).eval()
+
+
+IMPORT_EPILOG = """examples:
+  weclip-import WeCLIP_model_iter_30000.pth --clip /models/ViT-B-16.pt --out my_model
+  weclip-import coco_iter_80000.pth --clip openai --dataset coco --out coco_model --include-backbone
+
+The output folder is a regular weclip_infer checkpoint: load it with load_checkpoint, segment with
+weclip-segment --model my_model, export it with weclip-export. Only the decoder is taken from the
+authors' file; the CLIP image tower comes from --clip (the file's own copy of CLIP is ignored).
+"""
+
+
+def build_import_parser() -> argparse.ArgumentParser:
+    """The ``weclip-import`` command line."""
+    ap = argparse.ArgumentParser(
+        prog="weclip-import", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=IMPORT_EPILOG,
+        description="Convert a checkpoint released by the WeCLIP authors (WeCLIP_model_iter_N.pth) into this "
+                    "package's checkpoint folder (config.json + model.safetensors).")
+    ap.add_argument("checkpoint", help="the authors' WeCLIP_model_iter_N.pth (read as plain tensors, never unpickled)")
+    ap.add_argument("--clip", required=True, help="CLIP weights: path to OpenAI's ViT-B-16.pt, or 'openai' "
+                                                  "(open_clip's download cache)")
+    ap.add_argument("--dataset", choices=["voc", "coco"], default="voc",
+                    help="the data set the checkpoint was trained on: its classes and prompts (default: voc)")
+    ap.add_argument("--out", required=True, help="output folder to write (our checkpoint format)")
+    ap.add_argument("--include-backbone", action="store_true",
+                    help="also store the CLIP image tower in the folder, so it needs no CLIP file to load")
+    ap.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    return ap
 
 
 def main(argv=None) -> int:
     """``weclip-import``: convert an authors' checkpoint into our format."""
-    ap = argparse.ArgumentParser(prog="weclip-import", description=import_reference_checkpoint.__doc__)
-    ap.add_argument("checkpoint", help="the authors' WeCLIP_model_iter_N.pth")
-    ap.add_argument("--clip", required=True, help="CLIP weights: path to OpenAI ViT-B-16.pt, or 'openai'")
-    ap.add_argument("--dataset", choices=["voc", "coco"], default="voc")
-    ap.add_argument("--out", required=True, help="output directory (our checkpoint format)")
-    ap.add_argument("--include-backbone", action="store_true", help="also store the CLIP image tower in the bundle")
-    a = ap.parse_args(argv)
+    import logging
+
+    a = build_import_parser().parse_args(argv)
     try:
         model = import_reference_checkpoint(a.checkpoint, {"backbone": {"clip_weights": a.clip}, "text": {"dataset": a.dataset}}, device="cpu")
         save_checkpoint(model, a.out, include_backbone=a.include_backbone,
                         extra={"imported_from": os.path.basename(a.checkpoint), "source_sha256": file_sha256(a.checkpoint)})
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001 - a CLI: one line, the traceback under --debug
+        if a.debug:
+            logging.getLogger(__name__).exception("weclip-import failed")
         print(f"weclip-import: error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {a.out}")

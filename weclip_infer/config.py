@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Tuple, TypeVar, Union, get_args, get_origin, get_type_hints
@@ -32,11 +33,44 @@ __all__ = [
     "load_config",
     "apply_overrides",
     "DATASET_PRESETS",
+    "DatasetPreset",
+    "validate_scales",
+    "read_config_file",
+    "parse_config_text",
+    "check_config_depth",
+    "apply_dataset_preset",
+    "backbone_shape",
+    "resolve_backbone_defaults",
+    "model_config_from_dict",
 ]
 
 
 class ConfigError(ValueError):
     """A configuration value is unknown or invalid; the message names the key."""
+
+
+@dataclass(frozen=True)
+class DatasetPreset:
+    """Dataset-dependent model defaults: the one table they live in (the dataclass defaults below
+    are the VOC row and the shipped YAMLs do not repeat them).
+
+    ``candidate_fraction``/``static_fraction``: RFM candidate maps and static-refinement maps as
+    fractions of the backbone depth (VOC 6 and 8 of ViT-B/16's 12 blocks, COCO 10 and 8).
+    """
+
+    box_threshold: float
+    rfm_switch_iter: int
+    candidate_fraction: float
+    static_fraction: float
+
+
+DATASET_PRESETS: dict[str, DatasetPreset] = {
+    "voc": DatasetPreset(box_threshold=0.4, rfm_switch_iter=15000, candidate_fraction=6 / 12, static_fraction=8 / 12),
+    "coco": DatasetPreset(box_threshold=0.7, rfm_switch_iter=40000, candidate_fraction=10 / 12,
+                          static_fraction=8 / 12),
+}
+DATASET_PRESETS["custom"] = DATASET_PRESETS["voc"]
+_VOC = DATASET_PRESETS["voc"]
 
 
 @dataclass
@@ -77,9 +111,9 @@ class TextConfig:
 class DecoderConfig:
     """The light decoder (spec §3)."""
 
-    dim: int = 256
+    dim: Optional[int] = None  # None: follows the backbone, min(256, CLIP width) (256 on ViT-B/16)
     num_layers: int = 3  # Table 5 ablation
-    num_heads: int = 8
+    num_heads: Optional[int] = None  # None: dim // 32 (8 at dim 256), rounded down to a divisor of dim
     mlp_ratio: int = 4
     dropout: float = 0.1  # Dropout2d after fusion (§3.3)
     # §11.1: the code feeds blocks 1..N-1 (11 for ViT-B/16); the paper says all N blocks.
@@ -94,16 +128,21 @@ class RefineConfig:
 
     use_refinement: bool = True  # False: initial GradCAM straight into PAR (Table 4 "w/o RFM")
     use_rfm: bool = True  # False: static refinement for the whole run
-    rfm_switch_iter: int = 15000  # §4.1, §11.2 item 1 (the reference VOC run switched at ~9,145)
+    # Dataset-dependent values (rfm_switch_iter, candidate_blocks, box_threshold) come from
+    # DATASET_PRESETS; the defaults below are the VOC ones taken from that table.
+    rfm_switch_iter: int = _VOC.rfm_switch_iter  # §4.1, §11.2 item 1 (the reference VOC run switched at ~9,145)
     count_eval_forwards: bool = False  # §11.2 item 1: the reference counter also counts val forwards
-    candidate_blocks: int = 6  # §4.2: last 6 maps (VOC), last 10 (COCO); paper: 7 (blocks 6..12)
-    static_blocks: int = 8  # §4.1: mean of the last 8 maps before the switch
+    # Block counts follow the backbone depth unless set (None): candidates are the last half of
+    # the blocks on VOC (6 of 12), the last 5/6 on COCO (10 of 12); static refinement averages
+    # the last two thirds (8 of 12). Paper: 7 candidates (blocks 6..12).
+    candidate_blocks: Optional[int] = None
+    static_blocks: Optional[int] = None
     layer_score: str = "signed"  # §4.2 step 1: "signed" (code) | "abs" (paper)
     layer_filter: str = "le"  # §4.2 step 2: "le" (code) | "lt" (paper)
     # Table 6 ablations of the refining map: all = G·A_s ⊙ A_f; af = A_f; as = mean A_s (all
     # maps); g_as = G-filtered A_s; af_as = mean(A_s) ⊙ A_f.
     refine_map: str = "all"
-    box_threshold: float = 0.4  # §2.4: 0.4 VOC, 0.7 COCO
+    box_threshold: float = _VOC.box_threshold  # §2.4: 0.4 VOC, 0.7 COCO
     sinkhorn_iters: int = 3  # §4.3
     power: int = 2  # §4.3 α
     cam_logit_scale: Optional[float] = None  # §2.2 (None: the CLIP's own exp(logit_scale), 100 for OpenAI)
@@ -157,7 +196,10 @@ class WeCLIPConfig:
         _check_choice("backbone.patch_stem", self.backbone.patch_stem, ("linear", "conv"))
         _check_choice("text.dataset", self.text.dataset, ("voc", "coco", "custom"))
         if self.text.dataset == "custom" and not self.text.class_names:
-            raise ConfigError("text.class_names: required when text.dataset is 'custom'")
+            raise ConfigError("text.class_names: required when text.dataset is 'custom' (or give the data's "
+                              "class list file, data.class_names_file, when training)")
+        for key in ("class_names", "class_prompts", "bg_prompts", "templates"):
+            _check_strings(f"text.{key}", getattr(self.text, key))
         if self.text.class_prompts is not None and self.text.class_names is not None:
             if len(self.text.class_prompts) != len(self.text.class_names):
                 raise ConfigError("text.class_prompts: must have one entry per text.class_names entry")
@@ -166,9 +208,10 @@ class WeCLIPConfig:
         _check_choice("decoder.input_blocks", self.decoder.input_blocks, ("code", "paper"))
         for key in ("dim", "num_layers", "num_heads", "mlp_ratio"):
             v = getattr(self.decoder, key)
-            if v < (0 if key == "num_layers" else 1):
+            if v is not None and v < (0 if key == "num_layers" else 1):
                 raise ConfigError(f"decoder.{key}: must be positive, got {v}")
-        if self.decoder.dim % self.decoder.num_heads:
+        if self.decoder.dim is not None and self.decoder.num_heads is not None \
+                and self.decoder.dim % self.decoder.num_heads:
             raise ConfigError("decoder.dim: must be divisible by decoder.num_heads")
         if not 0.0 <= self.decoder.dropout < 1.0:
             raise ConfigError(f"decoder.dropout: must be in [0, 1), got {self.decoder.dropout}")
@@ -179,16 +222,34 @@ class WeCLIPConfig:
         if not 0.0 < r.box_threshold < 1.0:
             raise ConfigError(f"refine.box_threshold: must be in (0, 1), got {r.box_threshold}")
         for key in ("candidate_blocks", "static_blocks", "sinkhorn_iters", "power"):
-            if getattr(r, key) < 1:
-                raise ConfigError(f"refine.{key}: must be >= 1, got {getattr(r, key)}")
+            v = getattr(r, key)
+            if v is not None and v < 1:
+                raise ConfigError(f"refine.{key}: must be >= 1, got {v}")
         if r.rfm_switch_iter < 0:
             raise ConfigError("refine.rfm_switch_iter: must be >= 0")
-        if self.par.num_iter < 0 or not self.par.dilations or any(int(d) < 1 for d in self.par.dilations):
-            raise ConfigError("par.dilations: positive integers required; par.num_iter >= 0")
+        for key in ("cam_logit_scale", "bg_power"):
+            v = getattr(r, key)
+            if v is not None and not (math.isfinite(v) and v > 0):
+                raise ConfigError(f"refine.{key}: must be a positive number, got {v!r}")
+        if self.par.num_iter < 0:
+            raise ConfigError(f"par.num_iter: must be >= 0, got {self.par.num_iter}")
+        if not self.par.dilations or any(isinstance(d, bool) or not isinstance(d, int) or d < 1
+                                          for d in self.par.dilations):
+            raise ConfigError(f"par.dilations: a non-empty list of positive integers, got {self.par.dilations!r}")
+        for key in ("w1", "w2"):
+            v = getattr(self.par, key)
+            if not (math.isfinite(v) and v > 0):
+                raise ConfigError(f"par.{key}: must be a positive number, got {v!r}")
         _check_choice("loss.seg", self.loss.seg, ("balanced", "ce"))
         _check_choice("loss.aff", self.loss.aff, ("linear", "bce"))
+        if not (math.isfinite(self.loss.aff_weight) and self.loss.aff_weight >= 0):
+            raise ConfigError(f"loss.aff_weight: must be a number >= 0, got {self.loss.aff_weight!r}")
         if self.loss.aff_radius < 1:
             raise ConfigError("loss.aff_radius: must be >= 1")
+        if self.backbone.seed < 0:
+            raise ConfigError(f"backbone.seed: must be >= 0, got {self.backbone.seed}")
+        if not str(self.backbone.clip_weights).strip():
+            raise ConfigError("backbone.clip_weights: must not be empty")
         try:
             validate_scales(self.inference.scales, "inference.scales")
         except ValueError as e:
@@ -219,17 +280,16 @@ def validate_scales(scales: Any, key: str = "scales") -> Tuple[float, ...]:
     return tuple(out)
 
 
+def _check_strings(key: str, value: Optional[list]) -> None:
+    if value is not None and not all(isinstance(v, str) and v.strip() for v in value):
+        raise ConfigError(f"{key}: a list of non-empty strings expected, got {value!r}")
+
+
 def _check_choice(key: str, value: Any, choices: Sequence[str]) -> None:
     if value not in choices:
         raise ConfigError(f"{key}: must be one of {list(choices)}, got {value!r}")
 
 
-# Dataset-dependent defaults (spec §7.5 table).
-DATASET_PRESETS: dict[str, dict] = {
-    "voc": {"refine": {"box_threshold": 0.4, "candidate_blocks": 6, "rfm_switch_iter": 15000}},
-    "coco": {"refine": {"box_threshold": 0.7, "candidate_blocks": 10, "rfm_switch_iter": 40000}},
-    "custom": {},
-}
 
 T = TypeVar("T")
 
@@ -337,32 +397,177 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
     return data
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a config file (YAML or JSON) larger than 1 MiB is refused
+MAX_CONFIG_DEPTH = 32  # nesting deeper than this is refused (the schema needs 4 levels)
+
+
+def check_config_depth(obj: Any, source: str, limit: int = MAX_CONFIG_DEPTH) -> None:
+    """Raise ``ConfigError`` when ``obj`` nests mappings/lists deeper than ``limit`` (iterative,
+    so a hostile file cannot exhaust the interpreter stack here)."""
+    stack = [(obj, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, Mapping):
+            children = list(node.values())
+        elif isinstance(node, (list, tuple)):
+            children = list(node)
+        else:
+            continue
+        if depth > limit:
+            raise ConfigError(f"{source}: nested deeper than {limit} levels")
+        stack.extend((c, depth + 1) for c in children)
+
+
+def parse_config_text(text: str, source: str, *, json_only: bool = False) -> Any:
+    """Parse YAML (or strict JSON with ``json_only``) with bounded size and nesting; errors are
+    ``ConfigError`` naming ``source``."""
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{source}: larger than {MAX_CONFIG_BYTES} bytes")
+    try:
+        data = json.loads(text) if json_only else yaml.safe_load(text)
+    except RecursionError:
+        raise ConfigError(f"{source}: nested too deeply") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{source}: invalid JSON: {e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: not valid YAML: {e}") from None
+    check_config_depth(data, source)
+    return data
+
+
+def read_config_file(path: Union[str, Path]) -> dict:
+    """A YAML/JSON config file as a dict (empty file: ``{}``); the one reader of config files."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        if p.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{p}: larger than {MAX_CONFIG_BYTES} bytes")
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{p}: cannot read: {e}") from None
+    data = parse_config_text(text, str(p)) or {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{p}: expected a mapping at the top level, got {type(data).__name__}")
+    return dict(data)
+
+
+def apply_dataset_preset(data: Mapping, prefix: str = "") -> dict:
+    """``data`` (a model-config dict) with the dataset preset of its ``text.dataset`` underneath."""
+    text = data.get("text") or {}
+    dataset = text.get("dataset", "voc") if isinstance(text, Mapping) else "voc"
+    if dataset not in DATASET_PRESETS:
+        raise ConfigError(f"{prefix}text.dataset: must be one of {list(DATASET_PRESETS)}, got {dataset!r}")
+    p = DATASET_PRESETS[dataset]
+    return _deep_merge({"refine": {"box_threshold": p.box_threshold, "rfm_switch_iter": p.rfm_switch_iter}},
+                       dict(data))
+
+
+def backbone_shape(b: BackboneConfig) -> Optional[Tuple[int, int]]:
+    """``(depth, width)`` of the image tower that ``b`` names, without loading any weights: from
+    ``model_cfg``, from the config stored in a ``.safetensors`` file's header (the shipped CLIPs),
+    or from open_clip's config of ``model_name``. None when it cannot be told."""
+    cfg = b.model_cfg
+    src = str(b.clip_weights)
+    if cfg is None:
+        from .backbone import BUILTIN_WEIGHTS
+
+        path = Path(BUILTIN_WEIGHTS[src]) if src in BUILTIN_WEIGHTS else Path(src)
+        if path.suffix == ".safetensors" and path.is_file():
+            try:
+                from safetensors import safe_open
+
+                with safe_open(str(path), "pt") as f:
+                    meta = f.metadata() or {}
+                if "open_clip_cfg" in meta:
+                    cfg = json.loads(meta["open_clip_cfg"])
+            except Exception:  # noqa: BLE001 - unreadable here means "unknown"; loading reports it
+                cfg = None
+    if cfg is None:
+        try:
+            import open_clip
+
+            cfg = open_clip.get_model_config(b.model_name)
+        except Exception:  # noqa: BLE001
+            cfg = None
+    vision = cfg.get("vision_cfg") if isinstance(cfg, Mapping) else None
+    if not isinstance(vision, Mapping) or not isinstance(vision.get("layers"), int):
+        return None
+    return int(vision["layers"]), int(vision.get("width", 768))
+
+
+def resolve_backbone_defaults(cfg: "WeCLIPConfig", depth: int, width: int, prefix: str = "") -> "WeCLIPConfig":
+    """Fill the settings left unset (None) that follow the backbone, and check the ones set.
+
+    ``refine.candidate_blocks``/``static_blocks``: the dataset preset's fractions of ``depth``;
+    ``decoder.dim``: ``min(256, width)``; ``decoder.num_heads``: ``dim // 32`` rounded down to a
+    divisor of ``dim``. A value set explicitly that does not fit raises ``ConfigError`` naming it.
+    """
+    preset = DATASET_PRESETS.get(cfg.text.dataset, _VOC)
+    r, d = cfg.refine, cfg.decoder
+    if r.candidate_blocks is None:
+        r.candidate_blocks = max(1, min(depth, round(preset.candidate_fraction * depth)))
+    if r.static_blocks is None:
+        r.static_blocks = max(1, min(depth, round(preset.static_fraction * depth)))
+    for key in ("candidate_blocks", "static_blocks"):
+        v = getattr(r, key)
+        if v > depth:
+            raise ConfigError(f"{prefix}refine.{key}={v} exceeds the backbone depth ({depth} blocks): set it to at "
+                              f"most {depth}, or leave it out to follow the backbone")
+    if d.dim is None:
+        d.dim = min(256, int(width))
+    if d.num_heads is None:
+        h = max(1, d.dim // 32)
+        while d.dim % h:
+            h -= 1
+        d.num_heads = h
+    if d.dim % d.num_heads:
+        raise ConfigError(f"{prefix}decoder.dim={d.dim} must be divisible by {prefix}decoder.num_heads={d.num_heads}")
+    return cfg
+
+
+def model_config_from_dict(data: Mapping, overrides: Sequence[str] = (), *, presets: bool = True,
+                           prefix: str = "") -> "WeCLIPConfig":
+    """The one path from a model-config dict to a validated ``WeCLIPConfig``: ``key=value``
+    overrides, the dataset preset underneath (``presets``), type checks, the settings that follow
+    the backbone, validation. Errors name the key with ``prefix`` (e.g. ``model.``)."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
+    check_config_depth(data, prefix.rstrip(".") or "config")
+    data = apply_overrides(dict(data), overrides)
+    if presets:
+        data = apply_dataset_preset(data, prefix)
+    cfg = from_dict(WeCLIPConfig, data, prefix=prefix)
+    try:
+        cfg.validate()
+        if any(v is None for v in (cfg.refine.candidate_blocks, cfg.refine.static_blocks, cfg.decoder.dim,
+                                   cfg.decoder.num_heads)):
+            shape = backbone_shape(cfg.backbone)
+            if shape is None:
+                raise ConfigError("backbone.model_name: cannot tell the depth/width of this backbone; set "
+                                  "refine.candidate_blocks, refine.static_blocks, decoder.dim and decoder.num_heads")
+            resolve_backbone_defaults(cfg, *shape)
+        return cfg.validate()
+    except ConfigError as e:
+        msg = str(e)
+        raise ConfigError(msg if not prefix or msg.startswith(prefix) else prefix + msg) from None
+
+
 def load_config(config: Union[WeCLIPConfig, Mapping, str, Path, None] = None,
                 overrides: Sequence[str] = ()) -> WeCLIPConfig:
     """A ``WeCLIPConfig`` from a dataclass, dict or YAML/JSON path, with dataset presets applied
-    underneath the given values and ``key=value`` overrides on top; validated."""
+    underneath the given values and ``key=value`` overrides on top; validated. A dataclass is
+    taken as complete (no presets); settings left None follow the backbone."""
     if isinstance(config, WeCLIPConfig):
-        data = to_dict(config)
-        explicit = True
-    elif config is None:
-        data, explicit = {}, False
+        return model_config_from_dict(to_dict(config), overrides, presets=False)
+    if config is None:
+        data: Any = {}
     elif isinstance(config, Mapping):
-        data, explicit = json.loads(json.dumps(dict(config))), False
-    else:
-        path = Path(config)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        if "model" in data and isinstance(data["model"], Mapping):
+        data = json.loads(json.dumps(dict(config)))
+    elif isinstance(config, (str, Path)):
+        data = read_config_file(config)
+        if isinstance(data.get("model"), Mapping):
             data = data["model"]
-        explicit = False
-    data = apply_overrides(data, overrides)
-    if not explicit:
-        dataset = (data.get("text") or {}).get("dataset", "voc")
-        if dataset not in DATASET_PRESETS:
-            raise ConfigError(f"text.dataset: must be one of {list(DATASET_PRESETS)}, got {dataset!r}")
-        data = _deep_merge(DATASET_PRESETS[dataset], data)
-    return from_dict(WeCLIPConfig, data).validate()
+    else:
+        raise ConfigError(f"config: expected a mapping or a file path, got {type(config).__name__}")
+    return model_config_from_dict(data, overrides)

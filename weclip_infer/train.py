@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import sys
+from typing import Optional, Sequence
 
 
-def main(argv=None) -> int:
+def main(argv: Optional[Sequence[str]] = None) -> int:
     from weclip_infer.training.cli import main as _main
 
     return _main(argv)

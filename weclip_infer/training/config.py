@@ -1,4 +1,4 @@
-"""Training configuration: the ``train:`` and ``data:`` sections of a training YAML (spec §7).
+"""Training configuration: the ``train:`` and ``data:`` sections of a training YAML.
 
 A training YAML has three sections::
 
@@ -6,30 +6,45 @@ A training YAML has three sections::
     train:  TrainConfig (optimiser, schedule, loop, evaluation, checkpoints, devices)
     data:   DataConfig (dataset kind, root, splits, augmentation)
 
-Every hyperparameter the spec names is a key whose default is the spec's value (the authors'
-code where paper and code differ, spec §11.1). Unknown keys and bad values raise
-``ConfigError`` naming the key. ``key=value`` overrides (``train.max_iters=10``,
+Every hyperparameter of the method is a key whose default is the published recipe (the
+authors' code where paper and code differ). Unknown keys and bad values raise ``ConfigError``
+naming the key. ``key=value`` overrides (``train.max_iters=10``,
 ``model.refine.rfm_switch_iter=5``) are applied before validation.
+
+What the data defines, the data sets: with ``data.class_names_file`` (and ``model.text.dataset:
+custom``) the file's list *is* the class list (prompts default to the names); a demo world's
+classes come from its ``classes.json`` (or the demo world module). Settings that follow the
+backbone (``model.refine.candidate_blocks``/``static_blocks``, ``model.decoder.dim``/``num_heads``)
+are derived from it unless set.
+
+Schedule lengths belong to the run length of the config they come from: when
+``train.max_iters`` is overridden to a shorter run, ``train.warmup_iters`` and
+``model.refine.rfm_switch_iter`` scale with it (unless overridden too), and a schedule that cannot
+fit the run is logged as a warning.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import yaml
 
-from weclip_infer.config import (  # noqa: I001
-    _deep_merge,
-    DATASET_PRESETS,
+from weclip_infer.config import (
     ConfigError,
     WeCLIPConfig,
     apply_overrides,
+    check_config_depth,
     from_dict,
+    model_config_from_dict,
+    read_config_file,
     to_dict,
 )
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "TrainConfig",
@@ -38,6 +53,7 @@ __all__ = [
     "load_train_config",
     "full_config_to_dict",
     "DATA_KINDS",
+    "dump_yaml",
 ]
 
 DATA_KINDS = ("voc", "coco", "custom", "demo")
@@ -46,27 +62,27 @@ _DEFAULT_TRAIN_SPLIT = {"voc": "train_aug", "coco": "train", "custom": "train", 
 
 @dataclass
 class TrainConfig:
-    """Optimiser, schedule and loop (spec §7.3–§7.5). Defaults are the VOC recipe."""
+    """Optimiser, schedule and loop. Defaults are the VOC recipe."""
 
-    # --- schedule (spec §7.5) ------------------------------------------------------------------
+    # --- schedule ------------------------------------------------------------------
     max_iters: int = 30000  # VOC 30k, COCO 80k optimiser steps
     batch_size: int = 4  # per process (the reference trains on one GPU with 4)
-    # --- optimiser (spec §7.3): AdamW on all decoder parameters -----------------------------------
+    # --- optimiser: AdamW on all decoder parameters -----------------------------------
     base_lr: float = 2e-4  # config lr of the reference
     lr_mult: float = 10.0  # the seg-head parameter group runs at 10x: effective lr 2e-3
     betas: list = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
-    weight_decay: float = 0.01  # paper says 1e-3, code 0.01 (§11.1); applied to every parameter
-    # --- lr schedule (spec §7.4): linear warm-up, then poly with s/max_iters -----------------------
+    weight_decay: float = 0.01  # paper says 1e-3, code 0.01; applied to every parameter
+    # --- lr schedule: linear warm-up, then poly with s/max_iters -----------------------
     warmup_iters: int = 50
     warmup_ratio: float = 1e-6
     poly_power: float = 1.0
-    # --- reproducibility (spec §7.5) ----------------------------------------------------------
+    # --- reproducibility ----------------------------------------------------------------------
     seed: int = 1
     deterministic: bool = True  # cudnn.deterministic = True, cudnn.benchmark = False
     # --- devices -----------------------------------------------------------------------------------
     device: str = "auto"  # auto (CUDA if available) | cpu | cuda | cuda:N
-    amp: bool = False  # the reference runs no autocast (§7.5)
+    amp: bool = False  # the reference runs no autocast
     amp_dtype: str = "float16"  # float16 (GradScaler on CUDA) | bfloat16 (needs a bf16-safe cam.box_mask)
     dist_backend: str = "auto"  # auto: nccl on CUDA, gloo on CPU
     find_unused_parameters: bool = False  # every decoder parameter gets a gradient
@@ -128,19 +144,20 @@ class TrainConfig:
 
 @dataclass
 class DataConfig:
-    """Where the data lives and how training crops are made (spec §7.1, §7.2).
+    """Where the data lives and how training crops are made.
 
     ``kind``: ``voc`` | ``coco`` | ``custom`` | ``demo`` (the demo world written by
     ``python -m weclip_infer.demo.make_world``: a VOC-style layout with its own class list in
-    ``<root>/classes.json``). Relative paths are relative to the current directory.
+    ``<root>/classes.json``). ``labels_file``, ``class_names_file`` and ``masks_dir`` given as
+    relative paths are looked up in ``root`` first, then in the current directory.
     """
 
     kind: str = "voc"
     root: str = ""
     train_split: Optional[str] = None  # default: train_aug (VOC), train (COCO, custom, demo)
-    val_split: str = "val"  # the reference's in-training VOC validation used "train" (spec §7.5)
+    val_split: str = "val"  # the reference's in-training VOC validation used "train"
     labels_file: Optional[str] = None  # image-level labels (default: found in the root)
-    class_names_file: Optional[str] = None  # foreground class names (.txt/.json); default: the model's
+    class_names_file: Optional[str] = None  # foreground class names (.txt/.json): defines the classes
     masks_dir: Optional[str] = None  # custom kind only: GT PNGs mirroring the image paths (evaluation)
     crop_size: int = 320
     scale_range: list = field(default_factory=lambda: [0.5, 2.0])
@@ -166,6 +183,14 @@ class DataConfig:
             raise ConfigError(f"data.prefetch_factor: must be >= 1, got {self.prefetch_factor}")
         if self.train_split is None:
             self.train_split = _DEFAULT_TRAIN_SPLIT[self.kind]
+        for key in ("labels_file", "class_names_file", "masks_dir"):
+            v = getattr(self, key)
+            if v is not None:
+                if not str(v).strip():
+                    raise ConfigError(f"data.{key}: must not be empty (leave it out instead)")
+                p = Path(v)
+                if not p.is_absolute() and (Path(self.root) / p).exists():
+                    setattr(self, key, str(Path(self.root) / p))
         return self
 
 
@@ -179,8 +204,7 @@ class FullConfig:
 
 
 _SECTIONS = ("model", "train", "data")
-
-
+_SCHEDULE_KEYS = ("train.warmup_iters", "model.refine.rfm_switch_iter")
 
 
 def _read(config: Union[FullConfig, Mapping, str, os.PathLike, None]) -> dict:
@@ -189,65 +213,119 @@ def _read(config: Union[FullConfig, Mapping, str, os.PathLike, None]) -> dict:
     if isinstance(config, FullConfig):
         return full_config_to_dict(config)
     if isinstance(config, Mapping):
+        check_config_depth(config, "config")
         return json.loads(json.dumps(dict(config)))
-    path = Path(config)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{path}: expected a mapping with sections {list(_SECTIONS)}")
-    return dict(data)
+    if not isinstance(config, (str, os.PathLike)):
+        raise ConfigError(f"config: expected a mapping or a YAML path, got {type(config).__name__}")
+    return read_config_file(config)
 
 
-def _demo_classes(root: str) -> Optional[dict]:
-    """``classes.json`` of a demo world (class_names, class_prompts, bg_prompts), if present."""
+def _demo_classes(root: str) -> dict:
+    """Class lists of a demo world: its ``classes.json`` when present, else the demo world
+    module's own lists (the world generator writes the same ones)."""
     p = Path(root) / "classes.json"
-    if not p.is_file():
+    if p.is_file():
+        try:
+            meta = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"data.root: cannot read {p}: {e}") from None
+        if isinstance(meta, dict) and meta.get("class_names"):
+            return meta
+    from weclip_infer.demo.world import BACKGROUND_NAMES, CLASS_NAMES, CLASS_PROMPTS
+
+    return {"class_names": list(CLASS_NAMES), "class_prompts": list(CLASS_PROMPTS), "bg_prompts": list(BACKGROUND_NAMES)}
+
+
+def _data_class_names(dcfg: "DataConfig") -> Optional[list]:
+    """The class list the data gives (``data.class_names_file``), or None."""
+    if dcfg.class_names_file is None:
         return None
+    from weclip_infer.data import DatasetError, load_class_names
+
     try:
-        meta = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"data.root: cannot read {p}: {e}") from None
-    return meta if isinstance(meta, dict) else None
+        return list(load_class_names(dcfg.class_names_file))
+    except DatasetError as e:
+        raise ConfigError(f"data.class_names_file: {e}") from None
 
 
-def _model_config(data: Mapping, demo_root: Optional[str]) -> WeCLIPConfig:
-    """WeCLIPConfig from the ``model:`` section, dataset presets (spec §7.5) underneath;
+def _model_config(data: Mapping, dcfg: "DataConfig") -> WeCLIPConfig:
+    """WeCLIPConfig from the ``model:`` section with the classes the data defines filled in;
     error messages name the key with its ``model.`` prefix."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"model: expected a mapping, got {type(data).__name__}")
     m = dict(data)
     text = dict(m.get("text") or {})
-    if demo_root is not None and text.get("dataset", "voc") == "custom" and not text.get("class_names"):
-        meta = _demo_classes(demo_root)  # fill the demo world's class lists when the YAML leaves them out
-        if meta is not None:
+    if text.get("dataset", "voc") == "custom":
+        file_names = _data_class_names(dcfg)
+        if file_names is not None:
+            given = text.get("class_names")
+            if given is not None and list(given) != file_names:
+                raise ConfigError(f"data.class_names_file: {dcfg.class_names_file} lists classes {file_names}, but "
+                                  f"model.text.class_names is set to {list(given)}; leave model.text.class_names "
+                                  "out to take the file's list")
+            text["class_names"] = file_names
+        elif dcfg.kind == "demo" and not text.get("class_names"):
+            meta = _demo_classes(dcfg.root)
             text["class_names"] = meta.get("class_names")
             for key in ("class_prompts", "bg_prompts"):
                 if text.get(key) is None and meta.get(key) is not None:
                     text[key] = meta[key]
-            m["text"] = text
-    dataset = text.get("dataset", "voc")
-    if dataset not in DATASET_PRESETS:
-        raise ConfigError(f"model.text.dataset: must be one of {list(DATASET_PRESETS)}, got {dataset!r}")
-    m = _deep_merge(DATASET_PRESETS[dataset], m)
-    cfg = from_dict(WeCLIPConfig, m, prefix="model.")
-    try:
-        return cfg.validate()
-    except ConfigError as e:
-        raise ConfigError(f"model.{e}") from None
+        m["text"] = text
+    return model_config_from_dict(m, prefix="model.")
+
+
+def _get(data: Mapping, dotted: str) -> Any:
+    node: Any = data
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _fit_schedule(cfg: "FullConfig", reference_iters: int, overridden: set) -> None:
+    """Scale the schedule lengths to a run shorter than the one they were written for, and warn
+    about a schedule that cannot fit the run."""
+    t, r = cfg.train, cfg.model.refine
+    n = t.max_iters
+    if n < reference_iters:
+        changes = []
+        for key in _SCHEDULE_KEYS:
+            if key in overridden:
+                continue
+            obj, attr = (t, "warmup_iters") if key.startswith("train.") else (r, "rfm_switch_iter")
+            old = getattr(obj, attr)
+            new = int(round(old * n / reference_iters))
+            new = max(1, new) if old > 0 else 0
+            if new != old:
+                setattr(obj, attr, new)
+                changes.append(f"{key} {old} -> {new}")
+        if changes:
+            logger.info("train.max_iters=%d is shorter than the %d iterations the config's schedule was written for; "
+                        "scaled with it: %s (override them to keep other values)", n, reference_iters,
+                        ", ".join(changes))
+    if t.warmup_iters >= n:
+        logger.warning("train.warmup_iters=%d >= train.max_iters=%d: the learning rate never leaves the warm-up",
+                       t.warmup_iters, n)
+    elif t.warmup_iters * 10 > n:
+        logger.warning("train.warmup_iters=%d is more than a tenth of train.max_iters=%d: the poly decay starts "
+                       "far below the warm-up's peak (set train.warmup_iters lower)", t.warmup_iters, n)
+    uses_rfm = r.use_rfm and r.use_refinement and not cfg.model.decoder.fully_supervised
+    if uses_rfm and r.rfm_switch_iter >= n:
+        logger.warning("model.refine.rfm_switch_iter=%d >= train.max_iters=%d: RFM never switches on in this run "
+                       "(static refinement only)", r.rfm_switch_iter, n)
 
 
 def load_train_config(config: Union[FullConfig, Mapping, str, os.PathLike, None] = None,
                       overrides: Sequence[str] = ()) -> FullConfig:
     """Load a training config (YAML path, dict or ``FullConfig``) and apply ``key=value``
     overrides (``train.max_iters=10``, ``model.refine.rfm_switch_iter=5``, ``data.root=...``)."""
-    data = _read(config)
+    base = _read(config)
     for o in overrides:
         key = o.split("=", 1)[0].strip()
         if "=" in o and key.split(".")[0] not in _SECTIONS:
             raise ConfigError(f"override {o!r}: key must start with one of {[s + '.' for s in _SECTIONS]}")
-    data = apply_overrides(data, overrides)
+    data = apply_overrides(base, overrides)
     unknown = sorted(set(data) - set(_SECTIONS))
     if unknown:
         raise ConfigError(f"unknown config key(s): {', '.join(unknown)} (sections are {list(_SECTIONS)})")
@@ -258,8 +336,16 @@ def load_train_config(config: Union[FullConfig, Mapping, str, os.PathLike, None]
             raise ConfigError(f"{s}: expected a mapping, got {type(data[s]).__name__}")
     train = from_dict(TrainConfig, data["train"], prefix="train.").validate()
     dcfg = from_dict(DataConfig, data["data"], prefix="data.").validate()
-    model = _model_config(data["model"], dcfg.root if dcfg.kind == "demo" else None)
-    return FullConfig(model=model, train=train, data=dcfg)
+    model = _model_config(data["model"], dcfg)
+    cfg = FullConfig(model=model, train=train, data=dcfg)
+    ref = _get(base, "train.max_iters")
+    try:
+        reference_iters = int(ref) if ref is not None else TrainConfig.max_iters
+    except (TypeError, ValueError):
+        reference_iters = train.max_iters
+    overridden = {o.split("=", 1)[0].strip() for o in overrides if "=" in o}
+    _fit_schedule(cfg, reference_iters, overridden)
+    return cfg
 
 
 def full_config_to_dict(cfg: FullConfig) -> dict:
@@ -268,7 +354,5 @@ def full_config_to_dict(cfg: FullConfig) -> dict:
 
 
 def dump_yaml(cfg: FullConfig) -> str:
+    """The resolved config as YAML (what ``--print-config`` prints and a run folder keeps)."""
     return yaml.safe_dump(full_config_to_dict(cfg), sort_keys=False, default_flow_style=None)
-
-
-__all__.append("dump_yaml")

@@ -4,7 +4,7 @@ Launch with ``torchrun --nproc_per_node N -m weclip_infer.train --config ...``. 
 ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``; :func:`init_distributed` then joins the process group
 (NCCL on CUDA, gloo on CPU) and picks ``cuda:LOCAL_RANK``. Only rank 0 logs and writes files.
 
-The reference trains on one GPU (spec §7.5); with N processes the global batch is N × batch_size,
+The reference trains on one GPU; with N processes the global batch is N × batch_size,
 each process seeing a disjoint shard of every epoch (see :class:`ResumableSampler`).
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch.utils.data import Sampler
 
 __all__ = ["DistInfo", "init_distributed", "cleanup_distributed", "ResumableSampler", "all_reduce_sum",
-           "all_reduce_mean", "all_gather_objects", "barrier", "broadcast_object"]
+           "all_reduce_mean", "all_gather_objects", "barrier"]
 
 
 @dataclass
@@ -112,14 +112,6 @@ def all_gather_objects(obj: Any) -> List[Any]:
     return out
 
 
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    if not _active():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 class ResumableSampler(Sampler[int]):
     """Epoch-seeded shuffling, sharded over processes, that can start mid-epoch.
 
@@ -160,10 +152,3 @@ class ResumableSampler(Sampler[int]):
     def __len__(self) -> int:
         return max(0, self.per_rank - self.start)
 
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The model inside a DDP wrapper (or the model itself)."""
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-
-
-__all__.append("unwrap")

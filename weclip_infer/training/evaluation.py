@@ -2,7 +2,7 @@
 
 * :func:`evaluate_segmentation`: mIoU of the segmentation branch on the val split through the
   inference predictor (``weclip_infer.predictor.Segmenter``): single scale without flip during
-  training, the model's inference scales + flip at the end (spec §8.1, §8.3). Images are sharded
+  training, the model's inference scales + flip at the end. Images are sharded
   over processes and the confusion matrices summed.
 * :class:`PseudoLabelMeter`: confusion matrix of the online pseudo labels against the GT of the
   training crops (where the crop has a GT mask), so the effect of the refinement/RFM is visible
@@ -10,7 +10,6 @@
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 import numpy as np
@@ -56,14 +55,7 @@ class PseudoLabelMeter:
 
     def miou(self) -> float:
         """mIoU of this process's counts (NaN before any labelled pixel)."""
-        h = self.hist.double()
-        rows = h.sum(1)
-        present = rows > 0
-        if not bool(present.any()):
-            return math.nan
-        diag = torch.diagonal(h)
-        iou = diag[present] / (rows[present] + h.sum(0)[present] - diag[present])
-        return float(iou.mean())
+        return float(self.compute()["miou"])
 
 
 def make_segmenter(model, multiscale: bool):

@@ -1,4 +1,4 @@
-"""Optimiser and learning-rate schedule (spec §7.3, §7.4).
+"""Optimiser and learning-rate schedule of the WeCLIP recipe.
 
 The reference (``PolyWarmupAdamW``) sets the lr of every parameter group *before* each optimiser
 step from a step counter ``s`` that starts at 0:
@@ -36,7 +36,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW (decoupled weight decay) on the trainable parameters (spec §7.3): betas (0.9, 0.999),
+    """AdamW (decoupled weight decay) on the trainable parameters: betas (0.9, 0.999),
     eps 1e-8, weight decay 0.01 on every parameter (biases and norms included), one group at the
     effective lr. The reference's other three groups are empty (backbone frozen)."""
     params = [p for p in params if p.requires_grad]

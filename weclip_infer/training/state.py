@@ -11,19 +11,28 @@ A checkpoint is a directory ``<out>/checkpoints/iter_<N>/`` holding
   of python / numpy / torch / CUDA for every process. Only tensors and plain Python values are
   stored, and it is read with ``torch.load(weights_only=True)``.
 
-The directory is built under a temporary name and renamed into place, then the text file
-``<out>/checkpoints/latest`` (``iter_<N>``) is replaced atomically, so a crash never leaves a
-half-written checkpoint behind ``latest``.
+The directory is built under a temporary name (``.iter_<N>.*.tmp``), every file in it and the
+directory itself are flushed to disk (fsync), it is renamed into place and the parent directory
+is flushed, and only then is the text file ``<out>/checkpoints/latest`` (``iter_<N>``) replaced
+atomically, so neither a crash nor a power loss leaves ``latest`` naming unwritten data.
+Temporary folders left by an interrupted write are removed when a run starts
+(:func:`clean_stale_temporaries`).
+
+Resuming a run folder takes the newest checkpoint that loads (:func:`find_resumable`): a
+truncated ``train_state.pt``, a deleted ``iter_<N>`` folder, damaged weights or a bad ``latest``
+pointer make it fall back to the next older one, with a warning naming what was skipped.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
+import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -31,8 +40,16 @@ import torch
 from weclip_infer.config import ConfigError
 from weclip_infer.io_utils import atomic_path, write_json_atomic
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
     "STATE_FORMAT",
+    "find_resumable",
+    "clean_stale_temporaries",
+    "checkpoint_problem",
+    "resolve_resume",
+    "has_checkpoints",
+    "load_checkpoint_config",
     "capture_rng",
     "restore_rng",
     "save_training_checkpoint",
@@ -93,17 +110,56 @@ def _to_cpu(obj: Any) -> Any:
 # writing
 # ------------------------------------------------------------------------------------------------
 
+def _fsync_path(path: Path) -> None:
+    """Flush a file's or a directory's contents to disk (directories: where the OS allows it)."""
+    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if path.is_dir() else 0)
+    try:
+        fd = os.open(str(path), flags)
+    except OSError:
+        if path.is_dir():
+            return  # e.g. Windows cannot open directories; the rename is still atomic
+        raise
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not path.is_dir():
+            raise
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every file under ``root``, then the directories bottom-up."""
+    dirs = []
+    for dirpath, _dirnames, filenames in os.walk(root):
+        dirs.append(Path(dirpath))
+        for f in filenames:
+            _fsync_path(Path(dirpath) / f)
+    for d in reversed(dirs):
+        _fsync_path(d)
+
+
+def _publish_mode(path: Path) -> None:
+    """Give a directory made by ``mkdtemp`` (0700) the mode the user's umask gives new folders."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o777 & ~umask)
+
+
 def _replace_dir(tmp: Path, final: Path) -> None:
-    """Move the finished directory ``tmp`` to ``final`` (replacing an older one)."""
+    """Move the finished directory ``tmp`` to ``final`` (replacing an older one), durably."""
+    _fsync_tree(tmp)
     if final.exists():
         old = final.with_name(f".{final.name}.old-{os.getpid()}")
         if old.exists():
             shutil.rmtree(old)
         os.replace(final, old)
         os.replace(tmp, final)
+        _fsync_path(final.parent)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
+        _fsync_path(final.parent)
 
 
 def save_training_checkpoint(out_dir: PathLike, model, optimizer: torch.optim.Optimizer, *, iteration: int,
@@ -122,6 +178,7 @@ def save_training_checkpoint(out_dir: PathLike, model, optimizer: torch.optim.Op
     name = f"iter_{int(iteration)}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=ck_root))
     try:
+        _publish_mode(tmp)
         meta = {"iteration": int(iteration), "epoch": int(epoch)}
         if extra_meta:
             meta.update(extra_meta)
@@ -150,6 +207,8 @@ def save_training_checkpoint(out_dir: PathLike, model, optimizer: torch.optim.Op
         raise
     with atomic_path(ck_root / "latest") as p:
         p.write_text(name + "\n")
+        _fsync_path(p)
+    _fsync_path(ck_root)
     return final
 
 
@@ -169,43 +228,147 @@ def prune_checkpoints(out_dir: PathLike, keep: int) -> list[Path]:
     return removed
 
 
+_STALE = re.compile(r"^\.(iter_\d+\..+\.tmp|iter_\d+\.old-\d+|latest\..+\.tmp)$")
+
+
+def clean_stale_temporaries(out_dir: PathLike) -> list[Path]:
+    """Remove what interrupted checkpoint writes left in ``<out_dir>/checkpoints``: hidden
+    ``.iter_<N>.*.tmp`` folders, ``.iter_<N>.old-<pid>`` folders and ``.latest.*.tmp`` files.
+    Call it before a run writes there (only one run may write a run folder at a time)."""
+    ck_root = Path(out_dir) / "checkpoints"
+    removed: list[Path] = []
+    if not ck_root.is_dir():
+        return removed
+    for p in sorted(ck_root.iterdir()):
+        if not _STALE.match(p.name):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    if removed:
+        logger.info("removed %d leftover(s) of interrupted checkpoint writes in %s: %s", len(removed), ck_root,
+                    ", ".join(p.name for p in removed))
+    return removed
+
+
 # ------------------------------------------------------------------------------------------------
 # reading
 # ------------------------------------------------------------------------------------------------
 
 def latest_checkpoint(out_dir: PathLike) -> Optional[Path]:
-    """The checkpoint ``<out_dir>/checkpoints/latest`` names, or None."""
+    """The checkpoint ``<out_dir>/checkpoints/latest`` names, or None (no pointer, or it names
+    no ``iter_<N>`` folder there)."""
     ptr = Path(out_dir) / "checkpoints" / "latest"
     if not ptr.is_file():
         return None
-    name = ptr.read_text().strip()
+    try:
+        name = ptr.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if not re.fullmatch(r"iter_\d+", name):
+        return None
     p = ptr.parent / name
     return p if p.is_dir() else None
 
 
+def _iter_dirs(ck_root: Path) -> list[Path]:
+    """``iter_<N>`` folders of a checkpoints folder, newest (highest N) first."""
+    if not ck_root.is_dir():
+        return []
+    found = [(int(p.name[5:]), p) for p in ck_root.iterdir()
+             if p.is_dir() and p.name.startswith("iter_") and p.name[5:].isdigit()]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def has_checkpoints(out_dir: PathLike) -> bool:
+    """Whether ``<out_dir>/checkpoints`` holds a ``latest`` pointer or any ``iter_<N>`` folder."""
+    ck_root = Path(out_dir) / "checkpoints"
+    return (ck_root / "latest").is_file() or bool(_iter_dirs(ck_root))
+
+
+def checkpoint_problem(ckpt: PathLike) -> Tuple[Optional[str], Optional[dict]]:
+    """``(None, train_state)`` when the checkpoint folder loads completely (training state,
+    config, weights with their recorded sha256), else ``(reason, None)``."""
+    from weclip_infer.checkpoint import CheckpointError, read_checkpoint_meta, read_checkpoint_tensors
+
+    p = Path(ckpt)
+    if not p.is_dir():
+        return f"{p}: no such checkpoint folder", None
+    try:
+        state = load_train_state(p)
+        load_checkpoint_config(p)
+        read_checkpoint_tensors(p, read_checkpoint_meta(p))
+    except (ConfigError, CheckpointError) as e:
+        return str(e), None
+    return None, state
+
+
+def find_resumable(run_dir: PathLike) -> Optional[Tuple[Path, dict]]:
+    """The newest checkpoint of a run folder that loads, with its training state: the one
+    ``latest`` names first, then the ``iter_<N>`` folders from the newest. Checkpoints skipped
+    are logged with the reason. None when the run has no checkpoint at all; ``ConfigError`` when
+    it has some but none loads."""
+    ck_root = Path(run_dir) / "checkpoints"
+    candidates: list[Path] = []
+    lat = latest_checkpoint(run_dir)
+    if lat is not None:
+        candidates.append(lat)
+    elif (ck_root / "latest").is_file():
+        logger.warning("%s: names no checkpoint folder; looking for the newest checkpoint that loads",
+                       ck_root / "latest")
+    candidates += [p for p in _iter_dirs(ck_root) if p not in candidates]
+    if not candidates:
+        return None
+    skipped = []
+    for c in candidates:
+        reason, state = checkpoint_problem(c)
+        if reason is None:
+            if skipped:
+                logger.warning("resuming from %s, the newest checkpoint that loads (skipped: %s)", c, "; ".join(skipped))
+            return c, state  # type: ignore[return-value]
+        skipped.append(f"{c.name}: {reason}")
+    raise ConfigError(f"{run_dir}: no checkpoint there loads ({'; '.join(skipped)})")
+
+
 def resolve_checkpoint(path: PathLike) -> Path:
-    """A checkpoint directory from ``path``: the checkpoint itself, a run directory (its
-    ``latest``), the ``checkpoints`` folder, or the ``latest`` pointer file."""
+    """A checkpoint directory from ``path``: the checkpoint itself, a run directory, the
+    ``checkpoints`` folder, or the ``latest`` pointer file. For a run, the newest checkpoint
+    that loads (see :func:`find_resumable`)."""
+    return resolve_resume(path)[0]
+
+
+def resolve_resume(path: PathLike) -> Tuple[Path, dict]:
+    """``(checkpoint folder, training state)`` to resume from ``path`` (see
+    :func:`resolve_checkpoint`). A checkpoint folder named directly must load; a run folder falls
+    back to its newest checkpoint that loads."""
     p = Path(path)
     if p.is_file() and p.name == "latest":
         p = p.parent.parent
-    if (p / "train_state.pt").is_file():
-        return p
-    if p.name == "checkpoints" and (p / "latest").is_file():
+    elif p.name == "checkpoints" and p.is_dir() and not (p / "train_state.pt").exists():
         p = p.parent
-    lat = latest_checkpoint(p)
-    if lat is not None and (lat / "train_state.pt").is_file():
-        return lat
-    raise ConfigError(f"--resume {path}: no training checkpoint there (expected iter_<N>/train_state.pt "
-                      "or a run folder with checkpoints/latest)")
+    if (p / "train_state.pt").exists() or re.fullmatch(r"iter_\d+", p.name):
+        reason, state = checkpoint_problem(p)
+        if reason is not None:
+            raise ConfigError(f"--resume {path}: this checkpoint cannot be loaded: {reason} (give the run folder "
+                              "to resume from its newest checkpoint that loads)")
+        return p, state  # type: ignore[return-value]
+    found = find_resumable(p)
+    if found is None:
+        raise ConfigError(f"--resume {path}: no training checkpoint there (expected iter_<N>/train_state.pt "
+                          "or a run folder with checkpoints/)")
+    return found
 
 
 def load_train_state(ckpt: PathLike) -> dict:
     """``train_state.pt`` of a checkpoint, read with ``weights_only=True``."""
     p = Path(ckpt) / "train_state.pt"
+    if not p.is_file():
+        raise ConfigError(f"{p}: missing")
     try:
         st = torch.load(str(p), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001 - torch raises several types for a damaged file
         raise ConfigError(f"{p}: cannot read training state: {e}") from None
     if not isinstance(st, dict) or st.get("format") != STATE_FORMAT:
         raise ConfigError(f"{p}: not a {STATE_FORMAT} training state")
@@ -213,18 +376,16 @@ def load_train_state(ckpt: PathLike) -> dict:
 
 
 def load_checkpoint_config(ckpt: PathLike) -> dict:
+    """``train_config.json`` of a checkpoint: the whole training config of the run."""
+    from weclip_infer.config import parse_config_text
+
     p = Path(ckpt) / "train_config.json"
     try:
-        return json.loads(p.read_text())
-    except (OSError, ValueError) as e:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{p}: cannot read the training config: {e}") from None
+    data = parse_config_text(text, str(p), json_only=True)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a JSON object")
+    return data
 
-
-def load_decoder_weights(ckpt: PathLike) -> dict:
-    """Tensors of ``model.safetensors`` (``decoder.*``, ``text_fg``, ``text_bg``)."""
-    from safetensors.torch import load_file
-
-    return load_file(str(Path(ckpt) / "model.safetensors"))
-
-
-__all__ += ["load_checkpoint_config", "load_decoder_weights"]

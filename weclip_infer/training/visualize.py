@@ -175,7 +175,7 @@ def _cam_image(cams: torch.Tensor, size: tuple[int, int], base: np.ndarray) -> n
         c = cams.detach().float().cpu()
         lo = c.flatten(1).min(1).values[:, None, None]
         hi = c.flatten(1).max(1).values[:, None, None]
-        c = (c - lo) / (hi - lo).clamp_min(1e-12)  # per-class min-max, as the model does (spec §11.2 item 9)
+        c = (c - lo) / (hi - lo).clamp_min(1e-12)  # per-class min-max, as the model does
         up = F.interpolate(c[None], size=size, mode="bilinear", align_corners=False)[0]
         m = up.max(0).values.numpy()
     return (0.45 * base.astype(np.float32) + 0.55 * heatmap(m).astype(np.float32)).astype(np.uint8)
