@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from weclip_infer.demo import world as W
+from weclip_infer.demo.shapes import _BODY_DARK, _BODY_LIGHT
 from weclip_infer.demo.make_world import main as make_world_main
 
 CFG = W.WorldConfig(size=96)  # small images keep the tests fast; geometry is relative to size
@@ -243,8 +244,8 @@ def test_badge_style_layout_matches_flat_and_colours_only_the_badge():
             body_err = np.abs(img[body] - colour).mean()
             assert badge_err < 40 < body_err, (i, k, badge_err, body_err)
             # the body is the same for every class: its pixels lie between the two stripe colours
-            floor = np.minimum(W._BODY_DARK, W._BODY_LIGHT) * 0.75 - 8
-            ceil = np.maximum(W._BODY_DARK, W._BODY_LIGHT) * 1.25 + 8
+            floor = np.minimum(_BODY_DARK, _BODY_LIGHT) * 0.75 - 8
+            ceil = np.maximum(_BODY_DARK, _BODY_LIGHT) * 1.25 + 8
             assert ((img[body] >= floor) & (img[body] <= ceil)).all(axis=1).mean() > 0.97
             n_checked += 1
     assert n_checked >= 8

@@ -13,8 +13,15 @@ import numpy as np
 
 from ..imageio import DEFAULT_MAX_PIXELS
 from .base import Sample, SegmentationDataset, mask_path
-from .label_files import (IMAGE_EXTENSIONS, DatasetError, _find_file, _label_vector, _report, load_class_names,
-                          load_cls_labels)
+from .label_files import (
+    IMAGE_EXTENSIONS,
+    DatasetError,
+    _find_file,
+    _label_vector,
+    _report,
+    load_class_names,
+    load_cls_labels,
+)
 
 __all__ = ["CustomFolderDataset"]
 

@@ -32,8 +32,15 @@ from typing import Any, Optional, Union
 
 from .base import Sample, SegmentationDataset, collate
 from .custom import CustomFolderDataset
-from .label_files import (IMAGE_EXTENSIONS, DatasetError, _find_file, labels_from_mask, load_class_names,
-                          load_cls_labels, read_split_file)
+from .label_files import (
+    IMAGE_EXTENSIONS,
+    DatasetError,
+    _find_file,
+    labels_from_mask,
+    load_class_names,
+    load_cls_labels,
+    read_split_file,
+)
 from .transforms import EvalTransform, TrainTransform
 from .voc import COCO_CLASSES, VOC_CLASSES, COCODataset, VOCDataset
 

@@ -6,7 +6,8 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
-from ..classes import COCO_CLASSES as _COCO, VOC_CLASSES as _VOC
+from ..classes import COCO_CLASSES as _COCO
+from ..classes import VOC_CLASSES as _VOC
 from ..imageio import DEFAULT_MAX_PIXELS
 from .base import Sample, SegmentationDataset, mask_path
 from .label_files import DatasetError, _find_file, _labels_for, _resolve_split, load_cls_labels, read_split_file
