@@ -40,32 +40,44 @@ import os
 import platform
 import sys
 import time
-from itertools import combinations, permutations
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from weclip_infer.backbone import FrozenCLIP, _block_attention, load_clip, save_clip
-from weclip_infer.normalization import normalize_array
+from weclip_infer.backbone import load_clip, save_clip
 from weclip_infer.config import BackboneConfig
-from weclip_infer.demo.world import (
-    OBJECT_STYLES,
-    BACKGROUND_NAMES,
-    CLASS_NAMES,
-    CLASS_PROMPTS,
-    ORIGAMI_TEMPLATE,
-    SPLIT_OFFSETS,
-    WorldConfig,
-    caption_forms,
-    generate_sample,
-)
+from weclip_infer.demo.world import BACKGROUND_NAMES, CLASS_NAMES, CLASS_PROMPTS, OBJECT_STYLES, WorldConfig
 from weclip_infer.text import tokenize
 
+# the pieces of pre-training, re-exported here as the module's public API
+from .pretrain_data import (
+    PretrainStream,
+    label_prompts,
+    normalize_batch,
+    positive_matrix,
+    presence_matrix,
+    world_token_ids,
+)
+from .pretrain_eval import DEFAULT_WECLIP_REFINE, EvalSet, evaluate, weclip_config
+from .pretrain_losses import (
+    attention_affinity_loss,
+    head_mean_attention,
+    mil_bce,
+    multi_positive_clip_loss,
+    prompt_vs_background_loss,
+    token_mil_loss,
+    token_prompt_probs,
+    value_tokens,
+)
+
 __all__ = [
+    "BACKGROUND_NAMES",
+    "CLASS_NAMES",
+    "CLASS_PROMPTS",
+    "normalize_batch",
     "DEFAULT_MODEL_CFG",
     "TINY_MODEL_CFG",
     "DEFAULT_WECLIP_REFINE",
@@ -106,39 +118,6 @@ TINY_MODEL_CFG: dict = {
     "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
 }
 
-#: WeCLIP refinement settings used for the CAM evaluation of a tower with ``L`` blocks
-#: (the reference uses 8 of 12 maps for the static refinement and 6 candidates for RFM).
-def DEFAULT_WECLIP_REFINE(num_layers: int) -> dict:  # noqa: N802 - constant-like
-    return {"static_blocks": max(1, min(num_layers, round(num_layers * 8 / 12))),
-            "candidate_blocks": max(1, min(num_layers, num_layers // 2)),
-            "cam_logit_scale": None, "box_threshold": 0.4, "use_rfm": False}
-
-
-# ------------------------------------------------------------------------------------------------
-# Vocabulary
-# ------------------------------------------------------------------------------------------------
-def all_world_texts(max_objects: int = 3, n_classes: int = len(CLASS_NAMES)) -> list[str]:
-    """Every caption any world sample can have (all class subsets up to ``max_objects``, every
-    background, every form and object order) plus every WeCLIP / zero-shot prompt."""
-    texts: set[str] = set()
-    for k in range(0, max_objects + 1):
-        for subset in combinations(range(n_classes), k):
-            for bg in range(len(BACKGROUND_NAMES)):
-                for caps in caption_forms(subset, bg).values():
-                    texts.update(caps)
-    for p in list(CLASS_PROMPTS) + list(CLASS_NAMES) + list(BACKGROUND_NAMES):
-        texts.add(ORIGAMI_TEMPLATE.format(p))
-        texts.add(p)
-    return sorted(texts)
-
-
-def world_token_ids(context_length: int = 32, max_objects: int = 3) -> list[int]:
-    """Sorted token ids (incl. ``<sot>``/``<eot>`` and padding 0) of every world caption and prompt."""
-    toks = tokenize(all_world_texts(max_objects), context_length)
-    ids = set(int(i) for i in torch.unique(toks).tolist())
-    ids.update({0, 49406, 49407})
-    return sorted(ids)
-
 
 # ------------------------------------------------------------------------------------------------
 # Model / config
@@ -147,287 +126,6 @@ def build_clip(model_cfg: dict, seed: int) -> nn.Module:
     """Random-init open_clip CLIP with the conv stem, through the same loader as the shipped file."""
     clip = load_clip(BackboneConfig(clip_weights="random", model_cfg=model_cfg, patch_stem="conv", seed=seed))
     return clip
-
-
-def weclip_config(model_cfg: dict, refine: Optional[dict] = None) -> dict:
-    """WeCLIP config dict for the demo world on top of ``model_cfg``."""
-    layers = int(model_cfg["vision_cfg"]["layers"])
-    r = dict(DEFAULT_WECLIP_REFINE(layers))
-    r.update(refine or {})
-    return {
-        "backbone": {"clip_weights": "random", "model_cfg": model_cfg, "patch_stem": "conv", "normalize": "imagenet"},
-        "text": {"dataset": "custom", "class_names": list(CLASS_NAMES), "class_prompts": list(CLASS_PROMPTS),
-                 "bg_prompts": list(BACKGROUND_NAMES), "templates": [ORIGAMI_TEMPLATE]},
-        "refine": r,
-    }
-
-
-# ------------------------------------------------------------------------------------------------
-# Data
-# ------------------------------------------------------------------------------------------------
-_FORM_ORDER = ("objects_background", "objects", "origami", "background")
-
-
-def normalize_batch(images: Sequence[np.ndarray]) -> torch.Tensor:
-    """H×W×3 uint8 images → ``B×3×H×W`` float32, ImageNet mean/std on 0..255 (spec §1.2)."""
-    arr = normalize_array(np.stack(images), "imagenet")
-    return torch.from_numpy(np.ascontiguousarray(arr.transpose(0, 3, 1, 2)))
-
-
-def sample_caption(classes: Sequence[int], bg: int, rng: np.random.Generator, weights: Sequence[float]) -> tuple[str, Optional[frozenset], Optional[int]]:
-    """A random caption and what it asserts: (text, class set or None, background or None)."""
-    forms = caption_forms(classes, bg)
-    w = np.array([float(x) if forms[f] else 0.0 for f, x in zip(_FORM_ORDER, weights)])
-    form = _FORM_ORDER[int(rng.choice(4, p=w / w.sum()))]
-    caps = forms[form]
-    text = caps[int(rng.integers(len(caps)))]
-    cls = None if form == "background" else frozenset(int(c) for c in classes)
-    b = int(bg) if form in ("objects_background", "background") else None
-    return text, cls, b
-
-
-class PretrainStream(torch.utils.data.IterableDataset):
-    """Batches of (images, token ids, meta) generated on the fly; batch ``s`` is a pure function of
-    ``(seed, s)``: images ``pretrain + s·B + 1 … pretrain + (s+1)·B``."""
-
-    def __init__(self, seed: int, batch_size: int, world: WorldConfig, context_length: int, start_step: int = 0,
-                 caption_weights: Sequence[float] = (0.35, 0.25, 0.3, 0.1)):
-        super().__init__()
-        self.seed, self.bs, self.world, self.ctx = seed, batch_size, world, context_length
-        self.start_step, self.weights = start_step, tuple(caption_weights)
-
-    def batch(self, step: int):
-        base = SPLIT_OFFSETS["pretrain"] + step * self.bs
-        imgs, texts, cls_sets, bgs, cap_cls, cap_bg = [], [], [], [], [], []
-        rng = np.random.default_rng([self.seed, 7919, step])
-        for i in range(self.bs):
-            s = generate_sample(self.seed, base + i + 1, self.world)
-            imgs.append(s.image)
-            t, cc, cb = sample_caption(s.classes, s.background, rng, self.weights)
-            texts.append(t)
-            cls_sets.append(frozenset(s.classes))
-            bgs.append(s.background)
-            cap_cls.append(cc)
-            cap_bg.append(cb)
-        pos = positive_matrix(cls_sets, bgs, cap_cls, cap_bg)
-        return normalize_batch(imgs), tokenize(texts, self.ctx), pos, presence_matrix(cls_sets, bgs)
-
-    def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        nw, wid = (1, 0) if info is None else (info.num_workers, info.id)
-        step = self.start_step + wid
-        while True:
-            yield self.batch(step)
-            step += nw
-
-
-def positive_matrix(img_classes: Sequence[frozenset], img_bg: Sequence[int], cap_classes: Sequence[Optional[frozenset]],
-                    cap_bg: Sequence[Optional[int]]) -> torch.Tensor:
-    """``B×B`` bool: caption ``j`` correctly describes image ``i`` (diagonal always true)."""
-    B = len(img_classes)
-    pos = torch.zeros(B, B, dtype=torch.bool)
-    for i in range(B):
-        for j in range(B):
-            ok_c = cap_classes[j] is None or cap_classes[j] == img_classes[i]
-            ok_b = cap_bg[j] is None or cap_bg[j] == img_bg[i]
-            pos[i, j] = ok_c and ok_b
-    pos |= torch.eye(B, dtype=torch.bool)
-    return pos
-
-
-def presence_matrix(img_classes: Sequence[frozenset], img_bg: Sequence[int]) -> torch.Tensor:
-    """``B×(C+NB)`` float image-level labels: the classes present and the background of each image
-    (columns in :func:`label_prompts` order). Image-level only: no mask information."""
-    y = torch.zeros(len(img_classes), len(CLASS_NAMES) + len(BACKGROUND_NAMES))
-    for i, (cs, bg) in enumerate(zip(img_classes, img_bg)):
-        for c in cs:
-            y[i, c] = 1.0
-        y[i, len(CLASS_NAMES) + bg] = 1.0
-    return y
-
-
-def label_prompts() -> list[str]:
-    """The WeCLIP prompts of the world's classes then backgrounds (what GradCAM will score)."""
-    return [ORIGAMI_TEMPLATE.format(p) for p in list(CLASS_PROMPTS) + list(BACKGROUND_NAMES)]
-
-
-def token_mil_loss(tokens: torch.Tensor, label_txt: torch.Tensor, y: torch.Tensor, scale: float = 20.0) -> torch.Tensor:
-    """Token-level multiple-instance loss (a FILIP/SPARC-style auxiliary objective, image-level labels only).
-
-    ``tokens`` ``B×N×E`` projected patch tokens, ``label_txt`` ``K×E`` prompt embeddings, ``y``
-    ``B×K`` presence. Each token takes a softmax over the ``K`` prompts; an image's score for prompt
-    ``k`` is the max over its tokens; binary cross-entropy against ``y``. Present labels must win at
-    least one token and absent ones none, so token features stay local (without it, the small CLIP
-    parks class evidence on background tokens and its GradCAM is inverted for some classes).
-    """
-    return mil_bce(token_prompt_probs(tokens, label_txt, scale), y)
-
-
-def token_prompt_probs(tokens: torch.Tensor, label_txt: torch.Tensor, scale: float = 20.0) -> torch.Tensor:
-    """Per-token softmax over the prompts: ``B×N×E`` tokens, ``K×E`` prompts → ``B×N×K``."""
-    z = F.normalize(tokens.float(), dim=-1)
-    t = F.normalize(label_txt.float(), dim=-1)
-    return (scale * z @ t.t()).softmax(dim=-1)
-
-
-def mil_bce(token_probs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Max over tokens of ``B×N×K`` probabilities, binary cross-entropy against ``B×K`` presence."""
-    q = token_probs.amax(dim=1).clamp(1e-6, 1 - 1e-6)  # B×K
-    return F.binary_cross_entropy(q, y)
-
-
-def value_tokens(clip: nn.Module, x_last_in: torch.Tensor) -> torch.Tensor:
-    """Dense per-patch embeddings along the value path of the last block (MaskCLIP-style):
-    ``ln_post(out_proj(W_v · ln_1(x))) @ proj``. ``x_last_in``: ``B×L×D`` input of the last block
-    → ``B×(L−1)×E`` (CLS dropped). This is the path GradCAM on the last block's ``ln_1`` reads
-    (spec §2.3), so a token loss here makes GradCAM local."""
-    v = clip.visual
-    blk = v.transformer.resblocks[-1]
-    D = x_last_in.shape[-1]
-    a = blk.ln_1(x_last_in[:, 1:])
-    w_v = blk.attn.in_proj_weight[2 * D:]
-    b_v = blk.attn.in_proj_bias[2 * D:] if blk.attn.in_proj_bias is not None else None
-    o = blk.attn.out_proj(F.linear(a, w_v, b_v))
-    return v.ln_post(o) @ v.proj
-
-
-def head_mean_attention(blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Head-averaged attention probabilities of an open_clip block (with grad), from its input
-    ``x`` ``B×L×D``: ``mean_h softmax(q_h·k_hᵀ/√d)`` → ``B×L×L`` (what RFM reads, spec §1.5)."""
-    return _block_attention(blk, blk.ln_1(x), need_attn=True)[1]
-
-
-def attention_affinity_loss(attn: torch.Tensor, token_probs: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Self-distillation of the model's own token semantics into its attention (image-level labels only).
-
-    ``attn`` ``B×L×L`` head-averaged attention (CLS first), ``token_probs`` ``B×N×K`` per-patch
-    softmax over the class/background prompts (detached; the token-level MIL head). Target row i:
-    ``T_i ∝ Σ_k q_ik q_jk`` over patches j (tokens that look like the same prompt); loss: KL(T‖A)
-    over the patch-to-patch block of the attention (rows renormalised without CLS). RFM and the
-    static CLIP-ES refinement propagate CAMs along these maps, so they must group object tokens.
-    """
-    a = attn[:, 1:, 1:]
-    a = a / a.sum(-1, keepdim=True).clamp_min(eps)
-    q = token_probs.detach().float()
-    t = q @ q.transpose(1, 2)
-    t = t / t.sum(-1, keepdim=True).clamp_min(eps)
-    return (t * (t.clamp_min(eps).log() - a.clamp_min(eps).log())).sum(-1).mean()
-
-
-def prompt_vs_background_loss(img: torch.Tensor, label_txt: torch.Tensor, y: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """The scoring GradCAM uses (spec §2.2), trained on image-level labels: for every present class
-    c of image i, cross-entropy of ``softmax(scale·img_i·[t_c; T_bg])`` with target ``t_c``.
-
-    ``img`` ``B×E`` pooled embeddings, ``label_txt`` ``(C+n_bg)×E`` class then background prompt
-    embeddings, ``y`` ``B×(C+n_bg)`` presence. Without it a small CLIP can let a background prompt
-    win for an image that holds an object (p_c ≈ 0), and GradCAM of a saturated score lands on the
-    background.
-    """
-    n_cls = len(CLASS_NAMES)
-    img = F.normalize(img.float(), dim=-1)
-    t = F.normalize(label_txt.float(), dim=-1)
-    s_fg = scale * img @ t[:n_cls].t()  # B×C
-    s_bg = scale * img @ t[n_cls:].t()  # B×n_bg
-    lse = torch.logaddexp(s_fg, torch.logsumexp(s_bg, dim=1, keepdim=True))  # B×C
-    present = y[:, :n_cls] > 0.5
-    return ((lse - s_fg) * present).sum() / present.sum().clamp_min(1)
-
-
-def multi_positive_clip_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """Symmetric InfoNCE with soft targets spread uniformly over the positives of each row/column."""
-    logits = scale * img.float() @ txt.float().t()
-    t_i = pos.float() / pos.float().sum(1, keepdim=True)
-    t_t = pos.float().t() / pos.float().t().sum(1, keepdim=True)
-    li = -(t_i * F.log_softmax(logits, dim=1)).sum(1).mean()
-    lt = -(t_t * F.log_softmax(logits.t(), dim=1)).sum(1).mean()
-    return 0.5 * (li + lt)
-
-
-# ------------------------------------------------------------------------------------------------
-# Evaluation
-# ------------------------------------------------------------------------------------------------
-class EvalSet:
-    """Held-out val images: ``n_zs`` single-object ones (zero-shot) and the first ``n_cam`` (CAMs)."""
-
-    def __init__(self, seed: int, world: WorldConfig, n_zs: int, n_cam: int):
-        off = SPLIT_OFFSETS["val"]
-        self.cam = [generate_sample(seed, off + k, world) for k in range(1, n_cam + 1)]
-        zs, k = [], 1
-        while len(zs) < n_zs:
-            s = generate_sample(seed, off + 100_000 + k, world)
-            if len(s.classes) == 1:
-                zs.append(s)
-            k += 1
-        self.zs_x = normalize_batch([s.image for s in zs])
-        self.zs_y = torch.tensor([s.classes[0] for s in zs])
-        self.bg_miou = _miou([s.mask for s in self.cam], [np.zeros_like(s.mask) for s in self.cam])
-
-
-def _miou(gts, preds, n: int = len(CLASS_NAMES) + 1) -> float:
-    from weclip_infer.metrics import ConfusionMatrix
-
-    cm = ConfusionMatrix(n)
-    for g, p in zip(gts, preds):
-        cm.update(np.asarray(g), np.asarray(p))
-    return float(cm.compute()["miou"])
-
-
-def _cam_labels(cams: list, keys: list, size: tuple[int, int]) -> list[np.ndarray]:
-    out = []
-    for c, k in zip(cams, keys):
-        if len(k) == 0:
-            out.append(np.zeros(size, np.uint8))
-            continue
-        from weclip_infer.cam import minmax_normalize
-
-        # per-class min-max first (as WeCLIP does before PAR, spec §2.3/§2.5): the refined CAMs are
-        # not in [0, 1]; the initial ones already are (no-op)
-        up = F.interpolate(minmax_normalize(c.float())[None], size=size, mode="bilinear", align_corners=False)[0]
-        stack = torch.cat([1 - up.max(0, keepdim=True).values, up], 0)
-        idx = stack.argmax(0).numpy()
-        lut = np.array([0] + [int(x) + 1 for x in k], np.uint8)
-        out.append(lut[idx])
-    return out
-
-
-@torch.no_grad()
-def zero_shot(clip: nn.Module, ev: EvalSet, ctx: int) -> float:
-    clip.eval()
-    txt = F.normalize(clip.encode_text(tokenize([ORIGAMI_TEMPLATE.format(p) for p in CLASS_PROMPTS], ctx)), dim=-1)
-    preds = []
-    fb = FrozenCLIP(clip)  # WeCLIP's forward (interpolates positional embeddings for other sizes)
-    for i in range(0, len(ev.zs_x), 50):
-        feats, _, _ = fb.forward_features(ev.zs_x[i:i + 50], num_blocks=fb.num_blocks, need_attn=False)
-        img = fb.pooled_embedding(feats[-1])
-        preds.append((img @ txt.t()).argmax(1))
-    return float((torch.cat(preds) == ev.zs_y).float().mean())
-
-
-def evaluate(clip: nn.Module, ev: EvalSet, model_cfg: dict, refine: Optional[dict] = None, batch: int = 8) -> dict:
-    """Zero-shot top-1 and WeCLIP CAM / pseudo-label mIoU of ``clip`` (not modified)."""
-    from weclip_infer.model import build_model
-
-    ctx = int(model_cfg["text_cfg"]["context_length"])
-    c = copy.deepcopy(clip).float().eval()
-    res = {"zs_top1": zero_shot(c, ev, ctx), "logit_scale": float(c.logit_scale.exp())}
-    model = build_model(weclip_config(model_cfg, refine), clip=c, device="cpu").eval()
-    gts, init_l, static_l, pseudo_l = [], [], [], []
-    n_cls = len(CLASS_NAMES)
-    for i in range(0, len(ev.cam), batch):
-        ss = ev.cam[i:i + batch]
-        x = normalize_batch([s.image for s in ss])
-        lab = torch.zeros(len(ss), n_cls)
-        for b, s in enumerate(ss):
-            lab[b, list(s.classes)] = 1
-        rec = model.intermediates(x, lab, use_rfm=False)
-        size = tuple(x.shape[-2:])
-        init_l += _cam_labels(rec["cam_init"], rec["cam_keys"], size)
-        static_l += _cam_labels(rec["cam_static"], rec["cam_keys"], size)
-        pseudo_l += [p.numpy() for p in rec["pseudo_label"]]
-        gts += [s.mask for s in ss]
-    res.update(cam_miou=_miou(gts, init_l), static_cam_miou=_miou(gts, static_l), pseudo_miou=_miou(gts, pseudo_l),
-               bg_miou=ev.bg_miou)
-    return res
 
 
 # ------------------------------------------------------------------------------------------------
