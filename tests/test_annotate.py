@@ -221,3 +221,111 @@ def test_crf_option_keeps_only_given_classes(demo, demo_images):
     ids = {demo.classes.names.index(n) + 1 for n in names}
     assert set(np.unique(res.labels).tolist()) <= {0} | ids and "crf" in res.timings
     assert float((res.labels == mask).mean()) > 0.9
+
+
+# ---- the CLI ---------------------------------------------------------------------------------------
+def _demo_folder(tmp_path: Path, demo, n: int = 4) -> tuple[Path, Path, dict]:
+    """``imgs/`` with ``n`` demo-world val images (two in a sub-folder), a broken file and
+    ``labels.csv``; returns (folder, label file, {name: (classes, mask)})."""
+    from PIL import Image
+
+    from weclip_infer.demo.world import SPLIT_OFFSETS, generate_sample
+
+    src = tmp_path / "imgs"
+    (src / "sub").mkdir(parents=True)
+    rows, truth = ["image,labels"], {}
+    for k in range(1, n + 1):
+        s = generate_sample(0, SPLIT_OFFSETS["val"] + k)
+        rel = f"{'sub/' if k > n // 2 else ''}img{k}.png"
+        Image.fromarray(s.image).save(src / rel)
+        names = [demo.classes.names[i] for i in sorted(s.classes)]
+        rows.append(f"{rel},{';'.join(names)}")
+        truth[rel[:-4]] = (names, s.mask)
+    (src / "broken.png").write_bytes(b"not an image")
+    rows.append("broken.png,circle")
+    labels = tmp_path / "labels.csv"
+    labels.write_text("\n".join(rows) + "\n")
+    return src, labels, truth
+
+
+def test_cli_masks_train_custom_without_conversion(tmp_path, demo):
+    from PIL import Image
+
+    from weclip_infer.annotate_cli import main
+    from weclip_infer.data.label_files import load_cls_labels
+
+    src, labels, truth = _demo_folder(tmp_path, demo)
+    out = tmp_path / "masks"
+    rc = main([str(src), "--out", str(out), "--labels", str(labels), "--workers", "0", "--quiet"])
+    assert rc == 1  # the broken file failed, the rest are done
+    assert (out / "classes.txt").read_text().split("\n")[:-1] == demo.classes.names
+    for name, (names, mask) in truth.items():
+        m = np.array(Image.open(out / "SegmentationClass" / f"{name}.png"))
+        assert set(np.unique(m).tolist()) <= {0} | {demo.classes.names.index(c) + 1 for c in names}
+        assert float((m == mask).mean()) > 0.9
+    onehot = load_cls_labels(out / "cls_labels_onehot.npy")
+    assert set(onehot) == set(truth)
+    for name, (names, _) in truth.items():
+        assert [demo.classes.names[i] for i in np.flatnonzero(onehot[name])] == names
+    rows = (out / "labels.csv").read_text().splitlines()
+    assert rows == ["image,labels"] + [f"{n}.png,{';'.join(names)}" for n, (names, _) in sorted(truth.items())]
+    # resume: nothing is redone
+    before = {p: p.stat().st_mtime_ns for p in (out / "SegmentationClass").rglob("*.png")}
+    assert main([str(src), "--out", str(out), "--labels", str(labels), "--workers", "0", "--quiet", "--resume"]) == 1
+    assert before == {p: p.stat().st_mtime_ns for p in (out / "SegmentationClass").rglob("*.png")}
+
+    # the outputs train --config custom as they are (fully supervised on the masks; a few iterations)
+    from weclip_infer.train import main as train_main
+
+    run = tmp_path / "run"
+    rc = train_main(["--config", "custom", f"data.root={src}", f"data.labels_file={out / 'labels.csv'}",
+                     f"data.class_names_file={out / 'classes.txt'}", f"data.masks_dir={out / 'SegmentationClass'}",
+                     "data.val_split=", "model.backbone.clip_weights=demo", "model.decoder.dim=32",
+                     "model.decoder.num_heads=4", "model.decoder.fully_supervised=true", "train.max_iters=2",
+                     "train.batch_size=2", "train.device=cpu", "data.workers=0", "data.crop_size=96",
+                     f"train.out_dir={run}", "train.eval_every=0", "train.checkpoint_every=2"])
+    assert rc == 0
+    assert (run / "checkpoints" / "iter_2" / "model.safetensors").is_file()
+
+
+def test_cli_open_vocabulary_classes_and_auto_tags(tmp_path, demo):
+    from PIL import Image
+
+    from weclip_infer.annotate_cli import main
+
+    src, _, truth = _demo_folder(tmp_path, demo, n=2)
+    (src / "broken.png").unlink()
+    prompts = dict(zip(demo.classes.names, demo.cfg.text.class_prompts))
+    classes = tmp_path / "classes.txt"
+    free = [prompts[n] for n in demo.classes.names]
+    classes.write_text("\n".join(free) + "\n")
+    labels = tmp_path / "free.csv"
+    labels.write_text("image,labels\n" + "".join(f"{n}.png,{';'.join(prompts[c] for c in names)}\n"
+                                                 for n, (names, _) in truth.items()))
+    out = tmp_path / "open"
+    assert main([str(src), "--out", str(out), "--labels", str(labels), "--classes", str(classes),
+                 "--workers", "0", "--quiet"]) == 0
+    for name, (names, mask) in truth.items():
+        m = np.array(Image.open(out / "SegmentationClass" / f"{name}.png"))
+        assert float((m == mask).mean()) > 0.9  # ids follow classes.txt (same order as the model's here)
+    out2 = tmp_path / "auto"
+    assert main([str(src), "--out", str(out2), "--auto-tags", "--workers", "0", "--quiet"]) == 0
+    text = (out2 / "labels.csv").read_text()
+    for name, (names, _) in truth.items():
+        assert f"{name}.png,{';'.join(names)}" in text
+
+
+def test_cli_usage_errors(tmp_path, demo, capsys):
+    from weclip_infer.annotate_cli import main
+
+    src, labels, _ = _demo_folder(tmp_path, demo, n=2)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("image,labels\nimg1.png,kite\n")
+    assert main([str(src), "--out", str(tmp_path / "o"), "--labels", str(bad), "--quiet"]) == 2
+    assert "kite" in capsys.readouterr().err
+    assert main([str(src), "--out", str(src / "inside"), "--labels", str(labels), "--quiet"]) == 2
+    classes = tmp_path / "c.txt"
+    classes.write_text("circle\n")
+    assert main([str(src), "--out", str(tmp_path / "o2"), "--auto-tags", "--classes", str(classes), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().startswith("weclip-annotate: error:") and "Traceback" not in err
