@@ -35,6 +35,7 @@ from weclip_infer.serving.torchserve import WeCLIPHandler  # noqa: E402
 
 MODEL = "weclip"
 SERVE_CONFIG = {"num_threads": 1, "max_pixels": 4_000_000}
+BATCH_SIZE, BATCH_DELAY_MS = 4, 20  # the test server's TorchServe batching
 
 
 # ---- helpers ---------------------------------------------------------------------------------------
@@ -72,12 +73,6 @@ def _multipart(fields: dict) -> tuple:
         out.write(b"\r\n")
     out.write(f"--{boundary}--\r\n".encode())
     return out.getvalue(), f"multipart/form-data; boundary={boundary}"
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _port_open(port: int) -> bool:
@@ -211,8 +206,30 @@ def _ts_binary():
     return str(cand) if cand.is_file() else shutil.which("torchserve")
 
 
+def _hold_ports(ports) -> tuple:
+    """Listen on each free port of ``ports`` (as another server would); returns (sockets, ports now busy)."""
+    socks, busy = [], []
+    for p in ports:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            s.bind(("127.0.0.1", p))
+            s.listen(1)
+            socks.append(s)
+            busy.append(p)
+        except OSError:  # already taken (e.g. by a running `make demo`): busy as well
+            s.close()
+            if _port_open(p):
+                busy.append(p)
+    return socks, busy
+
+
 @pytest.fixture(scope="session")
 def server(request, model_dir, tmp_path_factory):
+    """TorchServe with the tiny model, on its own ports for all five listeners and its own temp folder.
+
+    While it starts, the ports of the shipped ``config.properties`` (HTTP 8080-8082, gRPC
+    7070/7071) are held by listening sockets, as a running ``make demo`` server would hold them.
+    """
     ts_bin = _ts_binary()
     if shutil.which("java") is None:
         pytest.skip("java not found (TorchServe needs a JRE)")
@@ -220,6 +237,8 @@ def server(request, model_dir, tmp_path_factory):
         pytest.skip("torchserve not installed")
     from weclip_infer.export.mar import build_mar
     from weclip_infer.serving import torchserve_config_file
+    from weclip_infer.serving.ts_config import (derive_config, free_ports, listen_ports, models_setting,
+                                                read_properties)
 
     root = tmp_path_factory.mktemp("torchserve")
     store = root / "model_store"
@@ -227,27 +246,19 @@ def server(request, model_dir, tmp_path_factory):
     tmp = root / "tmp"
     (root / "logs").mkdir()
     tmp.mkdir()
-    ports = {k: _free_port() for k in ("inference", "management", "metrics")}
-    cfg_lines = []
-    for line in torchserve_config_file().read_text().splitlines():  # the shipped config, test ports
-        key = line.split("=", 1)[0].strip()
-        if key.endswith("_address"):
-            line = f"{key}=http://127.0.0.1:{ports[key[:-len('_address')]]}"
-        elif key == "model_store":
-            line = f"model_store={store}"
-        cfg_lines.append(line)
-    assert not any(l.startswith("disable_token_authorization") for l in cfg_lines)
-    cfg_lines += [
+    shipped_ports = listen_ports(read_properties(torchserve_config_file()))
+    ports = free_ports()
+    assert not set(ports.values()) & set(shipped_ports.values())
+    cfg = derive_config(torchserve_config_file(), root / "config.properties", ports, model_store=store, overrides={
         # batches of up to 4 requests (different image sizes in one batch)
-        'models={"%s": {"1.0": {"marName": "%s.mar", "minWorkers": 1, "maxWorkers": 1, "batchSize": 4, '
-        '"maxBatchDelay": 20, "responseTimeout": 120}}}' % (MODEL, MODEL),
-        f"vmargs=-Xmx1g -XX:+UseSerialGC -Djava.io.tmpdir={tmp}",
-    ]
-    cfg = root / "config.properties"
-    cfg.write_text("\n".join(cfg_lines) + "\n")
+        "models": models_setting(MODEL, f"{MODEL}.mar", batch_size=BATCH_SIZE, max_batch_delay_ms=BATCH_DELAY_MS)[7:],
+        "vmargs": f"-Xmx1g -XX:+UseSerialGC -Djava.io.tmpdir={tmp}",
+    })
+    assert "disable_token_authorization" not in read_properties(cfg)
     env = dict(os.environ, TMPDIR=str(tmp), LOG_LOCATION=str(root / "logs"), METRICS_LOCATION=str(root / "logs"),
                OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TS_DISABLE_SYSTEM_METRICS="true")
     srv = Server(root, ports, {}, env, ts_bin)
+    srv.config = cfg
 
     def stop():
         subprocess.run([ts_bin, "--stop"], cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -260,6 +271,7 @@ def server(request, model_dir, tmp_path_factory):
 
     t0 = time.time()
     start_log = root / "logs" / "start.log"
+    held, srv.busy_at_start = _hold_ports(shipped_ports.values())
     try:
         with open(start_log, "wb") as log:  # the Java child inherits these: never a pipe
             proc = subprocess.run([ts_bin, "--start", "--ncs", "--model-store", str(store), "--models",
@@ -288,8 +300,25 @@ def server(request, model_dir, tmp_path_factory):
         stop()
         print(srv.logs(), file=sys.stderr)
         raise
+    finally:
+        for s in held:
+            s.close()
     request.addfinalizer(stop)
     return srv
+
+
+def test_own_ports_while_the_shipped_ports_are_taken(server):
+    """The test server started (READY) while every port of the shipped config was in use."""
+    from weclip_infer.serving import torchserve_config_file
+    from weclip_infer.serving.ts_config import PORT_KEYS, listen_ports, read_properties
+
+    shipped = listen_ports(read_properties(torchserve_config_file()))
+    assert set(shipped) == set(PORT_KEYS)  # the shipped config names all five listeners, gRPC included
+    assert (shipped["grpc_inference"], shipped["grpc_management"]) == (7070, 7071)
+    assert sorted(server.busy_at_start) == sorted(shipped.values())
+    ours = listen_ports(read_properties(server.config))
+    assert ours == server.ports and not set(ours.values()) & set(shipped.values())
+    assert all(_port_open(p) for p in ours.values())  # gRPC listeners included
 
 
 def test_ping_and_metrics(server):
@@ -394,14 +423,98 @@ def test_bad_json_bodies(server):
         assert json.loads(out)
 
 
-def test_token_required(server):
+def _invalid_key(code, body) -> bool:
+    """TorchServe's documented answer to a missing, wrong or expired key."""
+    return code == 400 and json.loads(body)["type"] == "InvalidKeyException"
+
+
+def test_token_failures_are_400_invalid_key(server):
+    """docs/serving.md, "Authentication": what TorchServe answers without the right key."""
     img = _img(32, 32)
-    code, _, _ = server.predict(img, token=None)
-    assert code in (400, 401)
-    code, _, _ = server.predict(img, token="wrong-token")
-    assert code in (400, 401)
-    code, _, _ = server.request(f"/models/{MODEL}", method="GET", token="inference", base=server.mgmt)
-    assert code in (400, 401)  # the inference key does not open the management API
+    assert _invalid_key(*server.predict(img, token=None)[::2])  # no token
+    assert _invalid_key(*server.predict(img, token="wrong-token")[::2])  # wrong token
+    assert _invalid_key(*server.predict(img, token="management")[::2])  # management key on the inference API
+    code, _, body = server.request(f"/models/{MODEL}", method="GET", token="inference", base=server.mgmt)
+    assert _invalid_key(code, body)  # the inference key does not open the management API
+    assert server.predict(img)[0] == 200
+
+
+def test_health_checks(server):
+    """/ping needs the inference key; describing the model needs the management key; /metrics none."""
+    code, _, body = server.request("/ping", method="GET", token=None)
+    assert _invalid_key(code, body)
+    code, _, body = server.request("/ping", method="GET")
+    assert code == 200 and json.loads(body)["status"] == "Healthy"
+    code, _, body = server.request(f"/models/{MODEL}", method="GET", token="management", base=server.mgmt)
+    assert code == 200 and all(w["status"] == "READY" for w in json.loads(body)[0]["workers"])
+    code, _, _ = server.request("/metrics", method="GET", token=None,
+                                base=f"http://127.0.0.1:{server.ports['metrics']}")
+    assert code == 200
+
+
+def test_token_api_refreshes_the_inference_key(server):
+    """``GET /token?type=inference`` (management port, API key) replaces the inference key in key_file.json."""
+    img = _img(32, 32)
+    old = server.keys["inference"]["key"]
+    code, _, body = server.request("/token?type=inference", method="GET", token="management", base=server.mgmt)
+    assert _invalid_key(code, body)  # the token API takes the API key only
+    code, _, _ = server.request("/token?type=inference", method="GET", token="API", base=server.mgmt)
+    assert code == 200
+    server.keys = json.loads((server.root / "key_file.json").read_text())
+    assert server.keys["inference"]["key"] != old
+    assert _invalid_key(*server.predict(img, token=old)[::2])
+    assert server.predict(img)[0] == 200
+
+
+def _curl(*args: str) -> tuple:
+    r = subprocess.run(["curl", "-sS", "-o", "-", "-w", "\n%{http_code}", *args], capture_output=True, timeout=120)
+    body, _, code = r.stdout.rpartition(b"\n")
+    return int(code), body
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")
+def test_content_types_as_documented(server, segmenter, tmp_path):
+    """The curl lines of docs/serving.md, "Sending an image": each works; the form-encoded raw body is a 500."""
+    img = _img(48, 64, seed=11)
+    ref = segmenter.predict(img).labels
+    f = tmp_path / "img.jpg"
+    f.write_bytes(img)
+    (tmp_path / "img.b64").write_text(base64.b64encode(img).decode())
+    url = f"{server.base}/predictions/{MODEL}"
+    auth = ["-H", f"Authorization: Bearer {server.keys['inference']['key']}"]
+    ok = {
+        "raw, image/jpeg": ["-H", "Content-Type: image/jpeg", "--data-binary", f"@{f}"],
+        "raw, octet-stream": ["-H", "Content-Type: application/octet-stream", "--data-binary", f"@{f}"],
+        "upload (-T)": ["-T", str(f)],
+        "multipart": ["-F", f"data=@{f}"],
+        "form, base64": ["--data-urlencode", f"image@{tmp_path / 'img.b64'}"],
+    }
+    for name, args in ok.items():
+        code, body = _curl(*auth, *args, url)
+        assert code == 200, (name, body[:300])
+        assert np.array_equal(_decode_png(body), ref), name
+    js = json.dumps({"image": base64.b64encode(img).decode(), "output": "json"})
+    code, body = _curl(*auth, "-H", "Content-Type: application/json", "--data-binary", js, url)
+    assert code == 200 and json.loads(body)["size"] == [48, 64]
+    # curl's default type for --data-binary is application/x-www-form-urlencoded: TorchServe's own
+    # form decoder fails on binary data before the handler runs
+    code, body = _curl(*auth, "--data-binary", f"@{f}", url)
+    assert code == 500 and json.loads(body)["type"] == "ErrorDataDecoderException"
+
+
+def test_batching_settings_read_back(server):
+    """The test config's ``models=`` batching reaches TorchServe (and the shipped config sets the demo's)."""
+    from weclip_infer.quickstart import MAR_NAME, MODEL_NAME
+    from weclip_infer.serving import torchserve_config_file
+    from weclip_infer.serving.ts_config import read_properties
+
+    code, _, body = server.request(f"/models/{MODEL}", method="GET", token="management", base=server.mgmt)
+    assert code == 200
+    info = json.loads(body)[0]
+    assert (info["batchSize"], info["maxBatchDelay"]) == (BATCH_SIZE, BATCH_DELAY_MS)
+    shipped = json.loads(read_properties(torchserve_config_file())["models"])
+    demo = shipped[MODEL_NAME]["1.0"]
+    assert demo["marName"] == f"{MAR_NAME}.mar" and demo["batchSize"] > 1 and demo["maxBatchDelay"] > 0
 
 
 def test_concurrent_load(server, segmenter):

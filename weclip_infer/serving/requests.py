@@ -4,6 +4,9 @@ A request is a mapping as the engines hand it over: TorchServe's request dict (`
 / ``file`` / ``image`` entries, query parameters and form fields), or the equivalent that the Ray
 Serve deployment builds from a Starlette request. Options come, by increasing precedence, from
 ``X-WeCLIP-<Option>`` headers, query parameters / multipart text fields, and JSON fields.
+
+A field named ``image`` may hold the image itself or its base64 text (URL-encoded forms can only
+carry text): base64 is recognised by its alphabet and decoded.
 """
 from __future__ import annotations
 
@@ -18,6 +21,14 @@ __all__ = ["IMAGE_KEYS", "HEADER_PREFIX", "parse_request"]
 
 IMAGE_KEYS = ("data", "file", "body", "image")  # where the image may arrive in a request dict
 HEADER_PREFIX = "x-weclip-"
+_B64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=\r\n\t "
+
+
+def _is_base64_text(data: bytes) -> bool:
+    """True when ``data`` (after an optional ``data:...;base64,`` prefix) uses only base64 characters."""
+    if data.startswith(b"data:") and b"," in data[:256]:
+        data = data.split(b",", 1)[1]
+    return bool(data) and not data.translate(None, _B64_ALPHABET)
 
 
 def _b64(text: str, what: str) -> bytes:
@@ -56,6 +67,8 @@ def parse_request(req: Any, headers: Mapping[str, Any]) -> Tuple[bytes, Dict[str
             payload = _b64(b64, "JSON body: 'image'")
         elif isinstance(v, (bytes, bytearray)):
             payload = bytes(v)
+            if k == "image" and _is_base64_text(payload):  # base64 in a form field (URL-encoded forms)
+                payload = _b64(payload.decode("ascii"), "'image':")
         elif isinstance(v, str):
             if k == "image":  # base64 in a form field / query
                 payload = _b64(v, "'image':")
