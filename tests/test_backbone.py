@@ -118,3 +118,16 @@ def test_full_size_openai_file_loads(reference_clip_path):
     bb = FrozenCLIP(clip)
     assert bb.num_blocks == 12 and bb.width == 768 and bb.patch_size == 16
     assert abs(float(bb.logit_scale_exp) - 100.0) < 0.1  # Appendix B
+
+
+def test_random_clip_is_seeded_without_touching_the_global_rng():
+    torch.manual_seed(123)
+    state = torch.random.get_rng_state()
+    a = load_clip(BackboneConfig(clip_weights="random", model_cfg=TINY_CLIP_CFG, seed=5))
+    assert torch.equal(torch.random.get_rng_state(), state)
+    torch.manual_seed(999)  # a different global state gives the same weights: only cfg.seed counts
+    b = load_clip(BackboneConfig(clip_weights="random", model_cfg=TINY_CLIP_CFG, seed=5))
+    c = load_clip(BackboneConfig(clip_weights="random", model_cfg=TINY_CLIP_CFG, seed=6))
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa)

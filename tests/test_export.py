@@ -35,10 +35,11 @@ def tiny_bundle(shared_tiny_model, tmp_path_factory):
 
 def test_graph_is_segment(tiny_model):
     x = example_input(tiny_model, 1, 48, 80)
+    was_training = tiny_model.training
     graph = SegmentationGraph(tiny_model)  # export is of the eval-mode model (decoder dropout off)
-    assert not tiny_model.training and not graph.training
+    assert not graph.training and not graph.model.training and tiny_model.training == was_training
     with torch.inference_mode():
-        assert torch.equal(graph(x), tiny_model.segment(x))
+        assert torch.equal(graph(x), tiny_model.eval().segment(x))
 
 
 def test_parity_report_tiny(tiny_bundle):
@@ -132,6 +133,26 @@ def test_load_bundle_backend_modes(tiny_bundle, tmp_path):
         load_bundle_backend(tmp_path, backend="onnx", device="cpu")
     with pytest.raises(BundleError, match="neither"):
         load_bundle_backend(tmp_path, backend="auto", device="cpu")
+
+
+def test_graph_and_export_leave_the_callers_model_alone(tiny_model, tmp_path):
+    tiny_model.train()
+    modes = [m.training for m in tiny_model.modules()]  # the frozen CLIP stays in eval mode by design
+    assert any(modes)
+    before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    has_text = tiny_model.backbone.has_text_tower()
+    graph = SegmentationGraph(tiny_model)
+    assert not graph.training and not graph.model.training
+    assert graph.model is not tiny_model
+    graph.train()  # the graph stays in eval mode, and so does nothing else
+    assert not graph.model.training
+    write_bundle(tiny_model, tmp_path / "b", formats=("torchscript", "onnx"), trace_size=(64, 64),
+                 parity_cases=((1, 64, 64),))
+    assert [m.training for m in tiny_model.modules()] == modes
+    assert tiny_model.pixel_mean.device.type == "cpu"
+    assert tiny_model.backbone.has_text_tower() == has_text
+    after = tiny_model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_ort_session_providers_are_explicit_and_checked(tiny_bundle, monkeypatch):

@@ -309,7 +309,7 @@ def _from_openai_state_dict(sd: dict) -> nn.Module:
 def load_clip(cfg: BackboneConfig, device: str | torch.device = "cpu") -> nn.Module:
     """Build the open_clip model and load the weights named by ``cfg.clip_weights``.
 
-    * ``"random"``: random init (seeded by ``cfg.seed``), for tests.
+    * ``"random"``: random init (seeded by ``cfg.seed``, without touching the global torch RNG), for tests.
     * ``"demo"``: the small CLIP shipped with the package (pre-trained on the demo world);
       ``"demo-badge"``: the same fine-tuned on the badge demo world (see ``BUILTIN_WEIGHTS``).
     * ``"openai"`` (or another open_clip pretrained tag): open_clip's registry. Only the local
@@ -323,8 +323,10 @@ def load_clip(cfg: BackboneConfig, device: str | torch.device = "cpu") -> nn.Mod
     if src in BUILTIN_WEIGHTS:  # weights shipped inside the package (registry as data)
         src = str(BUILTIN_WEIGHTS[src])
     if src == "random":
-        torch.manual_seed(cfg.seed)
-        clip = _create(cfg)
+        # seeded, but on a forked generator: the caller's global torch RNG state is left as it was
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            clip = _create(cfg)
     elif os.sep in src or src.endswith((".pt", ".pth", ".bin", ".safetensors")) or Path(src).exists():
         clip = _load_local(Path(src), cfg)
     else:

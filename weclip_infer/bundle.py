@@ -108,7 +108,7 @@ def onnx_runner(file: Union[str, os.PathLike], device: Union[str, torch.device] 
 
 def _torchscript_backend(file: Path, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torch.jit deprecation notice
+        warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit\.load.* is deprecated")
         module = torch.jit.load(str(file), map_location=device).eval()
 
     def run(x: torch.Tensor) -> torch.Tensor:

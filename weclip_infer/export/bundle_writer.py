@@ -98,7 +98,6 @@ def write_bundle(model, out_dir: Union[str, os.PathLike], formats: Sequence[str]
     from weclip_infer.checkpoint import file_sha256
 
     formats = parse_formats(formats)
-    model = model.eval()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=".export-", dir=out))

@@ -1,27 +1,44 @@
 """The exported graph: exactly ``WeCLIP.segment`` (normalised ``B×3×H×W`` → ``B×C×(H//p)×(W//p)``).
 
 No copy of the model's logic lives here: ``SegmentationGraph.forward`` calls ``model.segment``.
-The CLIP text tower is never part of the graph (text embeddings are only needed for pseudo
-labels at training time); if the model still carries it, the graph works on a copy without it.
+The graph holds its own copy of the model (in eval mode, on the model's device, without the CLIP
+text tower, which only training needs), so building it never changes the caller's model.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import warnings
+from typing import Iterator
 
 import torch
 import torch.nn as nn
 
-__all__ = ["SegmentationGraph", "example_input"]
+__all__ = ["SegmentationGraph", "example_input", "export_warnings_filtered"]
+
+
+@contextlib.contextmanager
+def export_warnings_filtered() -> Iterator[None]:
+    """Silence only the notices every export emits and that we handle: the TorchScript/legacy-ONNX
+    deprecation notices, and tracer warnings about shapes turned into Python numbers (the exported
+    graphs are checked at other sizes than traced, so a baked-in shape fails loudly instead)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit\.\w+.* is deprecated")
+        warnings.filterwarnings("ignore", category=DeprecationWarning, message=r".*legacy TorchScript-based ONNX export")
+        warnings.filterwarnings("ignore", category=DeprecationWarning, message=r"The feature will be removed")
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        yield
 
 
 class SegmentationGraph(nn.Module):
-    """Wrap a ``WeCLIP`` for tracing/export: ``forward(x) == model.segment(x)`` in eval mode."""
+    """Wrap a copy of a ``WeCLIP`` for tracing/export: ``forward(x) == model.segment(x)`` in eval
+    mode. The caller's model keeps its mode, device and parameters."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
+        model = copy.deepcopy(model)
         has_text = getattr(model.backbone, "has_text_tower", None)
         if callable(has_text) and has_text():
-            model = copy.deepcopy(model)
             model.backbone.drop_text_tower()
         self.model = model.eval()
         self.patch_size = int(model.backbone.patch_size)

@@ -7,9 +7,7 @@ the single ``.onnx`` file (protobuf limit 2 GB; ViT-B/16 is ≈ 345 MB).
 """
 from __future__ import annotations
 
-import copy
 import os
-import warnings
 from pathlib import Path
 from typing import Tuple, Union
 
@@ -17,7 +15,7 @@ import torch
 
 from weclip_infer.io_utils import atomic_path
 
-from .graph import SegmentationGraph, example_input
+from .graph import SegmentationGraph, example_input, export_warnings_filtered
 
 __all__ = ["export_onnx", "INPUT_NAME", "OUTPUT_NAME", "DEFAULT_OPSET"]
 
@@ -39,15 +37,13 @@ def export_onnx(model, path: Union[str, os.PathLike], opset: int = DEFAULT_OPSET
     if fp16:
         if dev.type != "cuda":
             raise ValueError("fp16 export is only meaningful on CUDA (use --device cuda); CPU exports stay fp32")
-        graph = SegmentationGraph(copy.deepcopy(model))  # never touch the caller's model
-        graph.model.backbone.half()
+        graph.model.backbone.half()  # the graph's own copy: the caller's model stays fp32
     nbytes = sum(p.numel() * p.element_size() for p in graph.parameters())
     if nbytes >= _PROTOBUF_LIMIT * 0.95:
         raise ValueError(f"model weights ({nbytes / 2**30:.2f} GiB) do not fit in one ONNX file (2 GB limit)")
     x = example_input(model, 2, *trace_size, device=dev)
     path = Path(path)
-    with atomic_path(path) as tmp, warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
+    with atomic_path(path) as tmp, export_warnings_filtered(), torch.no_grad():
         torch.onnx.export(
             graph, (x,), str(tmp), dynamo=False, opset_version=int(opset), do_constant_folding=True,
             input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],

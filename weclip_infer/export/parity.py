@@ -20,14 +20,13 @@ fp16 (CUDA) exports are checked with ``rel_tol = 1e-2`` and ≥ 99 % agreement.
 from __future__ import annotations
 
 import os
-import warnings
 from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 
 from weclip_infer.bundle import onnx_runner
 
-from .graph import SegmentationGraph, example_input
+from .graph import SegmentationGraph, example_input, export_warnings_filtered
 
 __all__ = ["ParityError", "check_parity", "compare_logits", "FP32_REL_TOL", "MIN_AGREEMENT",
            "DEFAULT_CASES"]
@@ -81,8 +80,7 @@ def check_parity(model, torchscript=None, onnx_path=None, cases: Sequence[Tuple[
     if torchscript is not None:
         ts = torchscript
         if isinstance(torchscript, (str, os.PathLike)):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)  # torch.jit deprecation notice
+            with export_warnings_filtered():
                 ts = torch.jit.load(str(torchscript), map_location=dev)
         backends["torchscript"] = ts
     if onnx_path is not None:

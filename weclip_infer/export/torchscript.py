@@ -6,9 +6,7 @@ interpolation and every reshape are recorded as shape arithmetic, not constants 
 """
 from __future__ import annotations
 
-import copy
 import os
-import warnings
 from pathlib import Path
 from typing import Sequence, Tuple, Union
 
@@ -16,7 +14,7 @@ import torch
 
 from weclip_infer.io_utils import atomic_path
 
-from .graph import SegmentationGraph, example_input
+from .graph import SegmentationGraph, example_input, export_warnings_filtered
 
 __all__ = ["trace_model", "export_torchscript", "check_dynamic"]
 
@@ -32,11 +30,9 @@ def trace_model(model, trace_size: Tuple[int, int] = (224, 224), batch: int = 2,
     if fp16:
         if dev.type != "cuda":
             raise ValueError("fp16 export is only meaningful on CUDA (use --device cuda); CPU exports stay fp32")
-        graph = SegmentationGraph(copy.deepcopy(model))  # never touch the caller's model
-        graph.model.backbone.half()
+        graph.model.backbone.half()  # the graph's own copy: the caller's model stays fp32
     x = example_input(model, batch, *trace_size, device=dev)
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # torch.jit deprecation + TracerWarnings on shape → int
+    with export_warnings_filtered(), torch.no_grad():
         traced = torch.jit.trace(graph, (x,), check_trace=False, strict=True)
     return traced
 
@@ -66,7 +62,6 @@ def export_torchscript(model, path: Union[str, os.PathLike], trace_size: Tuple[i
     if check and not fp16:
         h, w = trace_size
         check_dynamic(traced, model, sizes=((1, h + 32, w + 16 + 5),))
-    with atomic_path(Path(path)) as tmp, warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
+    with atomic_path(Path(path)) as tmp, export_warnings_filtered():
         torch.jit.save(traced, str(tmp))
     return traced
