@@ -26,57 +26,7 @@ from weclip_infer.data import DatasetError  # noqa: E402
 from weclip_infer.training import TrainConfig, load_train_config, lr_at, train  # noqa: E402
 from weclip_infer.training.state import load_train_state  # noqa: E402
 
-CLASSES = ["red", "green", "blue"]
-COLORS = [(220, 30, 30), (30, 200, 40), (40, 60, 230)]
-
-
-def _write_world(root: Path, n_train: int = 8, n_val: int = 3, size=(64, 64), seed: int = 0) -> Path:
-    """VOC layout: coloured rectangles on noise, exact masks, train.txt/val.txt."""
-    rng = np.random.default_rng(seed)
-    (root / "JPEGImages").mkdir(parents=True, exist_ok=True)
-    (root / "SegmentationClassAug").mkdir(parents=True, exist_ok=True)
-    lists = {"train": [], "val": []}
-    for split, n in (("train", n_train), ("val", n_val)):
-        for k in range(n):
-            H, W = size if split == "train" or k % 2 == 0 else (size[0] + 16, size[1] - 8)
-            img = rng.integers(90, 160, size=(H, W, 3), dtype=np.uint8)
-            mask = np.zeros((H, W), np.uint8)
-            for _ in range(int(rng.integers(1, 3))):
-                c = int(rng.integers(0, len(CLASSES)))
-                h, w = int(rng.integers(H // 4, H // 2)), int(rng.integers(W // 4, W // 2))
-                y, x = int(rng.integers(0, H - h)), int(rng.integers(0, W - w))
-                img[y:y + h, x:x + w] = COLORS[c]
-                mask[y:y + h, x:x + w] = c + 1
-            name = f"{split}_{k:03d}"
-            Image.fromarray(img).save(root / "JPEGImages" / f"{name}.jpg", quality=95)
-            Image.fromarray(mask, mode="L").save(root / "SegmentationClassAug" / f"{name}.png")
-            lists[split].append(name)
-    for split, names in lists.items():
-        (root / f"{split}.txt").write_text("".join(n + "\n" for n in names))
-    return root
-
-
-def _config(root: Path, out: Path, **train) -> dict:
-    t = {"max_iters": 4, "batch_size": 2, "seed": 1, "device": "cpu", "log_every": 2, "eval_every": 0,
-         "eval_at_end": False, "checkpoint_every": 0, "progress": False, "tensorboard": False, "plots": False,
-         "num_panels": 1, "out_dir": str(out)}
-    t.update(train)
-    return {
-        "model": {
-            "backbone": {"clip_weights": "random", "model_cfg": {
-                "embed_dim": 64,
-                "vision_cfg": {"image_size": 64, "layers": 4, "width": 64, "patch_size": 16, "head_width": 32},
-                "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}},
-            "text": {"dataset": "custom", "class_names": list(CLASSES), "bg_prompts": ["grey noise", "stone"]},
-            "decoder": {"dim": 32, "num_heads": 4, "num_layers": 1},
-            "refine": {"candidate_blocks": 2, "static_blocks": 3, "rfm_switch_iter": 4},
-            "par": {"num_iter": 3, "dilations": [1, 2]},
-            "inference": {"long_side": 64, "scales": [1.0, 0.75], "flip": True},
-        },
-        "train": t,
-        "data": {"kind": "voc", "root": str(root), "train_split": "train", "val_split": "val", "crop_size": 64,
-                 "workers": 0},
-    }
+from training_world import tiny_train_config as _config, write_world as _write_world  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -275,18 +225,37 @@ def test_resume_is_exact(world, tmp_path):
     assert s2["start_iteration"] == 6 and sorted(_losses(a)) == [1, 2, 3, 4, 5, 6, 7]
 
 
-def test_fully_supervised_and_ablation_switches(world, tmp_path):
+def _rows(out: Path) -> list[dict]:
+    with open(out / "log.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_fully_supervised_trains_without_affinity_loss(world, tmp_path):
     out = tmp_path / "fs"
     s = train(_config(world, out, max_iters=2), ["model.decoder.fully_supervised=true"])
     assert s["iterations"] == 2 and np.isfinite(s["final_loss"]) and s["pseudo_miou"] is None
-    with open(out / "log.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    assert all(float(r["loss_aff"]) == 0.0 for r in rows)
-    # ablations: no refinement / static only / refine map A_f only, RFM from the first forward
-    for ov in (["model.refine.use_refinement=false"], ["model.refine.use_rfm=false"],
-               ["model.refine.refine_map=af", "model.refine.rfm_switch_iter=0"]):
-        s = train(_config(world, tmp_path / ("abl_" + str(abs(hash(tuple(ov))))), max_iters=1), ov)
-        assert np.isfinite(s["final_loss"])
+    assert all(float(r["loss_aff"]) == 0.0 for r in _rows(out))
+    normal = train(_config(world, tmp_path / "ws", max_iters=2))
+    assert normal["pseudo_miou"] is not None and any(float(r["loss_aff"]) != 0.0 for r in _rows(tmp_path / "ws"))
+
+
+def test_ablation_switches_change_what_they_should(world, tmp_path):
+    """Same seed and data, two iterations each: every switch changes the refinement it names."""
+    def run(name: str, *ov: str) -> tuple[list[float], list[int]]:
+        train(_config(world, tmp_path / name, max_iters=2), list(ov))
+        rows = _rows(tmp_path / name)
+        return [float(r["loss"]) for r in rows], [int(r["rfm"]) for r in rows]
+
+    rfm = run("rfm", "model.refine.rfm_switch_iter=0")  # RFM from the first forward
+    static = run("static", "model.refine.rfm_switch_iter=100")  # the switch never comes
+    no_rfm = run("no_rfm", "model.refine.use_rfm=false", "model.refine.rfm_switch_iter=0")
+    af = run("af", "model.refine.refine_map=af", "model.refine.rfm_switch_iter=0")
+    none = run("none", "model.refine.use_refinement=false", "model.refine.rfm_switch_iter=0")
+    assert rfm[1] == [1, 1] and static[1] == no_rfm[1] == none[1] == [0, 0] and af[1] == [1, 1]
+    assert no_rfm[0] == static[0]  # use_rfm=false is the static refinement for the whole run
+    assert rfm[0] != static[0]  # RFM gives other pseudo labels than the static refinement
+    assert af[0] != rfm[0]  # the refining map A_f alone differs from the full map
+    assert none[0] != static[0] and none[0] != rfm[0]  # no refinement at all differs from both
 
 
 def test_cli_print_config_and_errors(world, tmp_path, capsys):

@@ -173,7 +173,8 @@ def train(config: Union[FullConfig, dict, str, os.PathLike, None] = None, overri
     sections); may be None when resuming (the checkpoint's own config is used).
     ``overrides``: ``section.key=value`` strings. ``resume``: a checkpoint directory, a run folder
     (its newest checkpoint that loads) or ``"auto"`` (resume ``out_dir`` if it holds a checkpoint,
-    else start fresh). ``out_dir``: run folder (default ``train.out_dir``).
+    else start fresh). ``out_dir``: run folder (default: the run folder of the checkpoint resumed,
+    else ``train.out_dir``).
     Multi-process: run under ``torchrun``; every process calls ``train`` with the same arguments.
     """
     ckpt: Optional[Path] = None
@@ -182,6 +183,8 @@ def train(config: Union[FullConfig, dict, str, os.PathLike, None] = None, overri
         ckpt, state = resolve_resume(resume)
         if config is None:
             config = load_checkpoint_config(ckpt)
+        if out_dir is None and ckpt.parent.name == "checkpoints":
+            out_dir = ckpt.parent.parent  # continue the run where its checkpoint lives (even if moved)
     if config is None:
         raise ConfigError("a training config is required (--config)")
     cfg = load_train_config(config, overrides)

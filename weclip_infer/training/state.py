@@ -312,21 +312,21 @@ def find_resumable(run_dir: PathLike) -> Optional[Tuple[Path, dict]]:
     it has some but none loads."""
     ck_root = Path(run_dir) / "checkpoints"
     candidates: list[Path] = []
+    skipped: list[str] = []
     lat = latest_checkpoint(run_dir)
     if lat is not None:
         candidates.append(lat)
     elif (ck_root / "latest").is_file():
-        logger.warning("%s: names no checkpoint folder; looking for the newest checkpoint that loads",
-                       ck_root / "latest")
+        skipped.append("the 'latest' pointer names no checkpoint folder")
     candidates += [p for p in _iter_dirs(ck_root) if p not in candidates]
     if not candidates:
         return None
-    skipped = []
     for c in candidates:
         reason, state = checkpoint_problem(c)
         if reason is None:
             if skipped:
-                logger.warning("resuming from %s, the newest checkpoint that loads (skipped: %s)", c, "; ".join(skipped))
+                logger.warning("resuming from %s, the newest checkpoint that loads (skipped: %s)", c,
+                               "; ".join(skipped))
             return c, state  # type: ignore[return-value]
         skipped.append(f"{c.name}: {reason}")
     raise ConfigError(f"{run_dir}: no checkpoint there loads ({'; '.join(skipped)})")
