@@ -222,13 +222,13 @@ def test_voc_dataset_items(voc_root: Path):
     assert item["cls_label"].dtype == torch.float32 and item["cls_label"].shape == (20,)
     assert torch.nonzero(item["cls_label"]).flatten().tolist() == [2, 14]
     assert item["mask"].shape == (320, 320) and item["mask"].dtype == torch.int64 and item["has_mask"]
-    assert item["crop_box"].dtype == torch.int64 and item["crop_box"].shape == (4,)
+    assert set(item) == {"name", "image", "cls_label", "mask", "has_mask"}
     assert set(item["mask"].unique().tolist()) <= {0, 3, 255}
     no_gt = ds[2]  # no mask file → sentinel of 255
     assert not no_gt["has_mask"] and (no_gt["mask"] == 255).all()
     batch = collate([ds[i] for i in range(3)])
     assert batch["image"].shape == (3, 3, 320, 320) and batch["cls_label"].shape == (3, 20)
-    assert batch["mask"].shape == (3, 320, 320) and batch["crop_box"].shape == (3, 4)
+    assert batch["mask"].shape == (3, 320, 320) 
     assert batch["has_mask"].tolist() == [True, True, False] and len(batch["name"]) == 3
 
 
@@ -282,7 +282,6 @@ def test_determinism_across_instances_and_workers(voc_root: Path):
     for i, other in ((0, xb0), (1, xb1)):
         xa = a[i]
         assert torch.equal(xa["image"], other["image"]) and torch.equal(xa["mask"], other["mask"])
-        assert torch.equal(xa["crop_box"], other["crop_box"])
     a.set_epoch(1)
     assert not torch.equal(a[1]["image"], xb1["image"])
     c = VOCDataset(voc_root, "train", transform=TrainTransform(), rng_seed=6)

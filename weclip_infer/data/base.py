@@ -145,14 +145,14 @@ class SegmentationDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         """Dict with ``name``, ``image`` (3×H×W float32), ``cls_label`` ([C−1] float32), ``mask``
-        (H×W int64, all 255 without GT), ``has_mask`` (bool), ``crop_box`` (int64 [4])."""
+        (H×W int64, all 255 without GT) and ``has_mask`` (bool)."""
         if index < 0:
             index += len(self)
         sample = self.samples[index]
         img = load_image(sample.image, self.max_pixels)
         mask = self.load_mask(sample, img.shape[:2])
         label = self.cls_label(sample, mask)  # from the whole image, before cropping (spec §11.2 item 2)
-        image, mask_t, box = self.transform(img, self.item_rng(index), mask)
+        image, mask_t, _ = self.transform(img, self.item_rng(index), mask)
         has_mask = mask_t is not None
         if mask_t is None:
             mask_t = torch.full(tuple(image.shape[1:]), IGNORE_INDEX, dtype=torch.int64)
@@ -162,7 +162,6 @@ class SegmentationDataset(Dataset):
             "cls_label": torch.from_numpy(np.array(label, dtype=np.float32)),
             "mask": mask_t,
             "has_mask": has_mask,
-            "crop_box": torch.tensor(box, dtype=torch.int64),
         }
 
     def __repr__(self) -> str:
@@ -183,7 +182,7 @@ def mask_path(p: Path, require_masks: Optional[bool]) -> Optional[Path]:
 
 def collate(batch: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Stack items of equal size: ``image`` B×3×H×W, ``cls_label`` B×(C−1), ``mask`` B×H×W,
-    ``crop_box`` B×4, ``has_mask`` B (bool); ``name`` stays a list. Training crops are all
+    ``has_mask`` B (bool); ``name`` stays a list. Training crops are all
     320×320; evaluation images of different sizes need ``batch_size=1``."""
     if not batch:
         raise ValueError("collate: empty batch")
@@ -197,5 +196,4 @@ def collate(batch: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "cls_label": torch.stack([b["cls_label"] for b in batch]),
         "mask": torch.stack([b["mask"] for b in batch]),
         "has_mask": torch.tensor([bool(b.get("has_mask", True)) for b in batch]),
-        "crop_box": torch.stack([torch.as_tensor(b["crop_box"], dtype=torch.int64) for b in batch]),
     }

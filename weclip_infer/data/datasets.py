@@ -11,7 +11,6 @@ All datasets share :class:`SegmentationDataset`; ``__getitem__`` returns a dict
 ``mask``       int64 tensor H×W, GT segmentation (0 = background, 255 = ignore/padding); all
                255 when the image has no GT mask (sentinel)
 ``has_mask``   bool, whether ``mask`` is a real GT mask
-``crop_box``   int64 tensor [4], ``(h_start, h_end, w_start, w_end)`` of the non-padded region
 =============  ==============================================================================
 
 The GT mask is only for measuring pseudo-label / prediction mIoU; weak supervision never trains

@@ -50,7 +50,8 @@ from ..normalization import mean_std as _named_mean_std  # noqa: E402
 IGNORE_INDEX = 255  # GT-mask value for "ignore" and for the padded area of a crop
 
 #: ``(h_start, h_end, w_start, w_end)`` of the valid (non-padded) image region inside the output,
-#: end-exclusive — the reference's ``img_box`` (spec §7.2; returned but unused by training).
+#: end-exclusive (the reference's ``img_box``). Training does not need it; it tells a caller
+#: where the image lies inside a padded crop.
 CropBox = Tuple[int, int, int, int]
 RandomSource = Union[random.Random, np.random.Generator, int, None]
 
@@ -134,7 +135,7 @@ class TrainTransform:
     flip with p = 0.5. ``normalize``: ``"imagenet"`` (reference code) or ``"clip"``.
 
     ``__call__(img, rng, mask=None)`` with ``img`` H×W×3 uint8 and ``mask`` H×W integer (or None)
-    returns ``(image, mask, crop_box)``: image float32 tensor 3×S×S (S = crop_size), mask int64
+    returns ``(image, mask, box)``: image float32 tensor 3×S×S (S = crop_size), mask int64
     tensor S×S with 255 in the padded area (or None when no mask was given), and the
     ``CropBox`` of the valid region.
     """
