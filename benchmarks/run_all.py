@@ -4,6 +4,9 @@
     python benchmarks/run_all.py [--threads 2] [--repeats 5] [--device cpu] [--skip-onnx]
 
 Writes ``benchmarks/results/<machine>-<date>.json`` and ``.md`` and prints the markdown table.
+Each result records the processor (model, instruction-set extensions), torch / ONNX Runtime
+versions and the same-run matmul peak of each compute path (fp32 torch, fp32 ONNX Runtime, bf16),
+and reports the network stages also as a fraction of the peak of the path they ran on.
 Random full-size OpenAI-format weights (speed does not depend on the values). Each figure is the
 median of ``--repeats`` runs after one warm-up. Targets (issue 9, same 2-core machine): training
 iteration ≤ 3.4 s at batch 4, 320², 2 classes/image; peak RSS ≤ 1.8 GB; inference ≤ 1.45 s for a
@@ -89,6 +92,29 @@ def bench_train(args) -> dict:
     return res
 
 
+def network_flops(model, x: torch.Tensor) -> float:
+    """FLOPs of one ``model.segment`` call on ``x`` (counted by torch's FlopCounterMode)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        model.segment(x)
+    return float(fc.get_total_flops())
+
+
+def bench_peaks(args) -> dict:
+    """The processor and the same-run matmul peak (GFLOP/s) of each path."""
+    from weclip_infer.hardware import cpu_features, inference_path, matmul_peaks
+
+    try:
+        import onnxruntime as ort
+
+        ort_version = ort.__version__
+    except ImportError:
+        ort_version = None
+    return {"cpu": cpu_features().as_dict(), "inference_path": inference_path(args.device),
+            "torch": torch.__version__, "onnxruntime": ort_version, "matmul_gflops": matmul_peaks()}
+
+
 def bench_infer(args) -> dict:
     from PIL import Image
 
@@ -105,6 +131,11 @@ def bench_infer(args) -> dict:
     jpeg = buf.getvalue()
     backends = {"eager": Segmenter(model)}
     tmp = None
+    out: dict = {}
+    # network FLOPs per scale of this image (long side 512: 384×512, and 0.75 of it), for fractions of peak
+    x1 = torch.zeros(1, 3, 384, 512, device=dev)
+    out["network_gflop"] = {"network@1": network_flops(model, x1) / 1e9,
+                            "network@0.75": network_flops(model, torch.zeros(1, 3, 288, 384, device=dev)) / 1e9}
     if not args.skip_onnx:
         try:
             from weclip_infer.checkpoint import save_checkpoint
@@ -113,9 +144,19 @@ def bench_infer(args) -> dict:
             tmp = tempfile.TemporaryDirectory()
             write_bundle(model, Path(tmp.name) / "bundle", formats=("onnx",), parity_cases=[(1, 320, 320)])
             backends["onnxruntime"] = Segmenter.from_pretrained(Path(tmp.name) / "bundle", backend="onnx", device=dev)
-        except Exception as e:  # noqa: BLE001
+            # a checkpoint directory with the processor-chosen path (what users get by default)
+            ck = save_checkpoint(model, Path(tmp.name) / "ckpt", include_backbone=True)
+            os.environ["WECLIP_CACHE_DIR"] = str(Path(tmp.name) / "cache")
+            os.environ.pop("WECLIP_BACKEND", None)
+            t = time.perf_counter()
+            backends["checkpoint (auto)"] = Segmenter.from_pretrained(ck, device=dev)
+            out["checkpoint_first_load_s"] = time.perf_counter() - t
+            t = time.perf_counter()
+            Segmenter.from_pretrained(ck, device=dev)
+            out["checkpoint_cached_load_s"] = time.perf_counter() - t
+            out["checkpoint_auto_backend"] = "eager" if backends["checkpoint (auto)"].model is not None else "onnx"
+        except Exception as e:  # noqa: BLE001 - the eager figures still stand
             print(f"(ONNX Runtime backend skipped: {e})", file=sys.stderr)
-    out = {}
     for name, seg in backends.items():
         rows: dict = {}
         for rep in range(args.repeats + 1):
@@ -123,7 +164,7 @@ def bench_infer(args) -> dict:
             if rep:
                 for k, v in r.timings.items():
                     rows.setdefault(k, []).append(v)
-        out[name] = {k: med(v) for k, v in rows.items()}
+        out.setdefault("paths", {})[name] = {k: med(v) for k, v in rows.items()}
     if crf_available():
         # The bilateral term's cost depends on the image: per-pixel noise (the image above) fills
         # the permutohedral lattice and is a worst case (~8× a natural image). The headline
@@ -193,11 +234,14 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--skip-onnx", action="store_true")
-    ap.add_argument("--part", choices=["all", "train", "infer", "folder"], default="all")
+    ap.add_argument("--part", choices=["all", "peaks", "train", "infer", "folder"], default="all")
     ap.add_argument("--folder-images", type=int, default=200)
     ap.add_argument("--out", default=str(HERE / "results"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.part == "peaks":
+        print(json.dumps(bench_peaks(args)))
+        return 0
     if args.part == "train":
         print(json.dumps(bench_train(args)))
         return 0
@@ -210,6 +254,7 @@ def main() -> int:
     base = [sys.executable, __file__, "--threads", str(args.threads), "--repeats", str(args.repeats), "--device", args.device]
     if args.skip_onnx:
         base.append("--skip-onnx")
+    peaks = json.loads(subprocess.run(base + ["--part", "peaks"], check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
     train = json.loads(subprocess.run(base + ["--part", "train"], check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
     infer = json.loads(subprocess.run(base + ["--part", "infer"], check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
     folder = json.loads(subprocess.run(base + ["--part", "folder", "--folder-images", str(args.folder_images)], check=True,
@@ -219,22 +264,44 @@ def main() -> int:
     except OSError:
         load = None
     date = time.strftime("%Y-%m-%d")
-    result = {"machine": platform.node(), "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+    result = {"machine": platform.node(), "processor": peaks["cpu"]["model"], "cpu": peaks["cpu"], "cpus": os.cpu_count(),
               "device": args.device, "threads": args.threads, "repeats": args.repeats, "torch": torch.__version__,
+              "onnxruntime": peaks["onnxruntime"], "matmul_gflops": peaks["matmul_gflops"],
+              "inference_path": peaks["inference_path"],
               "date": date, "load_avg_1min_at_end": load, "train_batch4_320": train, "infer_375x500": infer, "folder": folder,
               "authors_code": AUTHORS, "targets": TARGETS}
-    lines = [f"Machine {result['machine']} ({result['processor']}, {result['cpus']} CPUs), device {args.device}, "
-             f"{args.threads} threads, torch {torch.__version__}, median of {args.repeats} after warm-up, {date}", "",
+    mm = peaks["matmul_gflops"]
+    lines = [f"Machine {result['machine']} ({peaks['cpu']['model']}, {peaks['cpu']['arch']}, ISA {peaks['cpu']['isa']}, "
+             f"{result['cpus']} CPUs), device {args.device}, {args.threads} threads, torch {torch.__version__}, "
+             f"onnxruntime {peaks['onnxruntime']}, median of {args.repeats} after warm-up, {date}", "",
+             "Same-run matmul peaks (1604×768 @ 768×3072), GFLOP/s: "
+             + ", ".join(f"{k} {v:.0f}" for k, v in mm.items()), "",
+             f"Inference path chosen for checkpoints here: {peaks['inference_path'][0]} ({peaks['inference_path'][1]})", "",
              "| training iteration (batch 4, 320², 2 classes/image, RFM) | seconds |", "|---|---|"]
     for k, v in train["stages_s"].items():
         lines.append(f"| {k} | {v:.3f} |")
     lines.append(f"| **total** (authors' code {AUTHORS['train_step_s']} s; target ≤ {TARGETS['train_step_s']} s) | **{train['total_s']:.3f}** |")
     lines.append(f"| peak RSS (authors' {AUTHORS['train_peak_rss_gb']} GB; target ≤ {TARGETS['train_peak_rss_gb']} GB) | {train['peak_rss_gb']:.2f} GB |")
-    lines += ["", "| inference, 375×500 JPEG, scales {1, 0.75} + flip | " + " | ".join(k for k in infer if not k.startswith("crf")) + " |",
-              "|---|" + "---|" * len([k for k in infer if not k.startswith("crf")])]
-    stages = sorted({s for k, v in infer.items() if not k.startswith("crf") for s in v})
-    for s in stages:
-        lines.append(f"| {s} | " + " | ".join(f"{infer[k].get(s, float('nan')):.3f}" for k in infer if not k.startswith("crf")) + " |")
+    paths = infer["paths"]
+    peak_of = {"eager": mm.get("torch_fp32"), "onnxruntime": mm.get("ort_fp32"),
+               "checkpoint (auto)": mm.get("ort_fp32") if infer.get("checkpoint_auto_backend") == "onnx" else mm.get("torch_fp32")}
+    lines += ["", "| inference, 375×500 JPEG, scales {1, 0.75} + flip (s; % of the path's matmul peak) | "
+              + " | ".join(paths) + " |", "|---|" + "---|" * len(paths)]
+    stages = sorted({st for v in paths.values() for st in v})
+    for st in stages:
+        cells = []
+        for k in paths:
+            t = paths[k].get(st, float("nan"))
+            cell = f"{t:.3f}"
+            flop = infer["network_gflop"].get(st)
+            if flop and peak_of.get(k) and t == t:
+                cell += f" ({100 * flop / t / peak_of[k]:.0f}%)"
+            cells.append(cell)
+        lines.append(f"| {st} | " + " | ".join(cells) + " |")
+    if "checkpoint_first_load_s" in infer:
+        lines.append(f"\nCheckpoint directory, processor-chosen path ({infer['checkpoint_auto_backend']}): first load "
+                     f"{infer['checkpoint_first_load_s']:.1f} s (includes the one-time export when ONNX Runtime is "
+                     f"chosen), cached load {infer['checkpoint_cached_load_s']:.1f} s.")
     if "crf_s" in infer:
         lines.append(f"\nDenseCRF on 375×500, 21 labels, 10 iterations: {infer['crf_s']:.3f} s on a demo-world scene "
                      f"(authors' {AUTHORS['crf_s']} s on a VOC image); {infer['crf_noise_s']:.3f} s on per-pixel noise "

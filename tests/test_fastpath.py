@@ -73,3 +73,43 @@ def test_checkpoint_on_cached_onnx_equals_eager(tiny_model, tmp_path, monkeypatc
         Segmenter.from_pretrained(ck)
     with pytest.raises(ValueError, match="export bundle"):
         Segmenter.from_pretrained(ck, backend="torchscript")
+
+
+def test_bf16_frozen_clip_is_close_and_leaves_no_global_state():
+    from weclip_infer import build_model
+    from weclip_infer.testing import tiny_config
+
+    torch.manual_seed(0)
+    m32 = build_model(tiny_config(), device="cpu").eval()
+    m16 = build_model(tiny_config(backbone={"precision": "bf16"}), device="cpu").eval()
+    m16.decoder.load_state_dict(m32.decoder.state_dict())
+    x = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(1))
+    flag = torch.backends.mkldnn.matmul.fp32_precision
+    with torch.no_grad():
+        a, b = m32.segment(x), m16.segment(x)
+    assert b.dtype == torch.float32
+    assert 0 < float((a - b).abs().max() / a.abs().max()) < 5e-2  # bf16 differs, but only slightly
+    out = m16.train()(x, torch.tensor([[1.0, 0, 1], [0, 1, 0]]))
+    assert torch.isfinite(out["loss"])
+    assert torch.backends.mkldnn.matmul.fp32_precision == flag
+    assert not torch.is_autocast_enabled("cpu")
+
+
+def test_fp32_fast_matmul_keeps_fp32_accuracy_and_restores_the_flag():
+    from weclip_infer.hardware import fast_fp32_matmul_available, frozen_clip_arithmetic
+
+    ok, reason = fast_fp32_matmul_available()
+    assert reason
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(300, 768, generator=g, dtype=torch.float64), torch.randn(768, 200, generator=g, dtype=torch.float64)
+    ref = a @ b
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    with frozen_clip_arithmetic("fp32", "cpu") as path:
+        got = torch.mm(a.float(), b.float()).double()
+        assert ("oneDNN" in path) == ok
+    assert float((got - ref).abs().max() / ref.abs().max()) < 1e-5  # fp32-level, never bf16-level
+    assert torch.backends.mkldnn.matmul.fp32_precision == before
+    with pytest.raises(RuntimeError):
+        with frozen_clip_arithmetic("fp32", "cpu"):
+            raise RuntimeError("boom")
+    assert torch.backends.mkldnn.matmul.fp32_precision == before

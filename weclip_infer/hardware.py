@@ -9,14 +9,16 @@ that callers log, and :func:`matmul_peaks` measures the peak of each path on the
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import platform
 import time
 from dataclasses import dataclass, field
-from typing import Dict, FrozenSet, Optional, Tuple
+from typing import Dict, FrozenSet, Iterator, Optional, Tuple
 
-__all__ = ["CpuFeatures", "cpu_features", "inference_path", "matmul_peaks"]
+__all__ = ["CpuFeatures", "cpu_features", "inference_path", "matmul_peaks", "fast_fp32_matmul_available",
+           "frozen_clip_arithmetic"]
 
 log = logging.getLogger(__name__)
 
@@ -153,3 +155,69 @@ def matmul_peaks(m: int = 1604, k: int = 768, n: int = 3072, min_time: float = 0
         feeds = {"A": a.numpy(), "B": np.ascontiguousarray(b.numpy())}
         out["ort_fp32"] = _gflops(lambda: sess.run(None, feeds), flop, min_time)
     return out
+
+
+def _matmul_precision_flag():
+    import torch
+
+    mk = getattr(torch.backends, "mkldnn", None)
+    prec = getattr(mk, "matmul", None)
+    if mk is None or not mk.is_available() or prec is None or not hasattr(prec, "fp32_precision"):
+        return None
+    return prec
+
+
+@functools.lru_cache(maxsize=1)
+def fast_fp32_matmul_available() -> Tuple[bool, str]:
+    """Whether oneDNN's fp32 matmul with ``fp32_precision="bf16"`` keeps fp32 accuracy here.
+
+    On CPUs with native bf16, oneDNN then computes fp32 products from split bf16 parts, about twice
+    as fast as the default fp32 kernels with an error of the same order as fp32 rounding. Where the
+    setting would fall back to plain bf16 (an error ~1e4 times larger) it is not used: a product
+    is checked against float64 once per process.
+    """
+    import torch
+
+    prec = _matmul_precision_flag()
+    if prec is None:
+        return False, "oneDNN matmul precision control unavailable"
+    if not cpu_features().fast_bf16:
+        return False, f"no native bf16 on this CPU ({cpu_features().isa})"
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(256, 768, generator=g, dtype=torch.float64), torch.randn(768, 256, generator=g, dtype=torch.float64)
+    ref = a @ b
+    old = prec.fp32_precision
+    try:
+        prec.fp32_precision = "bf16"
+        got = torch.mm(a.float(), b.float()).double()
+    finally:
+        prec.fp32_precision = old
+    rel = float((got - ref).abs().max() / ref.abs().max())
+    if rel > 1e-5:
+        return False, f"oneDNN bf16 matmul is plain bf16 here (relative error {rel:.1e})"
+    return True, f"oneDNN split-bf16 fp32 matmul (relative error {rel:.1e} vs float64)"
+
+
+@contextlib.contextmanager
+def frozen_clip_arithmetic(precision: str, device_type: str) -> Iterator[str]:
+    """Context for running the frozen CLIP blocks: yields the path used, restores global state.
+
+    ``bf16``: bfloat16 autocast. ``fp32`` on CPU: oneDNN's fp32-accurate fast matmul where
+    :func:`fast_fp32_matmul_available` says so, else the default kernels.
+    """
+    import torch
+
+    if precision == "bf16":
+        with torch.autocast(device_type=device_type, dtype=torch.bfloat16):
+            yield "bf16 autocast"
+        return
+    if device_type != "cpu" or not fast_fp32_matmul_available()[0]:
+        yield "fp32"
+        return
+    prec = _matmul_precision_flag()
+    old = prec.fp32_precision
+    prec.fp32_precision = "bf16"
+    try:
+        yield "fp32 (oneDNN split-bf16)"
+    finally:
+        prec.fp32_precision = old

@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .backbone import FrozenCLIP, load_clip, run_block
+from .hardware import frozen_clip_arithmetic
 from .normalization import mean_std
 from .cam import box_masks, class_keys, initial_cam, minmax_normalize
 from .config import WeCLIPConfig, load_config
@@ -102,16 +103,18 @@ class WeCLIP(nn.Module):
         bb = self.backbone
         n_run = max(self.feature_blocks, bb.num_blocks - 1)
         first_attn = bb.num_blocks - attn_blocks  # 0-based index of the first block whose map is needed
-        with torch.no_grad():
+        tracing = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+        precision = "fp32" if tracing else self.cfg.backbone.precision  # exported graphs stay fp32
+        with torch.no_grad(), frozen_clip_arithmetic(precision, images.device.type):
             p = bb.patch_size
             hw = (images.shape[-2] // p, images.shape[-1] // p)
             t = bb.embed(images)
             feats, attns = [], []
             if pooled:
                 B, L, D = t.shape
-                fbuf = t.new_empty(n_run, B, L, D)
+                fbuf = t.new_empty(n_run, B, L, D, dtype=torch.float32)
                 n_attn = max(0, n_run - max(first_attn, 0))
-                abuf = t.new_empty(n_attn, B, L, L)
+                abuf = t.new_empty(n_attn, B, L, L, dtype=torch.float32)
                 feats, attns = list(fbuf.unbind(0)), list(abuf.unbind(0))
             for i, blk in enumerate(bb.blocks[:n_run]):
                 t, a = run_block(blk, t, need_attn=i >= first_attn)
@@ -123,6 +126,8 @@ class WeCLIP(nn.Module):
                 feats.append(t)
                 if a is not None:
                     attns.append(a)
+        if precision == "bf16" and not pooled:  # the decoder and the label path take fp32
+            feats, attns = [f.float() for f in feats], [a.float() for a in attns]
         return feats, attns, hw
 
     def segment(self, images: torch.Tensor) -> torch.Tensor:
