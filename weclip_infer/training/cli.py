@@ -1,19 +1,5 @@
-"""``python -m weclip_infer.train`` / ``weclip-train``: train WeCLIP from a YAML config.
-
-Examples::
-
-    python -m weclip_infer.train --config voc data.root=/data/VOC2012 model.backbone.clip_weights=/models/ViT-B-16.pt
-    python -m weclip_infer.train --config demo.yaml train.max_iters=200 --device cpu
-    python -m weclip_infer.train --config custom data.root=/data/mine data.labels_file=labels.csv \\
-        data.class_names_file=classes.txt model.backbone.clip_weights=demo
-    python -m weclip_infer.train --resume runs/voc                 # continue the run in runs/voc
-    torchrun --nproc_per_node 2 -m weclip_infer.train --config voc.yaml data.root=/data/VOC2012   # DDP
-
-Overrides are ``section.key=value`` (sections ``model``, ``train``, ``data``; values parsed as
-YAML), e.g. ``train.max_iters=10 model.refine.rfm_switch_iter=5 model.refine.use_rfm=false``.
-A shipped config can be named with or without ``.yaml``: voc, coco, demo, custom. A shorter
-``train.max_iters`` scales the warm-up and the RFM switch with it.
-"""
+"""``python -m weclip_infer.train`` / ``weclip-train``: train WeCLIP from a YAML config
+(the examples and rules are in :data:`EPILOG`, what ``--help`` shows)."""
 from __future__ import annotations
 
 import argparse
@@ -25,9 +11,24 @@ from importlib import resources
 from pathlib import Path
 from typing import Optional, Sequence
 
-__all__ = ["main", "build_parser", "shipped_config", "resolve_config_arg"]
+__all__ = ["main", "build_parser", "shipped_config", "resolve_config_arg", "EPILOG"]
 
 SHIPPED = ("voc", "coco", "demo", "custom")
+
+EPILOG = """examples:
+  python -m weclip_infer.train --config voc data.root=/data/VOC2012 model.backbone.clip_weights=/models/ViT-B-16.pt
+  python -m weclip_infer.train --config demo.yaml train.max_iters=200 --device cpu
+  python -m weclip_infer.train --config custom data.root=/data/mine data.labels_file=labels.csv \\
+      data.class_names_file=classes.txt model.backbone.clip_weights=demo
+  python -m weclip_infer.train --resume runs/voc          # continue the run in runs/voc
+  torchrun --nproc_per_node 2 -m weclip_infer.train --config voc.yaml data.root=/data/VOC2012   # several processes
+
+Overrides are section.key=value (sections model, train, data; values parsed as YAML), e.g.
+train.max_iters=10 model.refine.rfm_switch_iter=5 model.refine.use_rfm=false.
+A shipped config can be named with or without .yaml: voc, coco, demo, custom; --print-config
+shows every resolved value. A shorter train.max_iters scales the warm-up and the RFM switch
+with it. A custom folder's class list file (data.class_names_file) defines the classes.
+"""
 
 logger = logging.getLogger("weclip_infer.training")
 
@@ -50,7 +51,7 @@ def resolve_config_arg(config: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="weclip-train", description="Train WeCLIP (frozen CLIP + decoder) with "
-                                "image-level labels.", epilog=__doc__.split("\n\n", 1)[1],
+                                "image-level labels.", epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", "-c", help=f"training YAML: a path, or a shipped config {list(SHIPPED)} "
                                           "(with or without .yaml)")
