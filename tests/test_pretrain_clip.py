@@ -12,14 +12,81 @@ from weclip_infer.demo import pretrain_clip as pc
 from weclip_infer.text import tokenize
 
 
+_SHORT = ["--tiny", "--steps", "2", "--batch-size", "4", "--eval-zs", "4", "--eval-cam", "2", "--eval-every", "0",
+          "--threads", "1", "--workers", "0", "--dtype", "fp32"]
+
+
+def _short_run(out, *extra: str) -> tuple[dict, dict]:
+    """Two seeded steps on the tiny model: (trained weights, provenance)."""
+    res = pc.main(_SHORT + ["--out", str(out), *extra])
+    assert res["steps"] == 2
+    state = {k: v.detach().clone() for k, v in res["clip"].state_dict().items()}
+    return state, json.loads((out / "provenance.json").read_text())
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def short_runs(tmp_path_factory):
+    """The plain contrastive run and the run with the token-level loss, which the ablation switches
+    are compared against (each switch must change what is trained)."""
+    root = tmp_path_factory.mktemp("short_runs")
+    return {"plain": _short_run(root / "plain"), "token": _short_run(root / "token", "--token-loss", "1.0")}
+
+
+@pytest.mark.slow
+def test_short_runs_are_deterministic(short_runs, tmp_path):
+    """Same arguments, same weights: the differences the switch tests look for come from the switches."""
+    again, _ = _short_run(tmp_path, "--token-loss", "1.0")
+    assert _same(again, short_runs["token"][0])
+
+
+@pytest.mark.slow
+def test_token_loss_switch_changes_training(short_runs):
+    (plain, _), (token, prov) = short_runs["plain"], short_runs["token"]
+    assert not _same(plain, token)
+    assert prov["token_loss"] == 1.0 and "MIL" in prov["loss"]
+
+
+@pytest.mark.slow
+def test_attention_loss_switch_changes_training(short_runs, tmp_path):
+    state, prov = _short_run(tmp_path, "--token-loss", "1.0", "--attn-loss", "1.0", "--attn-blocks", "2")
+    assert not _same(state, short_runs["token"][0])
+    assert prov["attn_blocks"] == 2 and "attention" in prov["loss"]
+
+
+@pytest.mark.slow
+def test_prompt_loss_switch_changes_training(short_runs, tmp_path):
+    state, prov = _short_run(tmp_path, "--token-loss", "1.0", "--prompt-loss", "1.0")
+    assert not _same(state, short_runs["token"][0])
+    assert "background-prompts" in prov["loss"]
+    with pytest.raises(SystemExit):  # the prompt loss needs the token-level loss
+        pc.main(["--tiny", "--steps", "1", "--out", str(tmp_path / "x"), "--prompt-loss", "1.0"])
+
+
+@pytest.mark.slow
+def test_object_style_switch_trains_on_that_world(short_runs, tmp_path):
+    state, prov = _short_run(tmp_path, "--token-loss", "1.0", "--object-style", "badge", "--badge-scale", "0.4", "0.5")
+    assert not _same(state, short_runs["token"][0])  # other pixels, same layouts and captions
+    assert prov["world"]["object_style"] == "badge" and prov["world"]["badge_scale"] == [0.4, 0.5]
+
+
 def test_positive_matrix_and_loss():
     a, b = frozenset({0}), frozenset({1, 2})
     pos = pc.positive_matrix([a, b, a], [0, 0, 1], [a, None, None], [0, 0, 1])
     # caption 0 "red circle on grass": image 0 only; caption 1 "grass.": images 0, 1; caption 2 "sand.": image 2
     assert pos.tolist() == [[True, True, False], [False, True, False], [False, False, True]]
     img = torch.nn.functional.normalize(torch.randn(3, 8), dim=-1)
-    loss = pc.multi_positive_clip_loss(img, img, torch.tensor(10.0), pos)
-    assert torch.isfinite(loss) and loss > 0
+    scale = torch.tensor(10.0)
+    matched = pc.multi_positive_clip_loss(img, img, scale, pos)
+    swapped = pc.multi_positive_clip_loss(img, img.roll(1, 0), scale, pos)  # captions moved to other images
+    assert 0 < matched < swapped
+    # with an all-true target every caption is right for every image: the loss cannot tell them apart
+    all_pos = torch.ones(3, 3, dtype=torch.bool)
+    torch.testing.assert_close(pc.multi_positive_clip_loss(img, img, scale, all_pos),
+                               pc.multi_positive_clip_loss(img, img.roll(1, 0), scale, all_pos))
 
 
 def test_world_token_ids_cover_prompts():
@@ -107,14 +174,6 @@ def test_token_mil_loss_rewards_local_tokens():
     assert z.grad is not None and torch.isfinite(z.grad).all()
 
 
-def test_short_run_with_token_loss(tmp_path):
-    res = pc.main(["--tiny", "--steps", "2", "--batch-size", "4", "--eval-zs", "4", "--eval-cam", "2", "--eval-every", "0",
-                   "--threads", "1", "--workers", "0", "--dtype", "fp32", "--out", str(tmp_path), "--token-loss", "1.0"])
-    prov = json.loads((tmp_path / "provenance.json").read_text())
-    assert prov["token_loss"] == 1.0 and prov["token_feature"] == "value" and "MIL" in prov["loss"]
-    assert res["steps"] == 2 and res["clip"].visual.output_tokens is False
-
-
 def test_head_mean_attention_matches_multihead_attention_weights():
     torch.manual_seed(0)
     clip = pc.build_clip(pc.TINY_MODEL_CFG, 0).eval()
@@ -146,15 +205,6 @@ def test_attention_affinity_loss_prefers_grouping_attention():
     assert logits.grad is not None and logits.grad.abs().sum() > 0
 
 
-def test_short_run_with_attention_loss(tmp_path):
-    res = pc.main(["--tiny", "--steps", "2", "--batch-size", "4", "--eval-zs", "4", "--eval-cam", "2", "--eval-every", "0",
-                   "--threads", "1", "--workers", "0", "--dtype", "fp32", "--out", str(tmp_path), "--token-loss", "1.0",
-                   "--attn-loss", "1.0", "--attn-blocks", "2"])
-    prov = json.loads((tmp_path / "provenance.json").read_text())
-    assert prov["attn_loss"] == 1.0 and prov["attn_blocks"] == 2 and "attention" in prov["loss"]
-    assert res["steps"] == 2
-
-
 def test_prompt_vs_background_loss_prefers_present_class_over_backgrounds():
     n_cls, n_bg = len(pc.CLASS_NAMES), len(pc.BACKGROUND_NAMES)
     txt = torch.eye(n_cls + n_bg, 16)
@@ -170,17 +220,6 @@ def test_prompt_vs_background_loss_prefers_present_class_over_backgrounds():
     img = bad.clone().requires_grad_()
     pc.prompt_vs_background_loss(img, txt, y, scale).backward()
     assert img.grad[0, 2] < 0  # descending the loss moves image 0 towards its class prompt
-
-
-def test_short_run_with_prompt_loss(tmp_path):
-    pc.main(["--tiny", "--steps", "2", "--batch-size", "4", "--eval-zs", "4", "--eval-cam", "2", "--eval-every", "0",
-             "--threads", "1", "--workers", "0", "--dtype", "fp32", "--out", str(tmp_path), "--token-loss", "1.0",
-             "--prompt-loss", "1.0", "--object-style", "badge", "--badge-scale", "0.4", "0.5"])
-    prov = json.loads((tmp_path / "provenance.json").read_text())
-    assert prov["prompt_loss"] == 1.0 and "background-prompts" in prov["loss"]
-    assert prov["world"]["object_style"] == "badge" and prov["world"]["badge_scale"] == [0.4, 0.5]
-    with pytest.raises(SystemExit):
-        pc.main(["--tiny", "--steps", "1", "--out", str(tmp_path / "x"), "--prompt-loss", "1.0"])
 
 
 @pytest.mark.parametrize("name,style", [("demo", "flat"), ("demo-badge", "badge")])
