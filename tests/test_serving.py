@@ -171,6 +171,84 @@ def test_handler_mixed_batch_in_process(model_dir, segmenter, tmp_path):
     assert np.array_equal(_decode_png(out[3]), segmenter.predict(imgs[0], scales=(1.0,), flip=False).labels)
 
 
+def _handler(model_dir, tmp_path, **serve_config):
+    from ts.context import Context
+
+    d = tmp_path / "m"
+    shutil.copytree(model_dir, d)
+    (d / "serve_config.json").write_text(json.dumps({**SERVE_CONFIG, **serve_config}))
+    ctx = Context(MODEL, str(d), None, 8, None, "0.12.0")
+    h = WeCLIPHandler()
+    h.initialize(ctx)
+    return h, ctx
+
+
+def _run(h, data, headers=None):
+    from ts.context import Context, RequestProcessor
+
+    ctx = Context(MODEL, "", None, len(data), None, "0.12.0")
+    ctx.request_processor = [RequestProcessor((headers or {}).get(i, {})) for i in range(len(data))]
+    out = h.handle(data, ctx)
+    return out, [ctx.get_response_status(i)[0] for i in range(len(data))]
+
+
+class _Spy:
+    """Records the input shape of every backend call (and can fail chosen ones)."""
+
+    def __init__(self, backend, fail=lambda x: False):
+        self.backend, self.fail, self.shapes = backend, fail, []
+
+    def __call__(self, x):
+        self.shapes.append(tuple(x.shape))
+        if self.fail(x):
+            raise RuntimeError("simulated network failure")
+        return self.backend(x)
+
+
+def test_same_size_images_run_as_one_batch_per_scale(model_dir, segmenter, tmp_path):
+    """Same network size → one backend call per scale for the whole batch; masks as one at a time."""
+    h, _ = _handler(model_dir, tmp_path)
+    net = h.service.network
+    spy = net.backend = _Spy(net.backend)
+    same = [_img(48, 64, seed=s) for s in range(4)] + [_img(96, 128, seed=7, fmt="PNG")]  # same network size
+    other = _img(70, 33, seed=8)
+    data = [{"body": bytearray(b)} for b in same[:2]] + [{"body": bytearray(b"not an image")}] + \
+        [{"body": bytearray(b)} for b in same[2:]] + [{"body": bytearray(other)}] + \
+        [{"body": bytearray(same[0]), "scales": b"1"}]
+    out, codes = _run(h, data)
+    assert codes == [200, 200, 400, 200, 200, 200, 200, 200]
+    good = [0, 1, 3, 4, 5, 6]
+    for i, img in zip(good, same[:2] + same[2:] + [other]):
+        assert np.array_equal(_decode_png(out[i]), segmenter.predict(img).labels), i
+    assert np.array_equal(_decode_png(out[7]), segmenter.predict(same[0], scales=(1.0,)).labels)
+    # scale 1: the six same-size inputs (x2 flip) in one call, the other size in its own;
+    # scale 0.75: five same-size inputs in one call, the other size in its own
+    net_hw = segmenter.preprocess(np.zeros((48, 64, 3), np.uint8)).shape[-2:]
+    rows = sorted((s[0], s[2:] == tuple(net_hw)) for s in spy.shapes)
+    assert rows == sorted([(12, True), (2, False), (10, False), (2, False)]), spy.shapes
+    # one at a time (a batch of one) gives the same bytes
+    for i, b in zip(good[:2], same[:2]):
+        assert _run(h, [{"body": bytearray(b)}])[0][0] == out[i]
+
+
+def test_batch_failures_stay_with_their_request(model_dir, segmenter, tmp_path):
+    h, _ = _handler(model_dir, tmp_path, network_batch=4)
+    net = h.service.network
+    imgs = [_img(48, 64, seed=s) for s in range(3)]
+    poison = _img(40, 120, seed=9)  # its own network size: its calls always fail
+    poison_hw = segmenter.preprocess(np.zeros((40, 120, 3), np.uint8)).shape[-2:]
+    # every call holding more than one request fails too (as an out-of-memory error would):
+    # those requests are retried one by one
+    spy = net.backend = _Spy(net.backend, fail=lambda x: tuple(x.shape[-2:]) == tuple(poison_hw) or x.shape[0] > 2)
+    out, codes = _run(h, [{"body": bytearray(b)} for b in imgs[:2]] + [{"body": bytearray(poison)}] +
+                      [{"body": bytearray(imgs[2])}])
+    assert codes == [200, 200, 500, 200]
+    assert "simulated network failure" in json.loads(out[2])["error"]
+    for i, img in zip([0, 1, 3], imgs):
+        assert np.array_equal(_decode_png(out[i]), segmenter.predict(img).labels)
+    assert max(s[0] for s in spy.shapes) == 4  # batches were tried, capped by network_batch
+
+
 # ---- end to end through TorchServe -----------------------------------------------------------------
 class Server:
     def __init__(self, root: Path, ports: dict, keys: dict, env: dict, ts_bin: str):

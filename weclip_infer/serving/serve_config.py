@@ -1,8 +1,9 @@
 """``serve_config.json``: the per-archive server settings, validated in one place.
 
 Keys: ``backend`` (``auto``|``torchscript``|``onnx``|``eager``), ``max_pixels`` (default: the
-library's decode limit), default ``scales`` / ``flip`` / ``crf``, ``long_side`` and
-``num_threads``. Both the archive builder and every server read it through
+library's decode limit), default ``scales`` / ``flip`` / ``crf``, ``long_side``, ``num_threads``
+and ``network_batch`` (most images in one network call when the server batches requests; a
+flipped copy counts as one; default 16). Both the archive builder and every server read it through
 :func:`read_serve_config` / :func:`validate_serve_config`.
 """
 from __future__ import annotations
@@ -15,12 +16,13 @@ from ..imageio import DEFAULT_MAX_PIXELS
 from .errors import RequestError
 from .options import parse_bool, parse_scales
 
-__all__ = ["SERVE_CONFIG", "BACKENDS", "SERVE_KEYS", "read_serve_config", "validate_serve_config",
+__all__ = ["SERVE_CONFIG", "BACKENDS", "SERVE_KEYS", "DEFAULT_NETWORK_BATCH", "read_serve_config", "validate_serve_config",
            "check_backend_for_model"]
 
 SERVE_CONFIG = "serve_config.json"
 BACKENDS = ("auto", "torchscript", "onnx", "eager")
-SERVE_KEYS = ("backend", "max_pixels", "scales", "flip", "crf", "long_side", "num_threads")
+DEFAULT_NETWORK_BATCH = 16  # images per network call when requests are batched (a flipped copy counts)
+SERVE_KEYS = ("backend", "max_pixels", "scales", "flip", "crf", "long_side", "num_threads", "network_batch")
 
 
 def validate_serve_config(cfg: Mapping[str, Any]) -> Dict[str, Any]:
@@ -35,7 +37,8 @@ def validate_serve_config(cfg: Mapping[str, Any]) -> Dict[str, Any]:
     if backend not in BACKENDS:
         raise ValueError(f"{SERVE_CONFIG}: backend must be one of {BACKENDS}, got {backend!r}")
     out["backend"] = backend
-    for key, default in (("max_pixels", DEFAULT_MAX_PIXELS), ("long_side", None), ("num_threads", None)):
+    for key, default in (("max_pixels", DEFAULT_MAX_PIXELS), ("long_side", None), ("num_threads", None),
+                         ("network_batch", DEFAULT_NETWORK_BATCH)):
         v = out.get(key, default)
         if v is None:
             continue

@@ -2,9 +2,12 @@
 
 :class:`SegmentationService` holds one :class:`~weclip_infer.predictor.Segmenter` and turns a
 batch of raw requests into one :class:`Response` each. A bad request never fails its neighbours:
-client errors become 4xx responses, unexpected failures a 500 for that request only. Engine
-adapters (the TorchServe handler, the Ray Serve deployment) only translate their request objects
-into ``(request mapping, headers)`` pairs and the responses back.
+client errors become 4xx responses, unexpected failures a 500 for that request only. The network
+passes of a batch's requests run together (:class:`~weclip_infer.serving.batching.BatchedNetwork`:
+images resized to the same network size share one forward pass per scale), while each response
+stays what the request would get alone. Engine adapters (the TorchServe handler, the Ray Serve
+deployment) only translate their request objects into ``(request mapping, headers)`` pairs and
+the responses back.
 """
 from __future__ import annotations
 
@@ -16,10 +19,11 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from .batching import BatchedNetwork
 from .errors import RequestError
 from .requests import parse_request
 from .responses import encode_result, error_body
-from .serve_config import check_backend_for_model, read_serve_config
+from .serve_config import DEFAULT_NETWORK_BATCH, check_backend_for_model, read_serve_config
 
 __all__ = ["Response", "SegmentationService"]
 
@@ -54,9 +58,18 @@ class _Item:
 class SegmentationService:
     """Requests in, responses out, around one ``Segmenter`` (see the module docstring)."""
 
-    def __init__(self, segmenter: Any, max_pixels: int):
+    def __init__(self, segmenter: Any, max_pixels: int, network_batch: int = DEFAULT_NETWORK_BATCH):
         self.segmenter = segmenter
         self.max_pixels = int(max_pixels)
+        # every predict() of this segmenter goes through the batching wrapper (a pass-through
+        # outside a batch); network_batch caps the images of one backend call
+        backend = segmenter.backend
+        if isinstance(backend, BatchedNetwork):
+            backend.max_rows = int(network_batch)
+            self.network = backend
+        else:
+            self.network = BatchedNetwork(backend, max_rows=int(network_batch))
+            segmenter.backend = self.network
 
     @classmethod
     def from_model_dir(cls, model_dir: Union[str, Path], device: Union[str, None] = None) -> "SegmentationService":
@@ -79,7 +92,7 @@ class SegmentationService:
         logger.info("WeCLIP model loaded from %s (device %s) in %.2f s", model_dir, seg.device,
                     time.perf_counter() - t0)
         reuse_freed_memory(device=seg.device)  # per-request temporaries reused, not page-faulted in again
-        svc = cls(seg, cfg["max_pixels"])
+        svc = cls(seg, cfg["max_pixels"], network_batch=cfg["network_batch"])
         svc.serve_config = cfg
         return svc
 
@@ -108,22 +121,27 @@ class SegmentationService:
                 item.fail(f"preprocessing failed: {type(e).__name__}: {e}", 500)
         return items
 
+    def _predict(self, idx: int, item: _Item) -> None:
+        o = item.opts
+        try:
+            item.result = self.segmenter.predict(item.image, scales=o.get("scales"), flip=o.get("flip"),
+                                                 crf=o.get("crf"), labels_hint=o.get("labels"))
+            item.timings.update({k: v for k, v in item.result.timings.items() if k != "decode"})
+        except ImportError as e:
+            item.fail(f"option not available on this server: {e}", 400)
+        except ValueError as e:  # too small image, unknown label hint, bad scale...
+            item.fail(str(e), 400)
+        except Exception as e:  # noqa: BLE001
+            logger.exception("request %d: inference failed", idx)
+            item.fail(f"inference failed: {type(e).__name__}: {e}", 500)
+
     def _infer(self, items: List[_Item]) -> None:
-        for idx, item in enumerate(items):
-            if item.error is not None:
-                continue
-            o = item.opts
-            try:
-                item.result = self.segmenter.predict(item.image, scales=o.get("scales"), flip=o.get("flip"),
-                                                     crf=o.get("crf"), labels_hint=o.get("labels"))
-                item.timings.update({k: v for k, v in item.result.timings.items() if k != "decode"})
-            except ImportError as e:
-                item.fail(f"option not available on this server: {e}", 400)
-            except ValueError as e:  # too small image, unknown label hint, bad scale...
-                item.fail(str(e), 400)
-            except Exception as e:  # noqa: BLE001
-                logger.exception("request %d: inference failed", idx)
-                item.fail(f"inference failed: {type(e).__name__}: {e}", 500)
+        todo = [(idx, item) for idx, item in enumerate(items) if item.error is None]
+        outcomes = self.network.run([lambda idx=idx, item=item: self._predict(idx, item) for idx, item in todo])
+        for (idx, item), out in zip(todo, outcomes):
+            if isinstance(out, BaseException):  # _predict answers its own errors; this is a bug
+                logger.error("request %d: inference failed", idx, exc_info=out)
+                item.fail(f"inference failed: {type(out).__name__}: {out}", 500)
 
     def _encode(self, items: List[_Item]) -> List[Response]:
         out = []

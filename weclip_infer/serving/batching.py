@@ -1,0 +1,183 @@
+"""Batch the network passes of several requests while each request keeps its own ``predict`` call.
+
+A server hands the service several requests at once. Each of them still runs
+``Segmenter.predict`` unchanged — decoding checks, resizing, multi-scale + flip fusion, label
+hint, argmax and CRF stay one code path for one image or many — but the network calls those
+``predict`` calls make are collected and run together:
+
+* every request runs in its own thread, and the threads take turns: exactly one runs at a time
+  (no oversubscription of the intra-op thread pool, the same memory profile as one request);
+* a thread that reaches the network hands its input over and waits; when every unfinished
+  request is waiting, the inputs are grouped by shape (images resized to the same network size,
+  at the same scale) and each group runs as one backend call of at most ``max_rows`` images;
+  the outputs are split back and the threads continue with fusion, argmax, ... on the model's
+  device;
+* if a batched call fails, its inputs are retried one by one, so a bad input fails only its own
+  request.
+
+The composition of every batch depends only on the requests (not on timing), and one request's
+response is the same as when it is sent alone.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+from .serve_config import DEFAULT_NETWORK_BATCH
+
+if TYPE_CHECKING:  # torch is imported when a batch runs, not when the serving package is imported
+    import torch
+
+__all__ = ["BatchedNetwork"]
+
+logger = logging.getLogger(__name__)
+
+_worker = threading.local()  # .session: the _Session a request thread belongs to
+
+
+@dataclass
+class _Call:
+    order: int  # index of the request that made the call: batches are built in request order
+    x: torch.Tensor
+    out: Optional[torch.Tensor] = None
+    error: Optional[BaseException] = None
+    done: bool = False
+
+
+@dataclass
+class _Session:
+    cv: threading.Condition
+    active: int
+    pending: List[_Call] = field(default_factory=list)
+
+
+class BatchedNetwork:
+    """A backend wrapper (``B×3×H×W`` → logits) that batches the calls of concurrent requests.
+
+    Outside :meth:`run` (or from any other thread) it simply calls the wrapped backend.
+    ``network_calls`` and ``batched_rows`` count the backend calls made and the images they held.
+    """
+
+    def __init__(self, backend: Callable[[torch.Tensor], torch.Tensor], max_rows: int = DEFAULT_NETWORK_BATCH):
+        if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:
+            raise ValueError(f"max_rows must be a positive integer, got {max_rows!r}")
+        self.backend = backend
+        self.max_rows = max_rows
+        self.network_calls = 0
+        self.batched_rows = 0
+
+    # -- the backend interface ------------------------------------------------------------------------
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        session: Optional[_Session] = getattr(_worker, "session", None)
+        if session is None:
+            return self._forward(x)
+        call = _Call(getattr(_worker, "order", 0), x)
+        cv = session.cv
+        session.pending.append(call)  # the caller holds cv (it is its turn)
+        cv.notify_all()
+        while not call.done:
+            cv.wait()
+        if call.error is not None:
+            raise call.error
+        assert call.out is not None
+        return call.out
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.network_calls += 1
+        self.batched_rows += int(x.shape[0])
+        return self.backend(x)
+
+    # -- running requests ----------------------------------------------------------------------------
+    def run(self, tasks: Sequence[Callable[[], Any]]) -> List[Any]:
+        """Run ``tasks`` (each typically one ``predict`` call) with their network calls batched.
+
+        Returns each task's return value, or the exception it raised, in order.
+        """
+        if len(tasks) <= 1:
+            out: List[Any] = []
+            for t in tasks:
+                try:
+                    out.append(t())
+                except Exception as e:  # noqa: BLE001 - handed back, like the batched path
+                    out.append(e)
+            return out
+        session = _Session(threading.Condition(), active=len(tasks))
+        results: List[Any] = [None] * len(tasks)
+
+        def worker(i: int) -> None:
+            _worker.session, _worker.order = session, i
+            with session.cv:  # take a turn: one request thread runs at a time
+                try:
+                    results[i] = tasks[i]()
+                except BaseException as e:  # noqa: BLE001 - handed back to the caller
+                    results[i] = e
+                finally:
+                    session.active -= 1
+                    session.cv.notify_all()
+                    _worker.session = None
+
+        threads = [threading.Thread(target=worker, args=(i,), name=f"weclip-request-{i}", daemon=True)
+                   for i in range(len(tasks))]
+        for t in threads:
+            t.start()
+        with session.cv:
+            while True:
+                session.cv.wait_for(lambda: session.active == 0 or len(session.pending) == session.active)
+                if session.active == 0:
+                    break
+                calls, session.pending = session.pending, []
+                self._run_round(calls)  # every unfinished request is waiting on one of these
+                session.cv.notify_all()
+        for t in threads:
+            t.join()
+        return results
+
+    def _run_round(self, calls: List[_Call]) -> None:
+        import torch
+
+        groups: Dict[Tuple[Any, ...], List[_Call]] = {}
+        for c in sorted(calls, key=lambda c: c.order):
+            groups.setdefault((tuple(c.x.shape[1:]), c.x.dtype, c.x.device), []).append(c)
+        with torch.inference_mode():
+            for group in groups.values():
+                for chunk in self._chunks(group):
+                    self._run_chunk(chunk)
+
+    def _chunks(self, group: List[_Call]) -> List[List[_Call]]:
+        chunks: List[List[_Call]] = [[]]
+        rows = 0
+        for c in group:
+            n = int(c.x.shape[0])
+            if chunks[-1] and rows + n > self.max_rows:
+                chunks.append([])
+                rows = 0
+            chunks[-1].append(c)
+            rows += n
+        return chunks
+
+    def _run_chunk(self, chunk: List[_Call]) -> None:
+        import torch
+
+        if len(chunk) == 1:
+            self._run_alone(chunk[0])
+            return
+        try:
+            out = self._forward(torch.cat([c.x for c in chunk], 0))
+            parts = torch.split(out, [int(c.x.shape[0]) for c in chunk], 0)
+        except Exception:  # noqa: BLE001 - retried one by one: only a failing input fails
+            logger.warning("a batched network call of %d requests failed; running them one by one", len(chunk),
+                           exc_info=True)
+            for c in chunk:
+                self._run_alone(c)
+            return
+        for c, p in zip(chunk, parts):
+            c.out, c.done = p, True
+
+    def _run_alone(self, c: _Call) -> None:
+        try:
+            c.out = self._forward(c.x)
+        except Exception as e:  # noqa: BLE001 - raised in the request's own thread
+            c.error = e
+        c.done = True
