@@ -1,18 +1,18 @@
-"""Frozen CLIP backbone through open_clip (spec §1).
+"""Frozen CLIP backbone through open_clip.
 
 Weight loading (``load_clip``) is separate from the forward code (``FrozenCLIP``). The forward
 does not call open_clip's ``VisionTransformer.forward``: it re-uses the tower's modules and
-computes attention by hand, because WeCLIP needs (spec §1.4–§1.5)
+computes attention by hand, because WeCLIP needs
 
 * positional embeddings bilinearly resized (``align_corners=False``) to any ``h×w`` grid,
 * every block's output tokens and its head-averaged softmax attention map (CLS included),
-* the last block run separately, with autograd, for GradCAM (spec §2).
+* the last block run separately, with autograd, for GradCAM.
 
 The manual attention is numerically the same as ``nn.MultiheadAttention`` with the same
 ``in_proj_weight``/``out_proj`` and keeps height/width dynamic in TorchScript/ONNX export.
 
 Input size rule: the patch grid is ``(H // p, W // p)`` (``p`` = 16 for ViT-B/16); pixels beyond
-the last full patch are ignored, as the stride-16 conv of the reference does (spec §1.4).
+the last full patch are ignored, as the stride-16 conv of the reference does.
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ __all__ = [
     "BUILTIN_WEIGHTS",
 ]
 
-# Spec §1.2 constants, owned by weclip_infer.normalization (re-exported here for compatibility).
+# Normalisation constants, owned by weclip_infer.normalization (re-exported here for compatibility).
 from .normalization import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
 OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
@@ -91,7 +91,7 @@ class ConvStem(nn.Module):
 
 
 def resize_pos_embed(pos: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """Resize a ``(1+g*g)×D`` positional table to ``(1+h*w)×D`` (spec §1.4): grid rows
+    """Resize a ``(1+g*g)×D`` positional table to ``(1+h*w)×D``: grid rows
     bilinearly interpolated with ``align_corners=False``, CLS row unchanged, row-major order."""
     cls, grid = pos[:1], pos[1:]
     g = int(math.isqrt(grid.shape[0]))
@@ -106,7 +106,7 @@ def _block_attention(blk: nn.Module, x: Optional[torch.Tensor], need_attn: bool,
     """Multi-head self-attention of one open_clip block on already-normalised tokens.
 
     ``x``: ``B×L×D`` (output of ``ln_1``). Returns ``(out B×L×D, attn B×L×L or None)`` where
-    ``attn`` is the softmax(q·kᵀ/√d) averaged over heads (spec §1.5). ``qkv`` (``B×L×3D``)
+    ``attn`` is the softmax(q·kᵀ/√d) averaged over heads. ``qkv`` (``B×L×3D``)
     replaces ``x`` when the caller already has its input projection (GradCAM differentiates
     w.r.t. it).
     """
@@ -134,7 +134,7 @@ def run_block(blk: nn.Module, x: torch.Tensor, need_attn: bool = False,
               ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """One pre-LN residual block: ``x + attn(ln_1(x))`` then ``+ mlp(ln_2(·))``.
 
-    GradCAM (spec §2.3) substitutes a gradient-tracked ``ln_1`` activation (``ln1_out``) or its
+    GradCAM substitutes a gradient-tracked ``ln_1`` activation (``ln1_out``) or its
     input projection ``qkv = ln_1(x)·W_inᵀ + b_in`` (``B×L×3D``).
     """
     if qkv is None:
@@ -150,7 +150,7 @@ class FrozenCLIP(nn.Module):
     """The frozen CLIP image tower (and, until dropped, the text tower) of WeCLIP.
 
     All parameters have ``requires_grad=False`` and the module stays in eval mode whatever
-    ``train()`` is called with (spec §1.1).
+    ``train()`` is called with.
     """
 
     def __init__(self, clip: nn.Module):
@@ -170,7 +170,7 @@ class FrozenCLIP(nn.Module):
             p.requires_grad_(False)
         super().train(False)
 
-    def train(self, mode: bool = True) -> "FrozenCLIP":  # noqa: D401 - always eval (spec §1.1)
+    def train(self, mode: bool = True) -> "FrozenCLIP":  # noqa: D401 - always eval
         return super().train(False)
 
     @property
@@ -199,7 +199,7 @@ class FrozenCLIP(nn.Module):
 
     # ---- image side -------------------------------------------------------------------
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """``B×3×H×W`` normalised images → ``B×L×D`` tokens after ``ln_pre`` (spec §1.4)."""
+        """``B×3×H×W`` normalised images → ``B×L×D`` tokens after ``ln_pre``."""
         v = self.visual
         x = v.conv1(x.to(v.class_embedding.dtype))  # B×D×h×w
         h, w = x.shape[-2], x.shape[-1]
@@ -211,7 +211,7 @@ class FrozenCLIP(nn.Module):
 
     def forward_features(self, x: torch.Tensor, num_blocks: Optional[int] = None, need_attn: bool = True
                          ) -> tuple[list[torch.Tensor], list[torch.Tensor], tuple[int, int]]:
-        """Run blocks ``1..num_blocks`` (default ``N-1``, spec §1.5).
+        """Run blocks ``1..num_blocks`` (default ``N-1``).
 
         Returns ``(features, attn, (h, w))``: ``features`` a list of ``B×L×D`` block outputs
         (CLS first), ``attn`` a list of ``B×L×L`` head-averaged maps (empty if not
@@ -230,7 +230,7 @@ class FrozenCLIP(nn.Module):
         return feats, attns, (h, w)
 
     def pooled_embedding(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Spec §2.2: ``ln_post`` on all tokens, mean over patch tokens (CLS excluded),
+        """The pooled image embedding: ``ln_post`` on all tokens, mean over patch tokens (CLS excluded),
         ``@ proj``, L2-normalised. ``B×L×D`` → ``B×E``."""
         v = self.visual
         t = v.ln_post(tokens)[:, 1:].mean(dim=1)
@@ -241,7 +241,7 @@ class FrozenCLIP(nn.Module):
     # ---- text side ----------------------------------------------------------------------
     @torch.no_grad()
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Token ids ``T×ctx`` → raw (unnormalised) text embeddings ``T×E`` (spec §1.6)."""
+        """Token ids ``T×ctx`` → raw (unnormalised) text embeddings ``T×E``."""
         if not self.has_text_tower():
             raise RuntimeError("the text tower was dropped; text embeddings must come from the checkpoint")
         return self.clip.encode_text(tokens, normalize=False)
@@ -301,8 +301,7 @@ def _from_openai_state_dict(sd: dict) -> nn.Module:
 
     sd = {k: v for k, v in sd.items() if k not in OPENAI_EXTRA_KEYS}
     sd = {k: (v.float() if torch.is_floating_point(v) else v) for k, v in sd.items()}
-    # build_model_from_openai_state_dict casts to fp16 by default; keep fp32 (spec §1.3: a clean
-    # fp32 implementation is acceptable; the reference's fp16 casts are not replicated).
+    # build_model_from_openai_state_dict casts to fp16 by default; keep fp32.
     return build_model_from_openai_state_dict(sd, quick_gelu=True, cast_dtype=torch.float32).float()
 
 

@@ -1,4 +1,4 @@
-"""Class names, prompt strings and background prompts of VOC and COCO (spec §1.6), as data.
+"""Class names, prompt strings and background prompts of VOC and COCO, as data.
 
 No torch import: light modules (evaluation, dataset listing) use these lists too.
 """
@@ -10,7 +10,7 @@ VOC_CLASSES = [
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
     "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
 ]
-# Spec §1.6 / §11.2 item 23: the synonym-augmented strings matter for CAM quality.
+# The synonym-augmented strings of the reference code matter for CAM quality (see docs/method.md).
 VOC_PROMPTS = [
     "aeroplane", "bicycle", "bird avian", "boat", "bottle", "bus", "car", "cat", "chair seat", "cow",
     "diningtable", "dog", "horse", "motorbike", "person with clothes,people,human", "pottedplant", "sheep",
@@ -32,7 +32,7 @@ COCO_CLASSES = [
     "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
     "teddy bear", "hair drier", "toothbrush",
 ]
-# Typos and odd strings ("sknowboard", "glove", "necktie", "dessertspoon") kept on purpose (spec §1.6).
+# Typos and odd strings ("sknowboard", "glove", "necktie", "dessertspoon") kept on purpose.
 COCO_PROMPTS = [
     "person with clothes,people,human", "bicycle", "car", "motorbike", "aeroplane", "bus", "train", "truck",
     "boat", "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird avian", "cat", "dog",

@@ -14,7 +14,7 @@ predictions are counted and reported; they make the exit status 1 unless ``--all
 
 ``--voc-submission OUT_DIR`` writes the predictions as VOC-palette PNGs in the PASCAL VOC
 evaluation-server layout ``OUT_DIR/results/VOC2012/Segmentation/comp5_test_cls/<name>.png``
-(spec §8.4); ``--gt`` is optional in that mode (the test set has no public ground truth).
+(what the server expects); ``--gt`` is optional in that mode (the test set has no public ground truth).
 
 Exit status: 0 success, 1 missing predictions (without ``--allow-missing``), 2 errors.
 
@@ -263,7 +263,7 @@ def write_voc_submission(
 ) -> List[Path]:
     """Write predictions as VOC-palette ("P") PNGs in the VOC evaluation-server layout.
 
-    Files go to ``out_dir/results/VOC2012/Segmentation/comp5_test_cls/<name>.png`` (spec §8.4);
+    Files go to ``out_dir/results/VOC2012/Segmentation/comp5_test_cls/<name>.png``;
     pixel indices are copied unchanged, the palette is the standard VOC colormap. ``names``
     defaults to every PNG under ``pred_dir``; a listed name without a prediction is an error.
     Returns the written paths.
@@ -296,8 +296,8 @@ def write_voc_submission(
 def _build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="weclip-eval",
-        description="mIoU of label-PNG predictions against ground-truth label PNGs (spec §8.3), "
-        "and VOC evaluation-server submission folders (spec §8.4).",
+        description="mIoU of label-PNG predictions against ground-truth label PNGs, "
+        "and VOC evaluation-server submission folders.",
     )
     ap.add_argument("--pred", required=True, metavar="DIR", help="folder of predicted label PNGs (<name>.png)")
     ap.add_argument("--gt", metavar="DIR", help="folder of ground-truth label PNGs (palette or L mode)")

@@ -1,4 +1,4 @@
-"""Confusion matrix and mIoU for semantic segmentation (spec §8.3).
+"""Confusion matrix and mIoU for semantic segmentation.
 
 ``hist[gt, pred]`` is a C×C int64 matrix accumulated over all evaluated pixels; pixels whose
 ground truth is outside ``[0, C)`` (the VOC/COCO ignore label 255, dataset padding) or equal to

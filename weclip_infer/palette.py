@@ -1,4 +1,4 @@
-"""Colour palettes for label maps (spec §8.4): the PASCAL VOC colormap, extended to 256 entries."""
+"""Colour palettes for label maps: the PASCAL VOC colormap, extended to 256 entries."""
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""Class names, background names, prompt templates and cached text embeddings (spec §1.6)."""
+"""Class names, background names, prompt templates and cached text embeddings."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -72,7 +72,7 @@ def tokenize(texts: Sequence[str], context_length: int = 77) -> torch.Tensor:
 
 @torch.no_grad()
 def text_embeddings(backbone, prompts: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
-    """Per prompt: encode every template, L2-normalise, average, L2-normalise again (spec §1.6).
+    """Per prompt: encode every template, L2-normalise, average, L2-normalise again.
 
     Returns ``P×E`` (``E`` = CLIP embedding dim, 512 for ViT-B/16).
     """

@@ -1,4 +1,4 @@
-"""Datasets and transforms for WeCLIP training/evaluation (spec §1.2, §7.1, §7.2)."""
+"""Datasets and transforms for WeCLIP training/evaluation."""
 from __future__ import annotations
 
 from .datasets import (

@@ -40,7 +40,7 @@ class SegmentationDataset(Dataset):
 
     ``class_names``: foreground names (length C−1); ``num_classes`` = C includes background.
     ``require_labels``: every item needs a non-empty image-level label (WeCLIP needs ≥ 1 class
-    per image, spec §11.2/§2.1); False allows missing/empty labels (e.g. VOC ``test``).
+    per image); False allows missing/empty labels (e.g. VOC ``test``).
     """
 
     def __init__(
@@ -151,7 +151,7 @@ class SegmentationDataset(Dataset):
         sample = self.samples[index]
         img = load_image(sample.image, self.max_pixels)
         mask = self.load_mask(sample, img.shape[:2])
-        label = self.cls_label(sample, mask)  # from the whole image, before cropping (spec §11.2 item 2)
+        label = self.cls_label(sample, mask)  # from the whole image, before cropping
         image, mask_t, _ = self.transform(img, self.item_rng(index), mask)
         has_mask = mask_t is not None
         if mask_t is None:

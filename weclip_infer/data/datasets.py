@@ -5,9 +5,9 @@ All datasets share :class:`SegmentationDataset`; ``__getitem__`` returns a dict
 =============  ==============================================================================
 ``name``       str, the image id (VOC id, full ``COCO_train2014_…`` name, or the custom image's
                path relative to its root without extension)
-``image``      float32 tensor 3×H×W, normalised (spec §1.2); 3×320×320 with ``TrainTransform``
+``image``      float32 tensor 3×H×W, normalised; 3×320×320 with ``TrainTransform``
 ``cls_label``  float32 tensor [C−1], multi-hot image-level label, background excluded; index
-               k ↔ class k+1, i.e. ascending class order (spec §11.2 item 20)
+               k ↔ class k+1, i.e. ascending class order
 ``mask``       int64 tensor H×W, GT segmentation (0 = background, 255 = ignore/padding); all
                255 when the image has no GT mask (sentinel)
 ``has_mask``   bool, whether ``mask`` is a real GT mask
@@ -84,7 +84,7 @@ def build_dataset(
     """Build a dataset by kind (``voc`` | ``coco`` | ``custom``).
 
     Without an explicit ``transform=`` keyword, ``augment=True`` gives
-    ``TrainTransform(crop_size, scale_range, flip=True, normalize)`` (spec §7.2) and
+    ``TrainTransform(crop_size, scale_range, flip=True, normalize)`` and
     ``augment=False`` gives ``EvalTransform(normalize)``. ``split`` defaults to ``train_aug``
     (VOC) / ``train`` (COCO); custom datasets have no split (other keywords go to the class).
     """

@@ -47,7 +47,7 @@ def _report(problem: str, items: Sequence[str]) -> str:
 def read_split_file(path: PathLike) -> list[str]:
     """Image ids from a split list: one per line; blank lines and ``#`` comments skipped.
 
-    Tolerates a missing trailing newline (VOC ``test.txt``, spec §7.1) and lines of the form
+    Tolerates a missing trailing newline (VOC ``test.txt``) and lines of the form
     ``/JPEGImages/<id>.jpg /SegmentationClassAug/<id>.png`` (first token, stem taken).
     """
     p = Path(path)
@@ -90,8 +90,8 @@ class _NumpyLabelUnpickler(pickle.Unpickler):
 
 
 def _load_label_npy(path: Path) -> dict:
-    """Read the reference ``cls_labels_onehot.npy`` (a pickled dict inside a 0-d object array,
-    spec §12) with a restricted unpickler: only numpy array reconstruction is allowed."""
+    """Read the reference ``cls_labels_onehot.npy`` (a pickled dict inside a 0-d object array)
+    with a restricted unpickler: only numpy array reconstruction is allowed."""
     with open(path, "rb") as f:
         version = np.lib.format.read_magic(f)
         if version == (1, 0):
@@ -174,7 +174,7 @@ def load_class_names(spec: Union[PathLike, Sequence[str]]) -> list[str]:
 
 
 def labels_from_mask(mask: np.ndarray, num_fg: int) -> np.ndarray:
-    """Multi-hot [num_fg] float32 from a GT mask: unique values v ∉ {0, 255} → index v−1 (spec §2.1, §12)."""
+    """Multi-hot [num_fg] float32 from a GT mask: unique values v ∉ {0, 255} → index v−1."""
     vals = np.unique(np.asarray(mask))
     vals = vals[(vals != 0) & (vals != IGNORE_INDEX)]
     out = np.zeros(num_fg, dtype=np.float32)

@@ -1,7 +1,7 @@
-"""Image normalisation and the training augmentation of WeCLIP (spec §1.2, §7.2).
+"""Image normalisation and the training augmentation of WeCLIP.
 
 The training augmentation follows the authors' ``datasets/transforms.py`` + ``datasets/voc.py``
-exactly, in this order (spec §7.2):
+exactly, in this order:
 
 1. random rescale, ratio ``r ~ U(0.5, 2.0)``, new size ``(int(r·W0), int(r·H0))``, PIL bilinear
    on the uint8 image (nearest for the GT mask);
@@ -9,10 +9,10 @@ exactly, in this order (spec §7.2):
 3. random 320×320 crop; an image smaller than 320 in a dimension is first placed at a uniformly
    random offset inside a zero-filled (black) canvas of size max(320,H)×max(320,W) — the GT mask
    is padded with 255 (ignore);
-4. normalise with the ImageNet mean/std on 0..255 RGB (spec §1.2), HWC → CHW.
+4. normalise with the ImageNet mean/std on 0..255 RGB, HWC → CHW.
 
-There is no colour jitter (spec §11.2 item 14) and the padded area is black *before*
-normalisation, so it reads ≈ (−2.118, −2.036, −1.804) afterwards (spec §1.2, §11.2 item 13).
+There is no colour jitter and the padded area is black *before*
+normalisation, so it reads ≈ (−2.118, −2.036, −1.804) afterwards.
 
 Randomness comes from one generator passed to ``__call__``: a ``random.Random`` (the reference
 uses python's ``random`` for scale/flip/crop and ``np.random`` for the pad offset; we draw all of
@@ -43,7 +43,7 @@ __all__ = [
     "EvalTransform",
 ]
 
-# Spec §1.2 constants: owned by weclip_infer.normalization, re-exported for the data API.
+# Normalisation constants: owned by weclip_infer.normalization, re-exported for the data API.
 from ..normalization import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, NORMALIZATIONS  # noqa: E402
 from ..normalization import mean_std as _named_mean_std  # noqa: E402
 
@@ -128,7 +128,7 @@ def _mask_tensor(mask: Optional[np.ndarray]) -> Optional[torch.Tensor]:
 
 
 class TrainTransform:
-    """WeCLIP training augmentation (spec §7.2): rescale → h-flip → random crop (zero pad) → normalise.
+    """WeCLIP training augmentation: rescale → h-flip → random crop (zero pad) → normalise.
 
     ``crop_size``: side of the square crop (320); ``None`` disables cropping. ``scale_range``:
     ``(lo, hi)`` of the rescale ratio, ``None`` disables rescaling. ``flip``: random horizontal
@@ -189,7 +189,7 @@ class TrainTransform:
             big_h, big_w = max(cs, h), max(cs, w)
             h_pad = r.randint(big_h - h + 1)  # offset of the image inside the canvas
             w_pad = r.randint(big_w - w + 1)
-            canvas = np.zeros((big_h, big_w, 3), dtype=np.uint8)  # black, before normalisation (§1.2)
+            canvas = np.zeros((big_h, big_w, 3), dtype=np.uint8)  # black, before normalisation
             canvas[h_pad:h_pad + h, w_pad:w_pad + w] = img
             h0c = r.randint(big_h - cs + 1)  # crop window start
             w0c = r.randint(big_w - cs + 1)

@@ -5,13 +5,13 @@
 The model is an open_clip ``CLIP`` built from a config dict through :func:`weclip_infer.backbone.load_clip`
 (``clip_weights="random"``, ``patch_stem="conv"``), i.e. the same code path that later loads the
 shipped weights. The image tower pools by **averaging the patch tokens after ``ln_post``**
-(open_clip ``pool_type="avg"``), which is exactly WeCLIP's ``FrozenCLIP.pooled_embedding``
-(spec §2.2), so the GradCAM of WeCLIP differentiates the very embedding that was trained.
+(open_clip ``pool_type="avg"``), which is exactly WeCLIP's ``FrozenCLIP.pooled_embedding``,
+so the GradCAM of WeCLIP differentiates the very embedding that was trained.
 
 Training data are generated on the fly (:func:`weclip_infer.demo.world.generate_sample` on the
 ``pretrain`` index range), one random caption per image drawn from the sample's caption forms
 (objects + background, objects only, WeCLIP's origami template, background only). Images are
-normalised like WeCLIP feeds them (ImageNet mean/std on 0..255, spec §1.2).
+normalised like WeCLIP feeds them (ImageNet mean/std on 0..255).
 
 Loss: symmetric InfoNCE with **multi-positive targets**: caption ``j`` counts as a positive for
 image ``i`` whenever it is a correct description of image ``i`` (same visible class set when the

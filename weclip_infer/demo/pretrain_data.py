@@ -59,7 +59,7 @@ _FORM_ORDER = ("objects_background", "objects", "origami", "background")
 
 
 def normalize_batch(images: Sequence[np.ndarray]) -> torch.Tensor:
-    """H×W×3 uint8 images → ``B×3×H×W`` float32, ImageNet mean/std on 0..255 (spec §1.2)."""
+    """H×W×3 uint8 images → ``B×3×H×W`` float32, ImageNet mean/std on 0..255."""
     arr = normalize_array(np.stack(images), "imagenet")
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(0, 3, 1, 2)))
 

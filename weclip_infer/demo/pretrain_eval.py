@@ -86,7 +86,7 @@ def _cam_labels(cams: list, keys: list, size: tuple[int, int]) -> list[np.ndarra
             continue
         from weclip_infer.cam import minmax_normalize
 
-        # per-class min-max first (as WeCLIP does before PAR, spec §2.3/§2.5): the refined CAMs are
+        # per-class min-max first (as WeCLIP does before PAR): the refined CAMs are
         # not in [0, 1]; the initial ones already are (no-op)
         up = F.interpolate(minmax_normalize(c.float())[None], size=size, mode="bilinear", align_corners=False)[0]
         stack = torch.cat([1 - up.max(0, keepdim=True).values, up], 0)

@@ -42,8 +42,8 @@ def mil_bce(token_probs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def value_tokens(clip: nn.Module, x_last_in: torch.Tensor) -> torch.Tensor:
     """Dense per-patch embeddings along the value path of the last block (MaskCLIP-style):
     ``ln_post(out_proj(W_v · ln_1(x))) @ proj``. ``x_last_in``: ``B×L×D`` input of the last block
-    → ``B×(L−1)×E`` (CLS dropped). This is the path GradCAM on the last block's ``ln_1`` reads
-    (spec §2.3), so a token loss here makes GradCAM local."""
+    → ``B×(L−1)×E`` (CLS dropped). This is the path GradCAM on the last block's ``ln_1`` reads,
+    so a token loss here makes GradCAM local."""
     v = clip.visual
     blk = v.transformer.resblocks[-1]
     D = x_last_in.shape[-1]
@@ -56,7 +56,7 @@ def value_tokens(clip: nn.Module, x_last_in: torch.Tensor) -> torch.Tensor:
 
 def head_mean_attention(blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Head-averaged attention probabilities of an open_clip block (with grad), from its input
-    ``x`` ``B×L×D``: ``mean_h softmax(q_h·k_hᵀ/√d)`` → ``B×L×L`` (what RFM reads, spec §1.5)."""
+    ``x`` ``B×L×D``: ``mean_h softmax(q_h·k_hᵀ/√d)`` → ``B×L×L`` (what RFM reads)."""
     return _block_attention(blk, blk.ln_1(x), need_attn=True)[1]
 
 
@@ -78,7 +78,7 @@ def attention_affinity_loss(attn: torch.Tensor, token_probs: torch.Tensor, eps: 
 
 
 def prompt_vs_background_loss(img: torch.Tensor, label_txt: torch.Tensor, y: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """The scoring GradCAM uses (spec §2.2), trained on image-level labels: for every present class
+    """The scoring GradCAM uses, trained on image-level labels: for every present class
     c of image i, cross-entropy of ``softmax(scale·img_i·[t_c; T_bg])`` with target ``t_c``.
 
     ``img`` ``B×E`` pooled embeddings, ``label_txt`` ``(C+n_bg)×E`` class then background prompt

@@ -101,7 +101,7 @@ class WorldConfig:
             a disk-shaped *badge* inside it (radius ``badge_scale`` × the object radius) carries
             the class colour. The mask still covers the whole object, so a classifier can name the
             class from the badge alone and its CAM covers only part of the object — the situation
-            that CAM refinement (spec §4) exists for. See :data:`OBJECT_STYLES`.
+            that CAM refinement exists for. See :data:`OBJECT_STYLES`.
         badge_scale: (lo, hi) range of the badge radius as a fraction of the object radius
             (``"badge"`` style only).
     """
