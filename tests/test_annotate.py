@@ -119,6 +119,9 @@ def test_auto_tags_tiny(tiny):
     assert set(res.classes) == kept
     allowed = {0} | {res.class_names.index(n) for n in res.classes}
     assert set(np.unique(res.labels).tolist()) <= allowed
+    alone = ann.tag(_image(5))  # the scores alone, without the masks
+    assert alone.keys() == res.tag_scores.keys()
+    assert all(abs(alone[k] - res.tag_scores[k]) < 1e-4 for k in alone)
 
 
 def test_multiscale_and_resize(tiny):

@@ -343,6 +343,15 @@ class Annotator:
         s_bg = scale * (emb @ F.normalize(m.text_bg, dim=-1).t())
         return torch.sigmoid(s_fg - torch.logsumexp(s_bg, dim=0))
 
+    def tag(self, image: ImageSource) -> dict[str, float]:
+        """Zero-shot tag scores of ``image``: every known class's one-vs-background score (the
+        classes ``labels="auto"`` keeps are those at or above ``tag_threshold``)."""
+        img = load_image(image, max_pixels=self.limits.max_pixels)
+        xs = self._scaled_inputs(self._normalized(img))[0]
+        with torch.no_grad():
+            feats, _, _ = self.model._features(xs, attn_blocks=0)
+        return dict(zip(self.model.classes.names, self.tag_scores(feats).cpu().tolist()))
+
     def annotate(self, image: ImageSource, labels: Union[str, Sequence[Union[str, int]]] = "auto", *,
                  mode: Optional[str] = None, keep_cams: bool = False, crf: Optional[bool] = None) -> AnnotationResult:
         """Label map for ``image`` (path, bytes, PIL image or ``H×W×3`` uint8 array).

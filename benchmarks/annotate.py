@@ -1,0 +1,183 @@
+"""Masks from tags / free-text names / zero-shot tags (``weclip_infer.Annotator``) measured on the
+demo world with the shipped demo model.
+
+    python -m weclip_infer.demo.make_world --out data/demo_world --n-train 200 --n-val 300
+    python benchmarks/annotate.py --world data/demo_world [--max-images 300] [--threads 2]
+
+Rows (val split, exact GT, mIoU with background, labels at the images' own 256×256 resolution):
+tags given (RFM with the decoder's affinity, static refinement, multi-scale, DenseCRF), free-text
+names (the class prompts and the bare class names, as open-vocabulary text), zero-shot tags (the
+threshold calibrated on the train split: best tag F1) with their precision/recall. Time per image
+per mode (median, the given thread count). Writes ``benchmarks/results/annotate.{json,md}``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+DEMO_MODEL = HERE.parent / "weclip_infer" / "assets" / "demo_model"
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def calibrate(ann, ds, n: int) -> tuple[float, list]:
+    """Tag scores on ``n`` images of ``ds`` → the threshold with the best micro F1 (grid 0.05..0.95)."""
+    scores, truth = [], []
+    for i in range(n):
+        s = ds.samples[i]
+        sc = ann.tag(str(s.image))
+        scores.append([sc[c] for c in ann.model.classes.names])
+        truth.append(np.asarray(s.label, dtype=bool))
+    scores_a, truth_a = np.array(scores), np.array(truth)
+    grid = []
+    for t in np.round(np.arange(0.05, 0.96, 0.05), 2):
+        pred = scores_a >= t
+        none = ~pred.any(axis=1)  # the best class is kept when none passes
+        pred[none, scores_a[none].argmax(axis=1)] = True
+        tp = float((pred & truth_a).sum())
+        p = tp / max(pred.sum(), 1)
+        r = tp / max(truth_a.sum(), 1)
+        f1 = 2 * p * r / (p + r) if p + r else 0.0
+        grid.append({"threshold": float(t), "precision": p, "recall": r, "f1": f1})
+    best = max(grid, key=lambda g: (round(g["f1"], 6), -abs(g["threshold"] - 0.5)))
+    return best["threshold"], grid
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--world", default="data/demo_world")
+    ap.add_argument("--model", default=str(DEMO_MODEL))
+    ap.add_argument("--max-images", type=int, default=300)
+    ap.add_argument("--calib-images", type=int, default=200, help="train-split images for the tag threshold")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-crf", action="store_true")
+    ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--name", default="annotate")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    from weclip_infer import Annotator, load_checkpoint
+    from weclip_infer.crf import crf_available
+    from weclip_infer.data import build_dataset
+    from weclip_infer.imageio import load_image
+    from weclip_infer.metrics import ConfusionMatrix
+
+    t_start = time.time()
+    model = load_checkpoint(a.model, device="cpu").eval()
+    names = list(model.classes.names)
+    C = len(names) + 1
+    val = build_dataset("voc", a.world, "val", class_names=names)
+    train = build_dataset("voc", a.world, "train", class_names=names)
+    n = min(len(val), a.max_images)
+    prompts = dict(zip(names, model.cfg.text.class_prompts))
+
+    base = Annotator(model)
+    threshold, grid = calibrate(base, train, min(len(train), a.calib_images))
+
+    auto = f"auto tags (threshold {threshold:g}) then tags, RFM"
+    modes = {
+        "tags, RFM (trained decoder's affinity)": (Annotator(model), "tags"),
+        auto: (Annotator(model, tag_threshold=threshold), "auto"),
+        "free-text names = the class prompts ('red circle', ...), open vocabulary": (Annotator(model), "prompts"),
+    }
+    use_crf = not a.no_crf and crf_available()
+    if use_crf:
+        modes["tags, RFM + DenseCRF"] = (Annotator(model, crf=True), "tags")
+    modes.update({
+        "tags, static refinement": (Annotator(model, refinement="static"), "tags"),
+        "free-text names = the bare class names ('circle', ...), open vocabulary": (Annotator(model), "bare"),
+        "tags, RFM, CAMs at scales 1.0 + 0.75": (Annotator(model, scales=(1.0, 0.75)), "tags"),
+    })
+    if use_crf:
+        modes[auto + " + DenseCRF"] = (Annotator(model, tag_threshold=threshold, crf=True), "auto")
+    load_start = os.getloadavg()
+
+    def write(rows: dict, tagstats: dict, partial: bool) -> list:
+        tp, fp, fn = tagstats["tp"], tagstats["fp"], tagstats["fn"]
+        tagging = {"threshold": threshold, "precision": tp / max(tp + fp, 1), "recall": tp / max(tp + fn, 1),
+                   "exact_tag_set_rate": tagstats["exact"] / n, "calibration_grid": grid,
+                   "calibration_images": min(len(train), a.calib_images), "calibration_split": "train"}
+        meta = {"world": str(a.world), "model": str(a.model), "val_images": n, "threads": a.threads, "cpu": cpu_name(),
+                "cpus_visible": os.cpu_count(), "load_average_at_start": load_start,
+                "load_average_now": os.getloadavg(),
+                "torch": torch.__version__, "seconds": round(time.time() - t_start, 1), "partial": partial,
+                "note": "labels at the images' own resolution (256x256 demo images = the model's long side); the "
+                        "machine was shared with other jobs, so times are upper bounds"}
+        out = Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{a.name}.json").write_text(json.dumps({"meta": meta, "modes": rows, "auto_tagging": tagging}, indent=2) + "\n")
+        lines = [f"Annotator on the demo world: val split, {n} images, exact GT, mIoU (%) with background; shipped "
+                 f"demo model; {a.threads} threads on {cpu_name()}. The machine was shared with other jobs (load "
+                 f"average {load_start[0]:.1f} at the start on {os.cpu_count()} CPUs): median times are upper bounds, "
+                 "the minimum is the closest to an idle machine.", "",
+                 "| mode | mIoU | s / image (median) | s / image (min) |", "|---|---|---|---|"]
+        for label, r in rows.items():
+            lines.append(f"| {label} | {100 * r['miou']:.1f} | {r['s_per_image_median']:.3f} | "
+                         f"{r['s_per_image_min']:.3f} |")
+        lines += ["", f"Zero-shot tagging (one-vs-background score ≥ {threshold:g}, calibrated for the best tag F1 on "
+                  f"{tagging['calibration_images']} train-split images): precision {100 * tagging['precision']:.1f}%, "
+                  f"recall {100 * tagging['recall']:.1f}%, exact tag set {100 * tagging['exact_tag_set_rate']:.1f}% of "
+                  "val images.", ""]
+        (out / f"{a.name}.md").write_text("\n".join(lines))
+        return lines
+
+    rows: dict = {}
+    tagstats = {"tp": 0, "fp": 0, "fn": 0, "exact": 0}
+    for label, (ann, kind) in modes.items():
+        cm = ConfusionMatrix(C)
+        times = []
+        for i in range(n):
+            s = val.samples[i]
+            img = load_image(s.image)
+            gt = val.load_mask(s, img.shape[:2])
+            present = [names[k] for k in np.flatnonzero(s.label)]
+            t = time.perf_counter()
+            if kind == "tags":
+                res = ann.annotate(img, present)
+            elif kind == "auto":
+                res = ann.annotate(img, "auto")
+            else:
+                free = [prompts[c] for c in present] if kind == "prompts" else present
+                res = ann.annotate(img, free, mode="open")
+            times.append(time.perf_counter() - t)
+            if kind in ("prompts", "bare"):  # open-vocabulary ids follow the given names → class ids
+                lut = np.array([0] + [names.index(c) + 1 for c in present])
+                pred = lut[res.labels]
+            else:
+                pred = res.labels
+            cm.update(gt, pred)
+            if kind == "auto" and "DenseCRF" not in label:
+                got, want = set(res.classes), set(present)
+                tagstats["tp"] += len(got & want)
+                tagstats["fp"] += len(got - want)
+                tagstats["fn"] += len(want - got)
+                tagstats["exact"] += got == want
+        r = cm.compute()
+        rows[label] = {"miou": r["miou"], "iou_per_class": dict(zip(["background", *names], map(float, r["iou"]))),
+                       "s_per_image_median": statistics.median(times), "s_per_image_min": min(times),
+                       "images": n}
+        print(f"{label}: mIoU {100 * r['miou']:.1f}  {statistics.median(times):.3f} s/img", flush=True)
+        write(rows, tagstats, partial=True)
+    lines = write(rows, tagstats, partial=False)
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
