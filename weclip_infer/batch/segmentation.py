@@ -20,7 +20,7 @@ from .listing import DEFAULT_EXTS, Listing
 from .runner import Deferred, ImageResult, run_folder
 from .workers import DecodedImage, worker_initializer
 
-__all__ = ["segment_folder", "mask_name", "overlay_name"]
+__all__ = ["segment_folder", "image_result", "mask_name", "overlay_name"]
 
 
 def mask_name(name: str) -> str:
@@ -29,6 +29,20 @@ def mask_name(name: str) -> str:
 
 def overlay_name(name: str) -> str:
     return f"{name}_overlay.jpg"
+
+
+def image_result(item: DecodedImage, res: Any, overlay_out: bool = False) -> ImageResult:
+    """The outputs of one segmented input (mask PNG, optional overlay JPEG) and its
+    ``results.jsonl`` fields; shared with the Ray engine so both write the same bytes."""
+    files = {}
+    if overlay_out:
+        files[overlay_name(item.name)] = encode_overlay_jpeg(item.image, res.labels, quality=90)
+    files[mask_name(item.name)] = encode_label_png(res.labels.astype(np.uint8), voc_palette())
+    t = dict(res.timings)
+    t["decode"] = item.decode_s
+    areas = res.areas()
+    return ImageResult(files, {"size": list(res.labels.shape), "classes": sorted(areas), "areas": areas,
+                               "timings": {k: round(v, 5) for k, v in t.items()}})
 
 
 @contextlib.contextmanager
@@ -62,19 +76,10 @@ def segment_folder(segmenter, src: Union[str, os.PathLike], out: Union[str, os.P
     scanned with :func:`~weclip_infer.batch.listing.scan_inputs`. See
     :func:`~weclip_infer.batch.runner.run_folder` for the summary, resume and error semantics.
     """
-    pal = voc_palette()
     crf = bool(segmenter.crf if crf is None else crf)
 
     def result(item: DecodedImage, res) -> ImageResult:
-        files = {}
-        if overlay_out:
-            files[overlay_name(item.name)] = encode_overlay_jpeg(item.image, res.labels, quality=90)
-        files[mask_name(item.name)] = encode_label_png(res.labels.astype(np.uint8), pal)
-        t = dict(res.timings)
-        t["decode"] = item.decode_s
-        areas = res.areas()
-        return ImageResult(files, {"size": list(res.labels.shape), "classes": sorted(areas), "areas": areas,
-                                   "timings": {k: round(v, 5) for k, v in t.items()}})
+        return image_result(item, res, overlay_out)
 
     with _crf_pool(crf and workers > 0) as pool:
         def process(item: DecodedImage):
