@@ -110,3 +110,21 @@ def test_a_missing_anchor_is_caught(tmp_path):
     a = anchors(md)
     assert "2-part" in a and "title" in a
     assert "not-a-heading" not in a and "3-part" not in a
+
+
+def test_every_config_key_is_documented():
+    """Each field of the model, train and data configs appears as ``section.key`` in method.md."""
+    import dataclasses
+
+    from weclip_infer.config import WeCLIPConfig
+    from weclip_infer.training.config import DataConfig, TrainConfig
+
+    text = (DOCS / "method.md").read_text(encoding="utf-8")
+    keys = []
+    for f in dataclasses.fields(WeCLIPConfig):
+        keys += [f"{f.name}.{g.name}" for g in dataclasses.fields(f.default_factory)]  # type: ignore[arg-type]
+    keys += [f"train.{g.name}" for g in dataclasses.fields(TrainConfig)]
+    keys += [f"data.{g.name}" for g in dataclasses.fields(DataConfig)]
+    assert len(keys) > 50
+    missing = [k for k in keys if f"`{k}`" not in text]
+    assert not missing, f"config keys not documented in docs/method.md: {missing}"
