@@ -130,6 +130,17 @@ def list_label_files(root: PathLike) -> List[str]:
     return sorted(out)
 
 
+def _names_under(root: Path, names: Optional[Iterable[str]], what: str) -> Tuple[List[str], bool]:
+    """``(names, listed)``: the given names (``listed`` True), else every label PNG under ``root``
+    (an error when there is none)."""
+    if names is not None:
+        return list(names), True
+    found = list_label_files(root)
+    if not found:
+        raise EvaluationError(f"no *.png files found under {what} folder {root}")
+    return found, False
+
+
 def _read_name_list(path: PathLike) -> List[str]:
     """Image names from a list file: first token per line, ``.png`` stripped, ``#`` comments."""
     p = Path(path)
@@ -214,16 +225,11 @@ def evaluate_folders(
     """
     pred_root = _check_dir(pred_dir, "prediction")
     gt_root = _check_dir(gt_dir, "ground-truth")
-    if names is None:
-        names = list_label_files(gt_root)
-        if not names:
-            raise EvaluationError(f"no *.png files found under ground-truth folder {gt_root}")
-    else:
-        names = list(names)
-        no_gt = [n for n in names if not (gt_root / f"{n}.png").is_file()]
-        if no_gt:
-            shown = ", ".join(no_gt[:5]) + (" …" if len(no_gt) > 5 else "")
-            raise EvaluationError(f"{len(no_gt)} listed image(s) have no ground truth under {gt_root}: {shown}")
+    names, listed = _names_under(gt_root, names, "ground-truth")
+    no_gt = [n for n in names if not (gt_root / f"{n}.png").is_file()] if listed else []
+    if no_gt:
+        shown = ", ".join(no_gt[:5]) + (" …" if len(no_gt) > 5 else "")
+        raise EvaluationError(f"{len(no_gt)} listed image(s) have no ground truth under {gt_root}: {shown}")
     missing = [n for n in names if not (pred_root / f"{n}.png").is_file()]
     if missing and not allow_missing:
         raise MissingPredictionsError(missing)
@@ -269,15 +275,10 @@ def write_voc_submission(
     Returns the written paths.
     """
     pred_root = _check_dir(pred_dir, "prediction")
-    if names is None:
-        names = list_label_files(pred_root)
-        if not names:
-            raise EvaluationError(f"no *.png files found under prediction folder {pred_root}")
-    else:
-        names = list(names)
-        missing = [n for n in names if not (pred_root / f"{n}.png").is_file()]
-        if missing:
-            raise MissingPredictionsError(missing)
+    names, listed = _names_under(pred_root, names, "prediction")
+    missing = [n for n in names if not (pred_root / f"{n}.png").is_file()] if listed else []
+    if missing:
+        raise MissingPredictionsError(missing)
     dest_root = Path(out_dir) / VOC_SUBMISSION_SUBDIR
     pal = voc_palette(256)
     written: List[Path] = []

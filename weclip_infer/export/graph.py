@@ -14,7 +14,7 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 
-__all__ = ["SegmentationGraph", "example_input", "export_warnings_filtered"]
+__all__ = ["SegmentationGraph", "export_graph", "example_input", "export_warnings_filtered"]
 
 
 @contextlib.contextmanager
@@ -50,6 +50,17 @@ class SegmentationGraph(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.segment(x)
+
+
+def export_graph(model: nn.Module, fp16: bool = False) -> SegmentationGraph:
+    """The :class:`SegmentationGraph` to export; ``fp16`` (CUDA only) puts its backbone copy in
+    half precision (the decoder stays fp32: ``segment`` casts the features with ``.float()``)."""
+    graph = SegmentationGraph(model)
+    if fp16:
+        if model.pixel_mean.device.type != "cuda":
+            raise ValueError("fp16 export is only meaningful on CUDA (use --device cuda); CPU exports stay fp32")
+        graph.model.backbone.half()  # the graph's own copy: the caller's model stays fp32
+    return graph
 
 
 def example_input(model: nn.Module, batch: int = 2, height: int = 224, width: int = 224, seed: int = 0,

@@ -15,7 +15,7 @@ import torch
 
 from weclip_infer.io_utils import atomic_path
 
-from .graph import SegmentationGraph, example_input, export_warnings_filtered
+from .graph import example_input, export_graph, export_warnings_filtered
 
 __all__ = ["export_onnx", "INPUT_NAME", "OUTPUT_NAME", "DEFAULT_OPSET"]
 
@@ -32,12 +32,8 @@ def export_onnx(model, path: Union[str, os.PathLike], opset: int = DEFAULT_OPSET
     ``fp16`` (CUDA only): the backbone weights are stored in half precision; the input stays fp32
     (the graph casts it) and the output is fp32. Run such a model with the CUDA provider.
     """
-    graph = SegmentationGraph(model)
+    graph = export_graph(model, fp16)
     dev = model.pixel_mean.device
-    if fp16:
-        if dev.type != "cuda":
-            raise ValueError("fp16 export is only meaningful on CUDA (use --device cuda); CPU exports stay fp32")
-        graph.model.backbone.half()  # the graph's own copy: the caller's model stays fp32
     nbytes = sum(p.numel() * p.element_size() for p in graph.parameters())
     if nbytes >= _PROTOBUF_LIMIT * 0.95:
         raise ValueError(f"model weights ({nbytes / 2**30:.2f} GiB) do not fit in one ONNX file (2 GB limit)")

@@ -14,7 +14,7 @@ import torch
 
 from weclip_infer.io_utils import atomic_path
 
-from .graph import SegmentationGraph, example_input, export_warnings_filtered
+from .graph import SegmentationGraph, example_input, export_graph, export_warnings_filtered
 
 __all__ = ["trace_model", "export_torchscript", "check_dynamic"]
 
@@ -25,12 +25,8 @@ def trace_model(model, trace_size: Tuple[int, int] = (224, 224), batch: int = 2,
     ``fp16`` (CUDA only): the CLIP backbone runs in half precision (the decoder always runs in
     fp32 — ``segment`` casts the features with ``.float()``), so the output stays fp32.
     """
-    graph = SegmentationGraph(model)
+    graph = export_graph(model, fp16)
     dev = model.pixel_mean.device
-    if fp16:
-        if dev.type != "cuda":
-            raise ValueError("fp16 export is only meaningful on CUDA (use --device cuda); CPU exports stay fp32")
-        graph.model.backbone.half()  # the graph's own copy: the caller's model stays fp32
     x = example_input(model, batch, *trace_size, device=dev)
     with export_warnings_filtered(), torch.no_grad():
         traced = torch.jit.trace(graph, (x,), check_trace=False, strict=True)
