@@ -1,9 +1,12 @@
 """Latency / throughput through TorchServe vs the in-process ``Segmenter`` (server overhead ratio).
 
     python benchmarks/serving.py MODEL_DIR [--n 40] [--concurrency 4] [--size 240x320] [--threads 1]
+                                 [--batch-size 4] [--network-batch 16]
 
 Builds a .mar from MODEL_DIR (checkpoint with backbone, or export bundle), starts TorchServe on
-free loopback ports in a temp folder (own TMPDIR, token auth on), measures sequential latency
+free loopback ports for all five listeners in a temp folder (own TMPDIR, token auth on), so it can
+run beside ``make demo``. ``--network-batch 1`` turns off the batching of network passes inside a
+TorchServe batch (for a comparison with the default). Measures sequential latency
 (p50/p90) in-process and over HTTP, then throughput with ``--concurrency`` clients; prints a table
 and writes JSON to benchmarks/results/serving_<timestamp>.json. Always stops TorchServe.
 """
@@ -14,7 +17,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,12 +29,6 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _image(h, w) -> bytes:
@@ -58,12 +54,16 @@ def main(argv=None) -> int:
     ap.add_argument("--size", default="240x320", help="HxW of the test JPEG")
     ap.add_argument("--threads", type=int, default=1, help="torch threads, in-process and in the worker")
     ap.add_argument("--batch-size", type=int, default=4, help="TorchServe batchSize")
+    ap.add_argument("--network-batch", type=int, default=16, help="serve_config network_batch: most images per "
+                    "network call (1: each request's network passes run alone)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     a = ap.parse_args(argv)
     import torch
 
     from weclip_infer.export.mar import build_mar
     from weclip_infer.predictor import Segmenter
+    from weclip_infer.serving import torchserve_config_file
+    from weclip_infer.serving.ts_config import derive_config, free_ports, models_setting
 
     torch.set_num_threads(a.threads)
     h, w = (int(v) for v in a.size.lower().split("x"))
@@ -83,26 +83,19 @@ def main(argv=None) -> int:
         lat_inproc.append(time.perf_counter() - t0)
 
     root = Path(tempfile.mkdtemp(prefix="weclip_serve_bench_"))
-    ports = {k: _free_port() for k in ("inference", "management", "metrics")}
+    ports = free_ports()
     env = dict(os.environ, TMPDIR=str(root / "tmp"), LOG_LOCATION=str(root / "logs"),
                METRICS_LOCATION=str(root / "logs"), OMP_NUM_THREADS=str(a.threads))
     (root / "tmp").mkdir()
     (root / "logs").mkdir()
     result = {}
     try:
-        build_mar(a.model_dir, root / "store", name="weclip", serve_config={"num_threads": a.threads})
-        lines = []
-        for line in (REPO / "config.properties").read_text().splitlines():
-            key = line.split("=", 1)[0].strip()
-            if key.endswith("_address"):
-                line = f"{key}=http://127.0.0.1:{ports[key[:-8]]}"
-            elif key == "model_store":
-                line = f"model_store={root / 'store'}"
-            lines.append(line)
-        lines.append('models={"weclip": {"1.0": {"marName": "weclip.mar", "minWorkers": 1, "maxWorkers": 1, '
-                     f'"batchSize": {a.batch_size}, "maxBatchDelay": 10, "responseTimeout": 120}}}}}}')
-        lines.append(f"vmargs=-Xmx1g -XX:+UseSerialGC -Djava.io.tmpdir={root / 'tmp'}")
-        (root / "config.properties").write_text("\n".join(lines) + "\n")
+        build_mar(a.model_dir, root / "store", name="weclip",
+                  serve_config={"num_threads": a.threads, "network_batch": a.network_batch})
+        derive_config(torchserve_config_file(), root / "config.properties", ports, model_store=root / "store",
+                      overrides={"models": models_setting("weclip", "weclip.mar", batch_size=a.batch_size,
+                                                          max_batch_delay_ms=10)[len("models="):],
+                                 "vmargs": f"-Xmx1g -XX:+UseSerialGC -Djava.io.tmpdir={root / 'tmp'}"})
         t_start = time.time()
         with open(root / "logs" / "start.log", "wb") as log:
             subprocess.run([ts_bin, "--start", "--ncs", "--model-store", str(root / "store"), "--models",
@@ -146,7 +139,7 @@ def main(argv=None) -> int:
             "in_process_throughput_rps": 1000.0 / ip["mean_ms"],
             "torchserve_concurrent": {"concurrency": a.concurrency, "requests": len(codes),
                                       "errors": sum(c != 200 for c in codes), "throughput_rps": len(codes) / conc_s},
-            "batch_size": a.batch_size, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "batch_size": a.batch_size, "network_batch": a.network_batch, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
     finally:
         subprocess.run([ts_bin, "--stop"], cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
