@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import contextlib
 import os
 import socket
 import zipfile
@@ -340,33 +341,49 @@ def _load_registry(tag: str, cfg: BackboneConfig) -> nn.Module:
         raise ConfigError("backbone.clip_weights: a pretrained tag needs an open_clip model_name, not model_cfg")
     hint = ("pass a local file instead, e.g. clip_weights=/path/to/ViT-B-16.pt (OpenAI's release) "
             "or an open_clip checkpoint")
-    old = os.environ.get("HF_HUB_OFFLINE")
+    old = os.environ.get("HF_HUB_OFFLINE")  # the user's setting, read now (not at import time)
+    user_offline = old not in (None, "0", "", "false", "False")
     try:
-        os.environ["HF_HUB_OFFLINE"] = "1"  # first: local cache only, no network
-        try:
+        with _hub_offline():  # first: local cache only, no network
             clip = open_clip.create_model(cfg.model_name, pretrained=tag, require_pretrained=True)
-            _install_stem(clip, cfg)
-            return clip
-        except Exception as cache_err:  # noqa: BLE001
-            if old not in (None, "0", "") or not _network_reachable():
-                raise WeightsUnavailableError(
-                    f"CLIP weights '{cfg.model_name}' / '{tag}' are not in the local cache and the network "
-                    f"is unreachable (offline). {hint}. ({type(cache_err).__name__}: {cache_err})") from None
-        if old is None:
-            del os.environ["HF_HUB_OFFLINE"]
-        else:
-            os.environ["HF_HUB_OFFLINE"] = old
-        try:
-            clip = open_clip.create_model(cfg.model_name, pretrained=tag, require_pretrained=True)
-        except Exception as e:  # noqa: BLE001
-            raise WeightsUnavailableError(f"downloading CLIP weights '{cfg.model_name}' / '{tag}' failed: {e}. {hint}") from None
         _install_stem(clip, cfg)
         return clip
+    except Exception as cache_err:  # noqa: BLE001
+        if user_offline or not _network_reachable():
+            raise WeightsUnavailableError(
+                f"CLIP weights '{cfg.model_name}' / '{tag}' are not in the local cache and the network "
+                f"is unreachable (offline). {hint}. ({type(cache_err).__name__}: {cache_err})") from None
+    try:
+        clip = open_clip.create_model(cfg.model_name, pretrained=tag, require_pretrained=True)
+    except Exception as e:  # noqa: BLE001
+        raise WeightsUnavailableError(f"downloading CLIP weights '{cfg.model_name}' / '{tag}' failed: {e}. {hint}") from None
+    _install_stem(clip, cfg)
+    return clip
+
+
+@contextlib.contextmanager
+def _hub_offline():
+    """Cache-only Hugging Face Hub access for the duration of the block. The hub reads
+    ``HF_HUB_OFFLINE`` once, when it is first imported, so the environment variable alone has no
+    effect afterwards: its module-level switch is set too, and both are restored on exit."""
+    old_env = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        from huggingface_hub import constants as hub_constants
+    except ImportError:  # pragma: no cover - open_clip without the hub
+        hub_constants = None
+    old_flag = getattr(hub_constants, "HF_HUB_OFFLINE", None)
+    if hub_constants is not None:
+        hub_constants.HF_HUB_OFFLINE = True
+    try:
+        yield
     finally:
-        if old is None:
+        if hub_constants is not None:
+            hub_constants.HF_HUB_OFFLINE = old_flag
+        if old_env is None:
             os.environ.pop("HF_HUB_OFFLINE", None)
         else:
-            os.environ["HF_HUB_OFFLINE"] = old
+            os.environ["HF_HUB_OFFLINE"] = old_env
 
 
 def _load_local(path: Path, cfg: BackboneConfig) -> nn.Module:
