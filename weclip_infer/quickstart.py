@@ -116,7 +116,8 @@ def refresh_keys(root: Path, mgmt: str) -> Dict[str, str]:
     """
     api = _keys(root).get("API")
     if not api:
-        raise DemoError(f"cannot refresh the TorchServe keys: no API key in {root / 'key_file.json'}")
+        raise DemoError(f"cannot refresh the TorchServe keys: no API key in {root / 'key_file.json'}; "
+                        "restart the server (make stop; make demo)")
     for kind in ("management", "inference"):
         status, body, _ = _call(f"{mgmt}/token?type={kind}", api, timeout=10)
         if status != 200:
@@ -366,6 +367,12 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     root = Path(a.workdir).resolve()
     try:
+        try:
+            import psutil  # noqa: F401 - installed with TorchServe
+            import ts  # noqa: F401
+        except ImportError:
+            raise DemoError("TorchServe is not installed in this Python (pip install -e '.[serve]'; "
+                            "`make demo` does)") from None
         if a.stop:
             return stop(root)
         config = Path(a.config).resolve() if a.config else _config_file()
