@@ -15,9 +15,9 @@ import time
 from typing import Optional, Sequence
 
 from weclip_infer.demo.world import (
-    OBJECT_STYLES,
     BACKGROUND_NAMES,
     CLASS_NAMES,
+    OBJECT_STYLES,
     WorldConfig,
     preview_grid,
     write_voc_layout,

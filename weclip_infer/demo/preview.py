@@ -5,6 +5,7 @@ from typing import Optional
 
 import numpy as np
 
+from .generate import iter_samples
 from .world_config import WorldConfig
 
 __all__ = ["preview_grid"]
@@ -17,8 +18,6 @@ def preview_grid(seed: int = 0, n: int = 16, cfg: Optional[WorldConfig] = None, 
     """An RGB mosaic of ``n`` samples (each image, and its colourised mask beside it if
     ``with_masks``), for eyeballing the world."""
     from weclip_infer.palette import colorize
-
-    from .world import iter_samples
 
     cfg = cfg or WorldConfig()
     tiles = []

@@ -14,7 +14,7 @@ from weclip_infer.imageio import save_png_atomic
 from weclip_infer.io_utils import atomic_write_bytes
 from weclip_infer.palette import voc_palette
 
-from .world import generate_sample
+from .generate import generate_sample
 from .world_config import BACKGROUND_NAMES, CLASS_COLORS, GENERATOR_VERSION, SPLIT_OFFSETS, WorldConfig
 
 __all__ = ["sample_name", "write_voc_layout"]
