@@ -17,11 +17,11 @@ from PIL import Image
 torch.set_num_threads(1)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from training_world import tiny_train_config, write_world  # noqa: E402
+
 from weclip_infer.config import ConfigError  # noqa: E402
 from weclip_infer.training import load_train_config, lr_at  # noqa: E402
 from weclip_infer.training.cli import main as train_main  # noqa: E402
-
-from training_world import tiny_train_config, write_world  # noqa: E402
 
 COLORS = {"tomato": (220, 40, 30), "lime": (40, 210, 60), "sky": (50, 90, 230)}
 
@@ -150,7 +150,8 @@ def test_sixty_iteration_run_warms_up_monotonically_and_switches_to_rfm(tmp_path
 # command lines
 # ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["demo", "demo.yaml", "voc", "voc.yaml", "coco.yaml", "weclip_infer/configs/demo.yaml"])
+@pytest.mark.parametrize("name", ["demo", "demo.yaml", "voc", "voc.yaml", "coco.yaml",
+                                  "weclip_infer/configs/demo.yaml"])
 def test_train_config_by_name_or_path(name, capsys):
     assert train_main(["--config", name, "--print-config", "--device", "cpu"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)

@@ -21,12 +21,13 @@ from PIL import Image
 torch.set_num_threads(1)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from training_world import tiny_train_config as _config  # noqa: E402
+from training_world import write_world as _write_world  # noqa: E402
+
 from weclip_infer.config import ConfigError  # noqa: E402
 from weclip_infer.data import DatasetError  # noqa: E402
 from weclip_infer.training import TrainConfig, load_train_config, lr_at, train  # noqa: E402
 from weclip_infer.training.state import load_train_state  # noqa: E402
-
-from training_world import tiny_train_config as _config, write_world as _write_world  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +95,8 @@ def test_config_errors_name_the_key(world, tmp_path):
     cfg = load_train_config(base, ["model.refine.use_rfm=false", "model.refine.refine_map=af",
                                    "model.refine.use_refinement=false", "model.decoder.num_layers=2",
                                    "train.max_iters=10", "model.refine.rfm_switch_iter=5"])
-    assert (cfg.model.refine.use_rfm, cfg.model.refine.refine_map, cfg.model.refine.use_refinement) == (False, "af", False)
+    r = cfg.model.refine
+    assert (r.use_rfm, r.refine_map, r.use_refinement) == (False, "af", False)
     assert cfg.model.decoder.num_layers == 2 and cfg.train.max_iters == 10 and cfg.model.refine.rfm_switch_iter == 5
     d = TrainConfig()
     assert (d.base_lr * d.lr_mult, d.weight_decay, d.betas, d.eps, d.warmup_iters, d.seed, d.batch_size,

@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
@@ -283,7 +281,8 @@ def import_reference_checkpoint(path: Union[str, os.PathLike], config: Union[WeC
         n_cls = sd["decoder.linear_pred.weight"].shape[0] if "decoder.linear_pred.weight" in sd else None
         expected = {"voc": 21, "coco": 81}.get(cfg.text.dataset)
         if n_cls is not None and expected is not None and n_cls != expected:
-            raise CheckpointError(f"{p}: classifier has {n_cls} classes but text.dataset={cfg.text.dataset} has {expected}")
+            raise CheckpointError(f"{p}: classifier has {n_cls} classes but text.dataset={cfg.text.dataset} "
+                                  f"has {expected}")
         model = build_model(cfg, device="cpu")
     load_decoder_state(model, dec, str(p))
     return model.to(select_device(device)).eval()
@@ -323,9 +322,11 @@ def main(argv=None) -> int:
 
     a = build_import_parser().parse_args(argv)
     try:
-        model = import_reference_checkpoint(a.checkpoint, {"backbone": {"clip_weights": a.clip}, "text": {"dataset": a.dataset}}, device="cpu")
+        cfg = {"backbone": {"clip_weights": a.clip}, "text": {"dataset": a.dataset}}
+        model = import_reference_checkpoint(a.checkpoint, cfg, device="cpu")
         save_checkpoint(model, a.out, include_backbone=a.include_backbone,
-                        extra={"imported_from": os.path.basename(a.checkpoint), "source_sha256": file_sha256(a.checkpoint)})
+                        extra={"imported_from": os.path.basename(a.checkpoint),
+                               "source_sha256": file_sha256(a.checkpoint)})
     except Exception as e:  # noqa: BLE001 - a CLI: one line, the traceback under --debug
         if a.debug:
             logging.getLogger(__name__).exception("weclip-import failed")

@@ -12,9 +12,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Tuple, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import Any, Mapping, Optional, Sequence, Tuple, TypeVar, Union, cast, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -115,9 +116,9 @@ class TextConfig:
 class DecoderConfig:
     """The light decoder."""
 
-    dim: Optional[int] = None  # None: follows the backbone, min(256, CLIP width) (256 on ViT-B/16)
+    dim: int = 0  # 0: follows the backbone, min(256, CLIP width) (256 on ViT-B/16)
     num_layers: int = 3  # Table 5 ablation
-    num_heads: Optional[int] = None  # None: dim // 32 (8 at dim 256), rounded down to a divisor of dim
+    num_heads: int = 0  # 0: dim // 32 (8 at dim 256), rounded down to a divisor of dim
     mlp_ratio: int = 4
     dropout: float = 0.1  # Dropout2d after fusion (§3.3)
     # §11.1: the code feeds blocks 1..N-1 (11 for ViT-B/16); the paper says all N blocks.
@@ -136,11 +137,11 @@ class RefineConfig:
     # DATASET_PRESETS; the defaults below are the VOC ones taken from that table.
     rfm_switch_iter: int = _VOC.rfm_switch_iter  # §4.1, §11.2 item 1 (the reference VOC run switched at ~9,145)
     count_eval_forwards: bool = False  # §11.2 item 1: the reference counter also counts val forwards
-    # Block counts follow the backbone depth unless set (None): candidates are the last half of
+    # Block counts follow the backbone depth unless set (0 = follow it): candidates are the last half of
     # the blocks on VOC (6 of 12), the last 5/6 on COCO (10 of 12); static refinement averages
     # the last two thirds (8 of 12). Paper: 7 candidates (blocks 6..12).
-    candidate_blocks: Optional[int] = None
-    static_blocks: Optional[int] = None
+    candidate_blocks: int = 0
+    static_blocks: int = 0
     layer_score: str = "signed"  # §4.2 step 1: "signed" (code) | "abs" (paper)
     layer_filter: str = "le"  # §4.2 step 2: "le" (code) | "lt" (paper)
     # Table 6 ablations of the refining map: all = G·A_s ⊙ A_f; af = A_f; as = mean A_s (all
@@ -213,10 +214,11 @@ class WeCLIPConfig:
         _check_choice("decoder.input_blocks", self.decoder.input_blocks, ("code", "paper"))
         for key in ("dim", "num_layers", "num_heads", "mlp_ratio"):
             v = getattr(self.decoder, key)
-            if v is not None and v < (0 if key == "num_layers" else 1):
-                raise ConfigError(f"decoder.{key}: must be positive, got {v}")
-        if self.decoder.dim is not None and self.decoder.num_heads is not None \
-                and self.decoder.dim % self.decoder.num_heads:
+            if v < 0:
+                raise ConfigError(f"decoder.{key}: must be positive (or 0 to follow the backbone), got {v}")
+        if self.decoder.mlp_ratio < 1:
+            raise ConfigError(f"decoder.mlp_ratio: must be positive, got {self.decoder.mlp_ratio}")
+        if self.decoder.dim and self.decoder.num_heads and self.decoder.dim % self.decoder.num_heads:
             raise ConfigError("decoder.dim: must be divisible by decoder.num_heads")
         if not 0.0 <= self.decoder.dropout < 1.0:
             raise ConfigError(f"decoder.dropout: must be in [0, 1), got {self.decoder.dropout}")
@@ -226,10 +228,12 @@ class WeCLIPConfig:
         _check_choice("refine.refine_map", r.refine_map, ("all", "af", "as", "g_as", "af_as"))
         if not 0.0 < r.box_threshold < 1.0:
             raise ConfigError(f"refine.box_threshold: must be in (0, 1), got {r.box_threshold}")
-        for key in ("candidate_blocks", "static_blocks", "sinkhorn_iters", "power"):
-            v = getattr(r, key)
-            if v is not None and v < 1:
-                raise ConfigError(f"refine.{key}: must be >= 1, got {v}")
+        for key in ("candidate_blocks", "static_blocks"):
+            if getattr(r, key) < 0:
+                raise ConfigError(f"refine.{key}: must be >= 1 (or 0 to follow the backbone), got {getattr(r, key)}")
+        for key in ("sinkhorn_iters", "power"):
+            if getattr(r, key) < 1:
+                raise ConfigError(f"refine.{key}: must be >= 1, got {getattr(r, key)}")
         if r.rfm_switch_iter < 0:
             raise ConfigError("refine.rfm_switch_iter: must be >= 0")
         for key in ("cam_logit_scale", "bg_power"):
@@ -306,7 +310,7 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
         if value is None:
             return None
         return _coerce(key, args[0], value)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, Mapping):
             raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
         return from_dict(tp, value, prefix=key + ".")
@@ -357,7 +361,7 @@ def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
     if not isinstance(data, Mapping):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
     hints = get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = {f.name for f in dataclasses.fields(cast(Any, cls))}
     unknown = sorted(set(data) - names)
     if unknown:
         raise ConfigError(f"unknown config key(s): {', '.join(prefix + u for u in unknown)}")
@@ -440,7 +444,7 @@ def parse_config_text(text: str, source: str, *, json_only: bool = False) -> Any
     return data
 
 
-def read_config_file(path: Union[str, Path]) -> dict:
+def read_config_file(path: Union[str, "os.PathLike[str]"]) -> dict:
     """A YAML/JSON config file as a dict (empty file: ``{}``); the one reader of config files."""
     p = Path(path)
     if not p.is_file():
@@ -502,7 +506,7 @@ def backbone_shape(b: BackboneConfig) -> Optional[Tuple[int, int]]:
 
 
 def resolve_backbone_defaults(cfg: "WeCLIPConfig", depth: int, width: int, prefix: str = "") -> "WeCLIPConfig":
-    """Fill the settings left unset (None) that follow the backbone, and check the ones set.
+    """Fill the settings left unset (0) that follow the backbone, and check the ones set.
 
     ``refine.candidate_blocks``/``static_blocks``: the dataset preset's fractions of ``depth``;
     ``decoder.dim``: ``min(256, width)``; ``decoder.num_heads``: ``dim // 32`` rounded down to a
@@ -510,18 +514,18 @@ def resolve_backbone_defaults(cfg: "WeCLIPConfig", depth: int, width: int, prefi
     """
     preset = DATASET_PRESETS.get(cfg.text.dataset, _VOC)
     r, d = cfg.refine, cfg.decoder
-    if r.candidate_blocks is None:
+    if not r.candidate_blocks:
         r.candidate_blocks = max(1, min(depth, round(preset.candidate_fraction * depth)))
-    if r.static_blocks is None:
+    if not r.static_blocks:
         r.static_blocks = max(1, min(depth, round(preset.static_fraction * depth)))
     for key in ("candidate_blocks", "static_blocks"):
         v = getattr(r, key)
         if v > depth:
             raise ConfigError(f"{prefix}refine.{key}={v} exceeds the backbone depth ({depth} blocks): set it to at "
                               f"most {depth}, or leave it out to follow the backbone")
-    if d.dim is None:
+    if not d.dim:
         d.dim = min(256, int(width))
-    if d.num_heads is None:
+    if not d.num_heads:
         h = max(1, d.dim // 32)
         while d.dim % h:
             h -= 1
@@ -545,7 +549,7 @@ def model_config_from_dict(data: Mapping, overrides: Sequence[str] = (), *, pres
     cfg = from_dict(WeCLIPConfig, data, prefix=prefix)
     try:
         cfg.validate()
-        unset = any(v is None for v in (cfg.refine.candidate_blocks, cfg.refine.static_blocks, cfg.decoder.dim,
+        unset = any(not v for v in (cfg.refine.candidate_blocks, cfg.refine.static_blocks, cfg.decoder.dim,
                                         cfg.decoder.num_heads))
         shape = backbone_shape(cfg.backbone)
         if shape is not None:
@@ -563,7 +567,7 @@ def load_config(config: Union[WeCLIPConfig, Mapping, str, Path, None] = None,
                 overrides: Sequence[str] = ()) -> WeCLIPConfig:
     """A ``WeCLIPConfig`` from a dataclass, dict or YAML/JSON path, with dataset presets applied
     underneath the given values and ``key=value`` overrides on top; validated. A dataclass is
-    taken as complete (no presets); settings left None follow the backbone."""
+    taken as complete (no presets); settings left 0 follow the backbone."""
     if isinstance(config, WeCLIPConfig):
         return model_config_from_dict(to_dict(config), overrides, presets=False)
     if config is None:

@@ -233,7 +233,8 @@ def _demo_classes(root: str) -> dict:
             return meta
     from weclip_infer.demo.world import BACKGROUND_NAMES, CLASS_NAMES, CLASS_PROMPTS
 
-    return {"class_names": list(CLASS_NAMES), "class_prompts": list(CLASS_PROMPTS), "bg_prompts": list(BACKGROUND_NAMES)}
+    return {"class_names": list(CLASS_NAMES), "class_prompts": list(CLASS_PROMPTS),
+            "bg_prompts": list(BACKGROUND_NAMES)}
 
 
 def _data_class_names(dcfg: "DataConfig") -> Optional[list]:

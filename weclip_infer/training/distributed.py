@@ -125,7 +125,8 @@ class ResumableSampler(Sampler[int]):
     def __init__(self, n: int, seed: int, rank: int = 0, world_size: int = 1, shuffle: bool = True):
         if n < 1:
             raise ValueError("empty dataset")
-        self.n, self.seed, self.rank, self.world_size, self.shuffle = int(n), int(seed), int(rank), int(world_size), shuffle
+        self.n, self.seed, self.rank, self.world_size = int(n), int(seed), int(rank), int(world_size)
+        self.shuffle = shuffle
         self.epoch = 0
         self.start = 0
 

@@ -86,7 +86,7 @@ def evaluate_segmentation(model, dataset, class_names: Sequence[str], *, multisc
     C = len(class_names)
     cm = ConfusionMatrix(C)
     count = 0
-    keep = set(int(k) for k in keep)
+    keep_set = {int(k) for k in keep}
     was_training = model.training  # the Segmenter puts the model in eval mode
     try:
         seg = make_segmenter(model, multiscale)
@@ -100,7 +100,7 @@ def evaluate_segmentation(model, dataset, class_names: Sequence[str], *, multisc
             gt = dataset.load_mask(sample, labels.shape[:2])
             cm.update(gt, labels)
             count += 1
-            if predictions is not None and i in keep:
+            if predictions is not None and i in keep_set:
                 predictions[i] = labels
     finally:
         model.train(was_training)

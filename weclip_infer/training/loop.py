@@ -228,7 +228,8 @@ def _build_model(cfg: FullConfig, ckpt: Optional[Path], device: torch.device):
     return model
 
 
-def _restore_state(state: Optional[dict], model, optimizer, scaler, meter: PseudoLabelMeter, info: DistInfo) -> _Progress:
+def _restore_state(state: Optional[dict], model, optimizer, scaler, meter: PseudoLabelMeter,
+                   info: DistInfo) -> _Progress:
     """Optimiser, AMP scaler, RFM counter, pseudo-label matrix and RNG states of a checkpoint."""
     if not state:
         return _Progress()
@@ -437,7 +438,8 @@ def _run(cfg: FullConfig, out: Path, ckpt: Optional[Path], info: DistInfo, model
                 if is_last:
                     final_eval = rec
             if is_last or (tcfg.checkpoint_every and it % tcfg.checkpoint_every == 0):
-                last_ckpt = _checkpoint(out, model, optimizer, scaler, meter, progress, cfg, info, last_vals) or last_ckpt
+                saved = _checkpoint(out, model, optimizer, scaler, meter, progress, cfg, info, last_vals)
+                last_ckpt = saved or last_ckpt
     finally:
         if bar is not None:
             bar.close()
@@ -584,7 +586,8 @@ def _evaluate(model, val_ds, all_names, cfg: FullConfig, info: DistInfo, meter: 
                 logger.warning("could not draw panels: %s", e)
     if cfg.model.refine.count_eval_forwards:
         model.iter_num += int(res["num_images"])  # the reference counts validation forwards too
-    rec: dict = {"iter": it, "miou": _none_nan(res["miou"]), "iou": res["iou"], "pixel_acc": _none_nan(res["pixel_acc"]),
+    rec: dict = {"iter": it, "miou": _none_nan(res["miou"]), "iou": res["iou"],
+                 "pixel_acc": _none_nan(res["pixel_acc"]),
                  "num_images": res["num_images"], "multiscale": multiscale, "eval_s": time.perf_counter() - t0,
                  "table": res["table"]}
     if not fully:

@@ -32,8 +32,9 @@ class TqdmLoggingHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            from tqdm.auto import tqdm
             import sys
+
+            from tqdm.auto import tqdm
 
             tqdm.write(self.format(record), file=sys.stderr)
         except Exception:  # noqa: BLE001 - logging must never raise
@@ -87,7 +88,8 @@ class CsvLog:
             return
         if path.is_file():  # resuming in the same folder: keep rows up to the checkpoint
             with open(path, newline="", encoding="utf-8") as f:
-                self.rows = [r for r in csv.DictReader(f) if r.get("iter", "").isdigit() and int(r["iter"]) <= start_iter]
+                self.rows = [r for r in csv.DictReader(f)
+                             if r.get("iter", "").isdigit() and int(r["iter"]) <= start_iter]
         with atomic_path(path) as tmp:
             with open(tmp, "w", newline="", encoding="utf-8") as f:
                 w = csv.DictWriter(f, fieldnames=LOG_COLUMNS, extrasaction="ignore")

@@ -24,7 +24,6 @@ pointer make it fall back to the next older one, with a warning naming what was 
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -69,8 +68,8 @@ PathLike = Union[str, os.PathLike]
 
 def capture_rng() -> dict:
     """RNG states of python ``random``, numpy's global generator, torch CPU and CUDA."""
-    py = random.getstate()  # (version, tuple of 625 ints, gauss_next)
-    npst = np.random.get_state()  # ('MT19937', uint32[624], pos, has_gauss, cached_gaussian)
+    py: tuple = random.getstate()  # (version, tuple of 625 ints, gauss_next)
+    npst: tuple = tuple(np.random.get_state())  # ('MT19937', uint32[624], pos, has_gauss, cached_gaussian)
     out = {
         "python_version": int(py[0]),
         "python_state": torch.tensor(py[1], dtype=torch.int64),

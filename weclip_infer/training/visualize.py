@@ -142,7 +142,8 @@ def plot_curves(out_dir: Path, log_rows: Sequence[Mapping[str, Any]], evals: Seq
     series = []
     ev = [e for e in evals if e.get("miou") is not None]
     if ev:
-        series.append(("val mIoU", np.array([float(e["iter"]) for e in ev]), np.array([100 * float(e["miou"]) for e in ev])))
+        series.append(("val mIoU", np.array([float(e["iter"]) for e in ev]),
+                       np.array([100 * float(e["miou"]) for e in ev])))
     pl = [e for e in evals if e.get("pseudo_miou") is not None]
     if pl:
         series.append(("pseudo-label mIoU (train crops)", np.array([float(e["iter"]) for e in pl]),
@@ -185,7 +186,7 @@ def _resize_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     if labels.shape == size:
         return labels
     img = Image.fromarray(labels.astype(np.uint8))
-    return np.asarray(img.resize((size[1], size[0]), resample=Image.NEAREST)).astype(np.int64)
+    return np.asarray(img.resize((size[1], size[0]), resample=Image.Resampling.NEAREST)).astype(np.int64)
 
 
 def _panel_input(image: torch.Tensor, mask: Optional[torch.Tensor], long_side: int, patch: int):
@@ -244,14 +245,14 @@ def make_panels(model, dataset, indices: Sequence[int], predictions: Mapping[int
         model.train(was_training)
     ch = max(t.shape[0] for r in rows for t in r)
     cw = max(t.shape[1] for r in rows for t in r)
-    rows = [np.concatenate([np.pad(t, ((0, ch - t.shape[0]), (0, cw - t.shape[1]), (0, 0)), constant_values=255)
-                            for t in r], 1) for r in rows]
-    width = rows[0].shape[1]
+    strips = [np.concatenate([np.pad(t, ((0, ch - t.shape[0]), (0, cw - t.shape[1]), (0, 0)), constant_values=255)
+                              for t in r], 1) for r in rows]
+    width = strips[0].shape[1]
     header = 16 + (16 if title else 0)
-    grid = np.concatenate([np.full((header, width, 3), 255, np.uint8)] + rows, 0)
+    grid = np.concatenate([np.full((header, width, 3), 255, np.uint8)] + strips, 0)
     im = Image.fromarray(grid)
     d = ImageDraw.Draw(im)
-    tile_w = rows[0].shape[1] // len(_COLUMNS)
+    tile_w = strips[0].shape[1] // len(_COLUMNS)
     y = 2
     if title:
         d.text((4, y), title, fill=(0, 0, 0))
