@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -57,7 +58,9 @@ class BatchedNetwork:
     """A backend wrapper (``B×3×H×W`` → logits) that batches the calls of concurrent requests.
 
     Outside :meth:`run` (or from any other thread) it simply calls the wrapped backend.
-    ``network_calls`` and ``batched_rows`` count the backend calls made and the images they held.
+    ``network_calls``, ``batched_rows`` and ``network_seconds`` count the backend calls made, the
+    images they held and the time spent in them (for metrics: a request's own ``network@<scale>``
+    timing includes waiting for the other requests of its batch).
     """
 
     def __init__(self, backend: Callable[[torch.Tensor], torch.Tensor], max_rows: int = DEFAULT_NETWORK_BATCH):
@@ -67,6 +70,7 @@ class BatchedNetwork:
         self.max_rows = max_rows
         self.network_calls = 0
         self.batched_rows = 0
+        self.network_seconds = 0.0
 
     # -- the backend interface ------------------------------------------------------------------------
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -85,9 +89,13 @@ class BatchedNetwork:
         return call.out
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.network_calls += 1
-        self.batched_rows += int(x.shape[0])
-        return self.backend(x)
+        t0 = time.perf_counter()
+        try:
+            return self.backend(x)
+        finally:
+            self.network_calls += 1
+            self.batched_rows += int(x.shape[0])
+            self.network_seconds += time.perf_counter() - t0
 
     # -- running requests ----------------------------------------------------------------------------
     def run(self, tasks: Sequence[Callable[[], Any]]) -> List[Any]:

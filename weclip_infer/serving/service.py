@@ -97,6 +97,7 @@ class SegmentationService:
         return svc
 
     serve_config: Dict[str, Any] = {}
+    last_batch: Dict[str, float] = {}
 
     # -- stages ------------------------------------------------------------------------------------
     def _decode(self, requests: Sequence[Tuple[Any, Mapping[str, Any]]]) -> List[_Item]:
@@ -165,7 +166,14 @@ class SegmentationService:
         return out
 
     def handle(self, requests: Sequence[Tuple[Any, Mapping[str, Any]]]) -> List[Response]:
-        """One :class:`Response` per ``(request mapping, headers)`` pair, in order."""
+        """One :class:`Response` per ``(request mapping, headers)`` pair, in order.
+
+        ``last_batch`` then holds the batch's network figures: ``network_s`` (time in the
+        network), ``network_calls`` and ``requests``.
+        """
         items = self._decode(requests)
+        calls0, secs0 = self.network.network_calls, self.network.network_seconds
         self._infer(items)
+        self.last_batch = {"requests": len(items), "network_calls": self.network.network_calls - calls0,
+                           "network_s": self.network.network_seconds - secs0}
         return self._encode(items)
