@@ -39,7 +39,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -256,6 +256,8 @@ class _RunOutputs:
 
     def __init__(self, cfg: FullConfig, out: Path, start_iter: int, main: bool):
         self.cfg, self.out, self.main = cfg, out, main
+        self.bar: Any = None
+        self.window: list[list[float]] = []
         if main:
             out.mkdir(parents=True, exist_ok=True)
             with atomic_path(out / "config.yaml") as tmp:
@@ -266,22 +268,54 @@ class _RunOutputs:
         if main and cfg.train.plots and not _have_mpl():
             logger.info("note: matplotlib not installed; curves are drawn with the built-in PIL plotter")
 
-    def iteration(self, row: dict, vals: list, lr: float, pm: float, it: int) -> None:
-        self.csv.write(row)
+    def start_progress(self, start_iter: int) -> None:
+        """The tqdm bar (rank 0, ``train.progress``)."""
+        if self.main and self.cfg.train.progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=self.cfg.train.max_iters, initial=start_iter, desc="train", dynamic_ncols=True,
+                            unit="it", file=sys.stderr)
+
+    def stop_progress(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def after_step(self, progress: _Progress, start_iter: int, vals: list, lr: float, pm: float, rfm: int) -> None:
+        """log.csv row, TensorBoard scalars, the bar, and every ``train.log_every`` a log line."""
+        if not self.main:
+            return
+        it = progress.iteration
+        self.csv.write({"iter": it, "epoch": progress.epoch, "loss": repr(vals[0]), "loss_seg": repr(vals[1]),
+                        "loss_aff": repr(vals[2]), "lr": repr(lr), "time": f"{progress.elapsed():.3f}",
+                        "pseudo_miou": "" if math.isnan(pm) else f"{pm:.6f}", "rfm": rfm})
         if self.tb is not None:
             for k, v in zip(("loss", "loss_seg", "loss_aff"), vals):
                 self.tb.add_scalar(f"train/{k}", v, it)
             self.tb.add_scalar("train/lr", lr, it)
             if not math.isnan(pm):
                 self.tb.add_scalar("train/pseudo_miou_running", pm, it)
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{vals[0]:.4f}", lr=f"{lr:.2e}", plm=_fmt(pm), refresh=False)
+        log_every, max_iters = self.cfg.train.log_every, self.cfg.train.max_iters
+        if log_every:
+            self.window.append(vals)
+            if it % log_every == 0 or it == max_iters:
+                _log_window(self.window, progress, start_iter, max_iters, lr, pm, rfm)
+                self.window = []
 
     def evaluation(self, rec: dict, it: int) -> None:
+        """eval.jsonl, TensorBoard and the curves after an evaluation (rank 0)."""
+        if not self.main:
+            return
         self.evals.append(rec)
         append_eval(self.out / "eval.jsonl", rec)
         if self.tb is not None:
             for key in ("miou", "pseudo_miou"):
                 if rec.get(key) is not None:
                     self.tb.add_scalar(f"eval/{key}", rec[key], it)
+        self.plots()
 
     def plots(self) -> None:
         if not (self.main and self.cfg.train.plots and self.csv.rows):
@@ -294,6 +328,7 @@ class _RunOutputs:
             logger.warning("could not draw plots: %s", e)
 
     def close(self) -> None:
+        self.stop_progress()
         self.csv.close()
         if self.tb is not None:
             self.tb.close()
@@ -345,13 +380,37 @@ def _train(cfg: FullConfig, out: Path, ckpt: Optional[Path], state: Optional[dic
             outputs.close()
 
 
+def _make_loader(cfg: FullConfig, train_ds, sampler: ResumableSampler, dev: torch.device) -> DataLoader:
+    from weclip_infer.data import collate
+
+    return DataLoader(
+        train_ds, batch_size=cfg.train.batch_size, sampler=sampler, drop_last=True, num_workers=cfg.data.workers,
+        collate_fn=collate, pin_memory=dev.type == "cuda",
+        prefetch_factor=cfg.data.prefetch_factor if cfg.data.workers > 0 else None,
+        # own generator: creating an epoch iterator must not draw from the global torch RNG
+        generator=torch.Generator().manual_seed(cfg.train.seed), persistent_workers=False)
+
+
+def _batches(loader: DataLoader, train_ds, sampler: ResumableSampler, progress: _Progress,
+             batch_size: int) -> Iterator[dict]:
+    """Batches across epochs, from ``progress``'s epoch and position (an exact resume); keeps
+    ``progress.epoch``/``epoch_pos`` up to date."""
+    while True:
+        train_ds.set_epoch(progress.epoch)
+        sampler.set_epoch(progress.epoch, start=progress.epoch_pos * batch_size)
+        for batch in loader:
+            progress.epoch_pos += 1
+            yield batch
+        progress.epoch, progress.epoch_pos = progress.epoch + 1, 0
+
+
 def _run(cfg: FullConfig, out: Path, ckpt: Optional[Path], info: DistInfo, model, optimizer, scaler,
          meter: PseudoLabelMeter, progress: _Progress, train_ds, val_ds, sampler: ResumableSampler,
          outputs: _RunOutputs, amp_dtype: torch.dtype, class_names: Sequence[str]) -> dict:
     """The iteration loop, then the summary."""
-    tcfg, mcfg = cfg.train, cfg.model
-    main, dev = info.is_main, info.device
-    fully = bool(mcfg.decoder.fully_supervised)
+    tcfg, r = cfg.train, cfg.model.refine
+    dev = info.device
+    fully = bool(cfg.model.decoder.fully_supervised)
     all_names = ["background"] + list(class_names)
     start_iter = progress.iteration
     net: torch.nn.Module = model
@@ -359,95 +418,46 @@ def _run(cfg: FullConfig, out: Path, ckpt: Optional[Path], info: DistInfo, model
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[dev.index] if dev.type == "cuda" else None, broadcast_buffers=False,
             find_unused_parameters=tcfg.find_unused_parameters)
-    from weclip_infer.data import collate
-
-    loader = DataLoader(
-        train_ds, batch_size=tcfg.batch_size, sampler=sampler, drop_last=True, num_workers=cfg.data.workers,
-        collate_fn=collate, pin_memory=dev.type == "cuda",
-        prefetch_factor=cfg.data.prefetch_factor if cfg.data.workers > 0 else None,
-        # own generator: creating an epoch iterator must not draw from the global torch RNG
-        generator=torch.Generator().manual_seed(tcfg.seed), persistent_workers=False)
-    if main:
+    loader = _make_loader(cfg, train_ds, sampler, dev)
+    if info.is_main:
         _log_start(cfg, model, train_ds, val_ds, info, ckpt, start_iter, sampler.per_rank // tcfg.batch_size)
-
-    bar = None
-    if main and tcfg.progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=tcfg.max_iters, initial=start_iter, desc="train", dynamic_ncols=True, unit="it",
-                   file=sys.stderr)
+    outputs.start_progress(start_iter)
     progress.t_start = time.perf_counter()
     last_ckpt: Optional[Path] = None
     final_eval: Optional[dict] = None
-    loader_iter = None
-    last_vals = [math.nan, math.nan, math.nan]
-    window: list[list[float]] = []
+    vals = [math.nan, math.nan, math.nan]
     autocast: Callable[[], Any] = ((lambda: torch.autocast(device_type=dev.type, dtype=amp_dtype)) if tcfg.amp
                                    else contextlib.nullcontext)
     # On CPU, freed step temporaries stay in the heap for the next step instead of being unmapped
     # and page-faulted in again (weclip_infer.memory).
     reuse_freed_memory(device=dev)
-    try:
-        while progress.iteration < tcfg.max_iters:
-            if loader_iter is None:
-                train_ds.set_epoch(progress.epoch)
-                sampler.set_epoch(progress.epoch, start=progress.epoch_pos * tcfg.batch_size)
-                loader_iter = iter(loader)
-            try:
-                batch = next(loader_iter)
-            except StopIteration:
-                progress.epoch, progress.epoch_pos, loader_iter = progress.epoch + 1, 0, None
-                continue
-            progress.epoch_pos += 1
-            it = progress.iteration
-            lr = lr_at(it, tcfg)
-            outd, masks = _step(net, optimizer, scaler, batch, it, lr, dev, autocast, fully)
-            progress.iteration = it = it + 1
+    batches = _batches(loader, train_ds, sampler, progress, tcfg.batch_size)
+    while progress.iteration < tcfg.max_iters:
+        batch = next(batches)
+        lr = lr_at(progress.iteration, tcfg)
+        outd, masks = _step(net, optimizer, scaler, batch, progress.iteration, lr, dev, autocast, fully)
+        progress.iteration = it = progress.iteration + 1
+        vals = all_reduce_mean(torch.stack([outd["loss"].detach(), outd["loss_seg"].detach(),
+                                            outd["loss_aff"].detach()]).float()).tolist()
+        if not fully:
+            meter.update(outd["pseudo_label"].detach(), masks, batch["has_mask"])
+        pm = meter.miou() if not fully else math.nan
+        rfm = int(not fully and r.use_rfm and r.use_refinement and model.iter_num > r.rfm_switch_iter)
+        outputs.after_step(progress, start_iter, vals, lr, pm, rfm)
 
-            vals = all_reduce_mean(torch.stack([outd["loss"].detach(), outd["loss_seg"].detach(),
-                                                outd["loss_aff"].detach()]).float()).tolist()
-            last_vals = vals
-            if not fully:
-                meter.update(outd["pseudo_label"].detach(), masks, batch["has_mask"])
-            pm = meter.miou() if not fully else math.nan
-            rfm = int(not fully and mcfg.refine.use_rfm and mcfg.refine.use_refinement
-                      and model.iter_num > mcfg.refine.rfm_switch_iter)
-            if main:
-                row = {"iter": it, "epoch": progress.epoch, "loss": repr(vals[0]), "loss_seg": repr(vals[1]),
-                       "loss_aff": repr(vals[2]), "lr": repr(lr), "time": f"{progress.elapsed():.3f}",
-                       "pseudo_miou": "" if math.isnan(pm) else f"{pm:.6f}", "rfm": rfm}
-                outputs.iteration(row, vals, lr, pm, it)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{vals[0]:.4f}", lr=f"{lr:.2e}", plm=_fmt(pm), refresh=False)
-                if tcfg.log_every:
-                    window.append(vals)
-                    if it % tcfg.log_every == 0 or it == tcfg.max_iters:
-                        _log_window(window, progress, start_iter, tcfg.max_iters, lr, pm, rfm)
-                        window = []
-
-            is_last = it == tcfg.max_iters
-            do_eval = val_ds is not None and ((is_last and tcfg.eval_at_end) or
-                                              (tcfg.eval_every and it % tcfg.eval_every == 0))
-            if do_eval:
-                rec = _evaluate(model, val_ds, all_names, cfg, info, meter, it,
-                                multiscale=is_last and tcfg.eval_at_end, out=out, fully=fully)
-                if main:
-                    outputs.evaluation(rec, it)
-                    outputs.plots()
-                if is_last:
-                    final_eval = rec
-            if is_last or (tcfg.checkpoint_every and it % tcfg.checkpoint_every == 0):
-                saved = _checkpoint(out, model, optimizer, scaler, meter, progress, cfg, info, last_vals)
-                last_ckpt = saved or last_ckpt
-    finally:
-        if bar is not None:
-            bar.close()
-
+        is_last = it == tcfg.max_iters
+        if val_ds is not None and ((is_last and tcfg.eval_at_end) or (tcfg.eval_every and it % tcfg.eval_every == 0)):
+            rec = _evaluate(model, val_ds, all_names, cfg, info, meter, it, multiscale=is_last and tcfg.eval_at_end,
+                            out=out, fully=fully)
+            outputs.evaluation(rec, it)
+            final_eval = rec if is_last else final_eval
+        if is_last or (tcfg.checkpoint_every and it % tcfg.checkpoint_every == 0):
+            last_ckpt = _checkpoint(out, model, optimizer, scaler, meter, progress, cfg, info, vals) or last_ckpt
+    outputs.stop_progress()
     outputs.plots()
-    if last_ckpt is None and main:
+    if last_ckpt is None and info.is_main:
         last_ckpt = latest_checkpoint(out)
-    return _finish(out, model, info, progress, start_iter, last_vals, last_ckpt, final_eval, meter, fully)
+    return _finish(out, model, info, progress, start_iter, vals, last_ckpt, final_eval, meter, fully)
 
 
 def _step(net, optimizer, scaler, batch: dict, it: int, lr: float, dev: torch.device, autocast, fully: bool):
