@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from weclip_infer.testing import TINY_CLIP_CFG
 from weclip_infer.backbone import FrozenCLIP, WeightsUnavailableError, load_clip, resize_pos_embed, save_clip
 from weclip_infer.config import BackboneConfig
+from weclip_infer.testing import TINY_CLIP_CFG
 
 
 def _tiny_openai_clip():

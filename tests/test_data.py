@@ -228,7 +228,7 @@ def test_voc_dataset_items(voc_root: Path):
     assert not no_gt["has_mask"] and (no_gt["mask"] == 255).all()
     batch = collate([ds[i] for i in range(3)])
     assert batch["image"].shape == (3, 3, 320, 320) and batch["cls_label"].shape == (3, 20)
-    assert batch["mask"].shape == (3, 320, 320) 
+    assert batch["mask"].shape == (3, 320, 320)
     assert batch["has_mask"].tolist() == [True, True, False] and len(batch["name"]) == 3
 
 

@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from weclip_infer.demo import world as W
-from weclip_infer.demo.shapes import _BODY_DARK, _BODY_LIGHT
 from weclip_infer.demo.make_world import main as make_world_main
+from weclip_infer.demo.shapes import _BODY_DARK, _BODY_LIGHT
 
 CFG = W.WorldConfig(size=96)  # small images keep the tests fast; geometry is relative to size
 

@@ -16,9 +16,14 @@ pytest.importorskip("onnxruntime")
 from weclip_infer import Segmenter, build_model, save_checkpoint  # noqa: E402
 from weclip_infer.bundle import BundleError, load_bundle_backend  # noqa: E402
 from weclip_infer.checkpoint import file_sha256  # noqa: E402
-from weclip_infer.export import (ParityError, SegmentationGraph, check_parity, example_input,  # noqa: E402
-                                 write_bundle)
-from weclip_infer.export import bundle_writer  # noqa: E402
+from weclip_infer.export import (  # noqa: E402
+    ParityError,
+    SegmentationGraph,
+    bundle_writer,
+    check_parity,
+    example_input,
+    write_bundle,
+)
 
 torch.set_num_threads(1)
 

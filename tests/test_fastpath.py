@@ -41,8 +41,7 @@ def test_matmul_peaks_small():
 @pytest.mark.slow
 def test_checkpoint_on_cached_onnx_equals_eager(tiny_model, tmp_path, monkeypatch):
     pytest.importorskip("onnxruntime")
-    from weclip_infer import Segmenter, save_checkpoint
-    from weclip_infer import onnx_cache
+    from weclip_infer import Segmenter, onnx_cache, save_checkpoint
 
     ck = save_checkpoint(tiny_model, tmp_path / "ck", include_backbone=True)
     monkeypatch.setenv("WECLIP_CACHE_DIR", str(tmp_path / "cache"))

@@ -6,8 +6,8 @@ import stat
 
 import pytest
 
-from weclip_infer.io_utils import atomic_dir, atomic_path, atomic_write_bytes, write_json_atomic
 from weclip_infer.imageio import save_png_atomic
+from weclip_infer.io_utils import atomic_dir, atomic_path, atomic_write_bytes, write_json_atomic
 
 
 @pytest.fixture(params=[0o022, 0o077, 0o002])

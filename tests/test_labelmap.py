@@ -6,7 +6,8 @@ import pytest
 from PIL import Image
 
 from weclip_infer.data.datasets import Sample, SegmentationDataset
-from weclip_infer.evaluate import EvaluationError, read_label_png as eval_read
+from weclip_infer.evaluate import EvaluationError
+from weclip_infer.evaluate import read_label_png as eval_read
 from weclip_infer.imageio import ImageDecodeError, encode_label_png
 from weclip_infer.labelmap import read_label_png
 from weclip_infer.palette import voc_palette

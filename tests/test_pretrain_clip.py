@@ -11,7 +11,6 @@ from weclip_infer.config import BackboneConfig
 from weclip_infer.demo import pretrain_clip as pc
 from weclip_infer.text import tokenize
 
-
 _SHORT = ["--tiny", "--steps", "2", "--batch-size", "4", "--eval-zs", "4", "--eval-cam", "2", "--eval-every", "0",
           "--threads", "1", "--workers", "0", "--dtype", "fp32"]
 

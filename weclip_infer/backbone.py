@@ -16,9 +16,9 @@ the last full patch are ignored, as the stride-16 conv of the reference does.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-import contextlib
 import os
 import socket
 import zipfile

@@ -15,7 +15,12 @@ __all__ = [
 ]
 
 from .classes import (  # noqa: E402 - the lists are data, kept in one module
-    COCO_BACKGROUND, COCO_CLASSES, COCO_PROMPTS, VOC_BACKGROUND, VOC_CLASSES, VOC_PROMPTS,
+    COCO_BACKGROUND,
+    COCO_CLASSES,
+    COCO_PROMPTS,
+    VOC_BACKGROUND,
+    VOC_CLASSES,
+    VOC_PROMPTS,
 )
 
 

@@ -17,8 +17,8 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
-from weclip_infer.normalization import mean_std
 from weclip_infer.io_utils import fsync_dir, write_json_atomic
+from weclip_infer.normalization import mean_std
 
 from .onnx_export import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME, export_onnx
 from .parity import DEFAULT_CASES, check_parity
