@@ -1,9 +1,10 @@
 """TorchServe serving: the handler in-process (mixed batches) and a real TorchServe 0.12 end to end.
 
-The session fixture builds a .mar from the tiny model, starts TorchServe on free loopback ports in
-a private temp folder (its own TMPDIR / java.io.tmpdir, so pid file and worker sockets cannot
-collide with another TorchServe), waits until the model is READY and always stops it. Skipped
-only when ``java`` or ``torchserve`` is missing.
+The session fixture builds a .mar from the tiny model, starts TorchServe on free loopback ports
+for all five listeners (HTTP and gRPC) in a private temp folder (its own TMPDIR / java.io.tmpdir,
+so pid file and worker sockets cannot collide with another TorchServe, e.g. a running
+``make demo``), waits until the model is READY and always stops it. Skipped only when ``java``
+or ``torchserve`` is missing.
 """
 from __future__ import annotations
 

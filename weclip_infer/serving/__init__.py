@@ -2,7 +2,9 @@
 
 :class:`SegmentationService` is engine-independent; :mod:`weclip_infer.serving.torchserve` adapts
 it to TorchServe and ``weclip_handler.py`` (package data) is the file ``torch-model-archiver``
-packs. ``config.properties`` here is the TorchServe configuration the quick start uses.
+packs. :mod:`~weclip_infer.serving.batching` lets the requests of one server batch share their
+network passes. ``config.properties`` here is the TorchServe configuration the quick start uses;
+:mod:`~weclip_infer.serving.ts_config` reads it and derives copies on other ports.
 """
 from __future__ import annotations
 
