@@ -51,7 +51,6 @@ def setup_console_logging(debug: bool = False, rank: int = 0) -> None:
     h.setFormatter(logging.Formatter("%(message)s" if not debug else "%(levelname)s %(name)s: %(message)s"))
     pkg.addHandler(h)
     pkg.setLevel(logging.DEBUG if debug else (logging.INFO if rank == 0 else logging.WARNING))
-    pkg.propagate = False
 
 
 @contextlib.contextmanager
