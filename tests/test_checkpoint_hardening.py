@@ -19,13 +19,12 @@ torch.set_num_threads(1)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from safetensors.torch import load_file, save_file  # noqa: E402
+from training_world import tiny_train_config, write_world  # noqa: E402
 
 from weclip_infer.checkpoint import CheckpointError, file_sha256, load_checkpoint, save_checkpoint  # noqa: E402
 from weclip_infer.config import ConfigError, load_config  # noqa: E402
-from weclip_infer.training import train  # noqa: E402
 from weclip_infer.training import state as state_mod  # noqa: E402
-
-from training_world import tiny_train_config, write_world  # noqa: E402
+from weclip_infer.training import train  # noqa: E402
 
 
 @pytest.fixture(scope="module")
