@@ -193,6 +193,16 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-flip", action="store_true", help="do not average with the horizontally flipped image")
     ap.add_argument("--max-pixels", type=_positive_int, default=DEFAULT_MAX_PIXELS,
                     help="refuse images with more pixels than this (default: %(default)s)")
+    ap.add_argument("--engine", default="local", choices=["local", "ray"],
+                    help="local: this machine (default); ray: decoding, the model and DenseCRF on a Ray cluster, "
+                         "same outputs (needs the ray extra; see docs/scale_out.md)")
+    ray = ap.add_argument_group("--engine ray")
+    ray.add_argument("--address", default=None,
+                     help="Ray cluster: auto (the running one) or ray://HOST:10001 (default: a private Ray on this "
+                          "machine, 127.0.0.1 only)")
+    ray.add_argument("--num-actors", type=_positive_int, default=1, help="model copies (actors; default: 1)")
+    ray.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per actor (default: 0)")
+    ray.add_argument("--batch-size", type=_positive_int, default=4, help="images per actor call (default: 4)")
     ap.add_argument("--quiet", action="store_true", help="no progress bar and no informational messages")
     ap.add_argument("--debug", action="store_true", help="print the full traceback of an error")
     return ap
@@ -216,6 +226,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         check_output_location(a.input, a.out, listing.items,
                               lambda n: [mask_name(n), overlay_name(n)] if a.overlay else [mask_name(n)])
         apply_threads(plan_threads(processes=shard_n, requested=a.threads))
+        if a.engine == "ray":
+            from ..ray import require_ray
+
+            require_ray()
+            from ..ray.data import segment_folder_ray
+
+            summary = segment_folder_ray(
+                a.input, a.out, model=a.model, backend=a.backend, device=a.device, listing=listing, resume=a.resume,
+                shard_spec=a.shard, overlay_out=a.overlay, crf=a.crf or None, scales=a.scales,
+                flip=False if a.no_flip else None, max_pixels=a.max_pixels, progress=not a.quiet, address=a.address,
+                num_actors=a.num_actors, gpus_per_actor=a.gpus_per_actor, cpus_per_actor=a.threads or 1,
+                batch_size=a.batch_size)
+            print_summary(summary)
+            return exit_code(summary)
         from ..memory import reuse_freed_memory
         from ..predictor import Segmenter
         from ..quickstart import DEMO_MODEL_DIR

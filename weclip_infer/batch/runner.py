@@ -11,7 +11,9 @@ runner does everything else the same way for every tool:
   exactly the inputs whose marker exists;
 - the log: one record per input in input order (``image``, ``mask`` = the marker, ``ok``, then
   the result's own fields, or ``error``); on resume an input that fails again with the same
-  reason is not logged twice;
+  reason is not logged twice, and an input whose marker exists but whose line is missing (a
+  ``kill -9`` between the two) gets a line ``{"ok": true, "recovered": true}``; SIGINT/SIGTERM
+  wait until an input's outputs and its line are both written;
 - errors: an input that cannot be decoded or whose ``process`` raises is logged, counted and
   skipped; an output that cannot be written raises :class:`OutputWriteError` at once when the
   disk is full or the folder read-only (``fatal``), otherwise it is counted as a write failure.
@@ -21,13 +23,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 from ..imageio import DEFAULT_MAX_PIXELS, atomic_write_bytes
 from .listing import DEFAULT_EXTS, Listing, check_output_location, scan_inputs, shard
@@ -67,6 +71,25 @@ class Deferred:
 ProcessFn = Callable[[DecodedImage], Union[ImageResult, Deferred]]
 
 
+@contextlib.contextmanager
+def _signals_deferred():
+    """Hold SIGINT/SIGTERM while an input's outputs and its log line are written, then deliver
+    them: an interruption never leaves a finished mask without its results.jsonl line."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    sigs = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in sigs}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        for s in dict.fromkeys(caught):
+            signal.raise_signal(s)
+
+
 def _default_done_name(name: str) -> str:
     return f"{name}.png"
 
@@ -77,14 +100,17 @@ def run_folder(src: Union[str, os.PathLike], out: Union[str, os.PathLike], proce
                exts: Union[Sequence[str], str] = DEFAULT_EXTS, keep_ext: bool = False, listing: Optional[Listing] = None,
                resume: bool = False, shard_spec: Optional[str] = None, workers: int = 2,
                max_pixels: int = DEFAULT_MAX_PIXELS, max_pending: int = 2, fsync_log: bool = True,
-               progress: bool = True, desc: str = "images") -> dict[str, Any]:
+               progress: bool = True, desc: str = "images",
+               source: Optional[Callable[[list[tuple[Path, str]]], Iterator[DecodedImage]]] = None) -> dict[str, Any]:
     """Run ``process`` over every input of ``src`` and write its outputs under ``out``.
 
     ``done_name(name)``: the output whose existence marks an input as finished (default
     ``<name>.png``); ``output_names(name)``: every output of an input (for the check that no
     output overwrites an input; default ``[done_name(name)]``). ``listing``: inputs already
     scanned (else ``scan_inputs(src, exts, keep_ext=keep_ext)``). ``max_pending``: results
-    waiting behind an unfinished :class:`Deferred`.
+    waiting behind an unfinished :class:`Deferred`. ``source(todo)``: where the decoded inputs come
+    from, in ``todo`` order (default: :func:`iter_decoded` with ``workers`` processes); the Ray
+    engine passes inputs already decoded and processed on a cluster.
 
     Returns a summary: ``total``, ``segmented`` (succeeded), ``failed``, ``write_failed``,
     ``skipped_existing``, ``ignored`` (``[(path, reason)]``), ``ignored_summary``, ``seconds``,
@@ -152,29 +178,37 @@ def run_folder(src: Union[str, os.PathLike], out: Union[str, os.PathLike], proce
                     res = res.finish(res.future.result())
             except Exception as e:  # noqa: BLE001 - a failure of this input: report and continue
                 err = str(e) or type(e).__name__
-        if err is not None:
-            rec = fail(item, err)
-        else:
-            rec = {"image": item.path, "mask": done_name(item.name), "ok": True, **res.record}
-            marker = done_name(item.name)
-            names = [n for n in res.files if n != marker] + ([marker] if marker in res.files else [])
-            for rel in names:  # the marker last: its presence means "done" (resume)
-                try:
-                    atomic_write_bytes(out / rel, res.files[rel])
-                except OSError as e:
-                    werr = OutputWriteError(out / rel, e)
-                    if werr.fatal:
-                        werr.summary = summary()
-                        raise werr from e
-                    rec = fail(item, str(werr), kind="write")
-                    break
+        with _signals_deferred():
+            if err is not None:
+                rec = fail(item, err)
             else:
-                counts["ok"] += 1
-        write_record(item, rec)
+                rec = write_outputs(item, res)
+            write_record(item, rec)
         bar.update(1)
 
+    def write_outputs(item: DecodedImage, res: ImageResult) -> dict[str, Any]:
+        marker = done_name(item.name)
+        names = [n for n in res.files if n != marker] + ([marker] if marker in res.files else [])
+        for rel in names:  # the marker last: its presence means "done" (resume)
+            try:
+                atomic_write_bytes(out / rel, res.files[rel])
+            except OSError as e:
+                werr = OutputWriteError(out / rel, e)
+                if werr.fatal:
+                    werr.summary = summary()
+                    raise werr from e
+                return fail(item, str(werr), kind="write")
+        counts["ok"] += 1
+        return {"image": item.path, "mask": marker, "ok": True, **res.record}
+
     try:
-        with contextlib.closing(iter_decoded(todo, workers, max_pixels)) as decoded:
+        if resume:  # inputs finished by a run killed between writing their outputs and logging them
+            todo_set = set(todo)
+            for p, n in items:
+                if (p, n) not in todo_set and str(p) not in previous:
+                    results.append({"image": str(p), "mask": done_name(n), "ok": True, "recovered": True})
+        stream = source(todo) if source is not None else iter_decoded(todo, workers, max_pixels)
+        with contextlib.closing(stream) as decoded:
             for item in decoded:
                 if item.error is not None:
                     pending.append((item, None, item.error))
