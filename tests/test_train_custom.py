@@ -90,6 +90,9 @@ def test_class_list_file_defines_the_classes_and_conflicts_name_keys(tmp_path):
     for key in ("candidate_blocks", "static_blocks"):
         with pytest.raises(ConfigError, match=rf"^model\.refine\.{key}=8 exceeds the backbone depth \(6 blocks\)"):
             load_train_config("weclip_infer/configs/custom.yaml", base + [f"model.refine.{key}=8"])
+    cfg = load_train_config("weclip_infer/configs/custom.yaml", base + ["model.refine.static_blocks=null",
+                                                                       "model.decoder.num_heads=0"])
+    assert (cfg.model.refine.static_blocks, cfg.model.decoder.num_heads) == (4, 4)  # null and 0: follow it
     cfg = load_train_config("weclip_infer/configs/custom.yaml", base + ["model.decoder.dim=96"])
     assert (cfg.model.decoder.dim, cfg.model.decoder.num_heads) == (96, 3)  # heads follow an explicit width
     voc = load_train_config("weclip_infer/configs/voc.yaml")  # ViT-B/16 keeps the published numbers

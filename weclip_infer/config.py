@@ -1,11 +1,14 @@
 """Configuration dataclasses for the WeCLIP model.
 
-Every value that the spec names is a field here, and its default is the spec's value, which
-follows the authors' code where paper and code differ. Each such difference is its
-own switch so that both versions can be run and compared.
+Every hyperparameter of the method is a field here, and its default is the published recipe,
+which follows the authors' code where paper and code differ. Each such difference is its own
+switch so that both versions can be run and compared (docs/method.md describes them).
 
 Configs load from a dataclass, a plain dict or a YAML file; unknown keys and bad values are
-rejected with a message that names the key (``ConfigError``).
+rejected with a message that names the key (``ConfigError``). Config files are bounded in size
+(``MAX_CONFIG_BYTES``) and nesting (``MAX_CONFIG_DEPTH``). Dataset-dependent defaults live in
+one table, ``DATASET_PRESETS``; the settings that depend on the backbone (RFM block counts,
+decoder width and heads) are derived from its depth and width when left at 0.
 """
 from __future__ import annotations
 
@@ -91,7 +94,7 @@ class BackboneConfig:
     clip_weights: str = "openai"
     model_cfg: Optional[dict] = None
     patch_stem: str = "linear"
-    # Normalisation of input images (spec §1.2): the authors' code uses ImageNet statistics.
+    # Normalisation of input images: the authors' code uses ImageNet statistics.
     normalize: str = "imagenet"  # "imagenet" (code) | "clip" (paper/CLIP-ES)
     seed: int = 0  # only used for clip_weights == "random"
     # Arithmetic of the frozen CLIP blocks (no gradient): "fp32" (exact to fp32 rounding; on CPUs
@@ -116,7 +119,7 @@ class TextConfig:
 class DecoderConfig:
     """The light decoder."""
 
-    dim: int = 0  # 0: follows the backbone, min(256, CLIP width) (256 on ViT-B/16)
+    dim: int = 0  # 0 (or null): follows the backbone, min(256, CLIP width) (256 on ViT-B/16)
     num_layers: int = 3  # Table 5 ablation
     num_heads: int = 0  # 0: dim // 32 (8 at dim 256), rounded down to a divisor of dim
     mlp_ratio: int = 4
@@ -137,7 +140,7 @@ class RefineConfig:
     # DATASET_PRESETS; the defaults below are the VOC ones taken from that table.
     rfm_switch_iter: int = _VOC.rfm_switch_iter  # §4.1, §11.2 item 1 (the reference VOC run switched at ~9,145)
     count_eval_forwards: bool = False  # §11.2 item 1: the reference counter also counts val forwards
-    # Block counts follow the backbone depth unless set (0 = follow it): candidates are the last half of
+    # Block counts follow the backbone depth unless set (0 or null = follow it): candidates are the last half of
     # the blocks on VOC (6 of 12), the last 5/6 on COCO (10 of 12); static refinement averages
     # the last two thirds (8 of 12). Paper: 7 candidates (blocks 6..12).
     candidate_blocks: int = 0
@@ -535,6 +538,9 @@ def resolve_backbone_defaults(cfg: "WeCLIPConfig", depth: int, width: int, prefi
     return cfg
 
 
+_FOLLOW_BACKBONE = {"refine": ("candidate_blocks", "static_blocks"), "decoder": ("dim", "num_heads")}
+
+
 def model_config_from_dict(data: Mapping, overrides: Sequence[str] = (), *, presets: bool = True,
                            prefix: str = "") -> "WeCLIPConfig":
     """The one path from a model-config dict to a validated ``WeCLIPConfig``: ``key=value``
@@ -546,6 +552,10 @@ def model_config_from_dict(data: Mapping, overrides: Sequence[str] = (), *, pres
     data = apply_overrides(dict(data), overrides)
     if presets:
         data = apply_dataset_preset(data, prefix)
+    for section, keys in _FOLLOW_BACKBONE.items():  # null and 0 both mean "follow the backbone"
+        sec = data.get(section)
+        if isinstance(sec, Mapping) and any(k in sec and sec[k] is None for k in keys):
+            data[section] = {k: (0 if k in keys and v is None else v) for k, v in sec.items()}
     cfg = from_dict(WeCLIPConfig, data, prefix=prefix)
     try:
         cfg.validate()
