@@ -22,10 +22,11 @@ PKG_DIR = Path(__file__).resolve().parents[1] / PKG
 
 #: Subpackages that form the outer layers.
 OUTER = ("training", "export", "serving", "ray")
-#: Application entry points at the top of the package: they launch outer layers by design
-#: (``quickstart`` builds a .mar and starts TorchServe; ``train`` is the ``python -m`` shim of
-#: the training CLI), so they are outside the core.
-APPS = ("quickstart", "train")
+#: Application entry points: command lines that choose between layers by design (``quickstart``
+#: builds a .mar and starts TorchServe; ``train`` is the ``python -m`` shim of the training CLI;
+#: ``weclip-segment`` picks the local or the Ray engine). Besides these, every module named
+#: ``cli``, ``*_cli`` or ``__main__`` is an application. Applications are outside the core.
+APPS = ("quickstart", "train", "segment")
 #: Leaf helpers every layer may use; they import only each other.
 FOUNDATIONS = ("imageio", "io_utils", "labelmap", "palette", "normalization", "metrics", "memory", "threads",
                "tensor_ops", "device", "hardware")
@@ -127,11 +128,14 @@ def _in(name: str, subpackages: Iterable[str], pkg: str = PKG) -> bool:
     return any(name == f"{pkg}.{s}" or name.startswith(f"{pkg}.{s}.") for s in subpackages)
 
 
-def is_core(name: str, pkg: str = PKG) -> bool:
-    if name == pkg or _in(name, OUTER, pkg):
-        return False
+def is_app(name: str, pkg: str = PKG) -> bool:
     short = name[len(pkg) + 1:]
-    return short not in APPS and not short.endswith("__main__")
+    last = short.rsplit(".", 1)[-1]
+    return short in APPS or last in ("cli", "__main__") or last.endswith("_cli")
+
+
+def is_core(name: str, pkg: str = PKG) -> bool:
+    return name != pkg and not _in(name, OUTER, pkg) and not is_app(name, pkg)
 
 
 def violations(graph: Dict[str, Set[str]], pkg: str = PKG) -> List[str]:
@@ -142,7 +146,7 @@ def violations(graph: Dict[str, Set[str]], pkg: str = PKG) -> List[str]:
         return _in(n, OUTER, pkg)
 
     def apps(n: str) -> bool:
-        return n[len(pkg) + 1:] in APPS
+        return is_app(n, pkg)
 
     found = {f"{pkg}.{m}" for m in FOUNDATIONS} | {pkg}
     tier = {f"{pkg}.{m}" for m in MODEL_TIER} | found
@@ -219,6 +223,18 @@ CLEAN = {
 
 def test_checker_accepts_a_clean_tree(tmp_path):
     assert violations(import_graph(_write(tmp_path, CLEAN))) == []
+
+
+def test_applications_may_use_outer_layers(tmp_path):
+    files = dict(CLEAN)
+    files["batch/__init__.py"] = ""
+    files["batch/cli.py"] = "def main():\n    from ..ray import engine\n"
+    files["ray/__init__.py"] = ""
+    files["ray/engine.py"] = "from ..predictor import Segmenter\n"
+    assert violations(import_graph(_write(tmp_path, files))) == []
+    files["helper.py"] = "from .batch.cli import main\n"  # but the core may not use an application
+    found = violations(import_graph(_write(tmp_path, files)))
+    assert any("weclip_infer.helper → weclip_infer.batch.cli (the import to remove)" in v for v in found), found
 
 
 @pytest.mark.parametrize("rel, text, rule", [
