@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import io
 import os
+import threading
 import warnings
 from pathlib import Path
 from typing import Union
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from .io_utils import atomic_write_bytes  # the one atomic-write owner; re-exported for callers
 
@@ -53,11 +54,61 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+_SEQUENTIAL_HUFFMAN_SOF = (0xC0, 0xC1)  # baseline and extended sequential DCT, Huffman-coded
+_TRUNCATION_LOCK = threading.Lock()
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _jpeg_data_shortfall(data: bytes) -> str | None:
+    """Why a sequential Huffman-coded JPEG cannot hold the image its header declares, or None.
+
+    Every 8×8 block of such a file costs at least two bits (a DC code and an end-of-block code),
+    so a file with fewer than ``2 × blocks`` bits was cut or had its size field altered; the
+    decoder would otherwise pad the missing part with grey and report success. Progressive and
+    arithmetic-coded files have no such bound and are not judged here.
+    """
+    i, n = 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+            i += 2
+            continue
+        length = int.from_bytes(data[i + 2 : i + 4], "big")
+        if marker == 0xDA or length < 2:  # start of scan: no frame header before it
+            return None
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            if marker not in _SEQUENTIAL_HUFFMAN_SOF or i + 10 > n:
+                return None
+            seg = data[i + 4 : i + 2 + length]
+            h, w, ncomp = int.from_bytes(seg[1:3], "big"), int.from_bytes(seg[3:5], "big"), seg[5]
+            comps = [(seg[6 + 3 * k + 1] >> 4, seg[6 + 3 * k + 1] & 15) for k in range(ncomp) if 8 + 3 * k < len(seg)]
+            if not comps or h == 0 or w == 0:
+                return None
+            hmax, vmax = max(c[0] for c in comps) or 1, max(c[1] for c in comps) or 1
+            blocks = sum(_ceil_div(_ceil_div(w * hs, hmax), 8) * _ceil_div(_ceil_div(h * vs, vmax), 8) for hs, vs in comps)
+            if 8 * n < 2 * blocks:
+                return (f"corrupt or truncated JPEG: the header declares {w}x{h} pixels ({blocks} blocks) but the "
+                        f"file holds only {n} bytes, too few for that size")
+            return None
+        i += 2 + length
+    return None
+
+
 def load_image(src: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS, name: str | None = None) -> np.ndarray:
     """Decode ``src`` (path, bytes, PIL image or array) into an H×W×3 uint8 RGB array.
 
     Applies EXIF orientation; converts L/P/RGBA/CMYK/16-bit to RGB. Raises ``ImageDecodeError``
-    for missing, empty, non-image, truncated or oversized (> ``max_pixels``) input.
+    for missing, empty, non-image, truncated or oversized (> ``max_pixels``) input, and for a
+    JPEG whose data is too short for the size its header declares. Truncated data is an error
+    even where another library switched on PIL's ``ImageFile.LOAD_TRUNCATED_IMAGES``.
     """
     label = name or (str(src) if isinstance(src, (str, os.PathLike)) else f"<{type(src).__name__}>")
     if isinstance(src, np.ndarray):
@@ -78,6 +129,7 @@ def load_image(src: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS, name: str
                 arr = arr * 255.0
             arr = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
         return np.ascontiguousarray(arr)
+    data = b""
     if isinstance(src, Image.Image):
         img = src
     else:
@@ -103,10 +155,14 @@ def load_image(src: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS, name: str
         raise ImageDecodeError(label, f"empty image of size {w}x{h}")
     if w * h > max_pixels:
         raise ImageDecodeError(label, f"image has {w * h} pixels ({w}x{h}), more than the limit {max_pixels}")
+    if data and img.format == "JPEG":
+        why = _jpeg_data_shortfall(data)
+        if why:
+            raise ImageDecodeError(label, why)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img.load()
+            _load_strict(img)
             img = ImageOps.exif_transpose(img)
             img = _to_rgb(img)
             arr = np.asarray(img, dtype=np.uint8)
@@ -117,6 +173,21 @@ def load_image(src: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS, name: str
     except Exception as e:  # noqa: BLE001
         raise ImageDecodeError(label, f"cannot decode image: {e}") from None
     return np.ascontiguousarray(arr)
+
+
+def _load_strict(img: Image.Image) -> None:
+    """``img.load()`` with PIL's truncated-image tolerance off (it is process-wide; when another
+    library turned it on, it is switched off around this load only)."""
+    if not ImageFile.LOAD_TRUNCATED_IMAGES:
+        img.load()
+        return
+    with _TRUNCATION_LOCK:
+        old = ImageFile.LOAD_TRUNCATED_IMAGES
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
+        try:
+            img.load()
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = old
 
 
 def encode_label_png(labels: np.ndarray, palette: np.ndarray | None = None) -> bytes:

@@ -1,14 +1,22 @@
-"""``Segmenter``: image in → label map + per-class scores out (spec §8).
+"""``Segmenter``: image in → label map + per-class scores out.
 
 One object, loaded once. Pre-processing (decode, normalise, resize), the multi-scale + flip
 fusion, the optional DenseCRF and the label hint exist only here; the batch CLI, the evaluation
 CLI, training-time evaluation and the TorchServe handler all call it. The network itself is a
 *backend*: a callable ``B×3×H×W`` normalised → ``B×C×(H//p)×(W//p)`` logits — the eager model's
 ``segment`` or an exported TorchScript / ONNX Runtime graph.
+
+Bounded cost per image (see ``docs/limits.md``): the network always runs at ``long_side``; the
+label map is produced at the original resolution from the low-resolution logits in bands of
+rows, so no full-resolution ``C``-channel map is held unless ``keep_probs=True`` asks for one;
+DenseCRF refines at most ``crf_max_pixels`` pixels (larger images are refined at a reduced size
+and the label map is scaled up).
 """
 from __future__ import annotations
 
+import copy
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -23,7 +31,8 @@ from .normalization import mean_std
 from .imageio import DEFAULT_MAX_PIXELS, ImageSource, load_image
 from .tensor_ops import channel_argmax
 
-__all__ = ["SegmentationResult", "Segmenter", "fuse_multiscale", "resize_long_side", "CHECKPOINT_BACKENDS"]
+__all__ = ["CHECKPOINT_BACKENDS", "DEFAULT_CRF_MAX_PIXELS", "SegmentationResult", "Segmenter", "fuse_multiscale",
+           "labels_from_logits", "pad_to_patch", "resize_long_side"]
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +40,14 @@ log = logging.getLogger(__name__)
 CHECKPOINT_BACKENDS = ("auto", "eager", "onnx")
 
 Backend = Callable[[torch.Tensor], torch.Tensor]
+
+#: Largest image (pixels) that DenseCRF refines at full resolution; larger ones are refined at a
+#: reduced size with this many pixels and their label map is scaled up (nearest neighbour).
+DEFAULT_CRF_MAX_PIXELS = 1_000_000
+#: Up to this many elements (classes × pixels) the full-resolution logit map is built in one
+#: piece; above it, in bands of rows of about ``_BAND_ELEMENTS`` elements.
+_DENSE_MAP_ELEMENTS = 1 << 24
+_BAND_ELEMENTS = 1 << 22
 
 
 @dataclass
@@ -40,7 +57,9 @@ class SegmentationResult:
     ``labels``: ``H0×W0`` int64 class indices at the original resolution (0 = background);
     ``scores``: ``C`` per-class confidence (max softmax probability over pixels);
     ``logits``: ``C×h×w`` fused logits on the scale-1 patch grid (torch, CPU);
-    ``class_names``: names incl. ``"background"`` first; ``timings``: seconds per stage.
+    ``class_names``: names incl. ``"background"`` first; ``timings``: seconds per stage;
+    ``crf_size``: ``(H, W)`` at which DenseCRF ran (``None`` without CRF) — smaller than the
+    image when it has more than ``crf_max_pixels`` pixels.
     """
 
     labels: np.ndarray
@@ -49,6 +68,7 @@ class SegmentationResult:
     class_names: list
     timings: dict = field(default_factory=dict)
     probs: Optional[np.ndarray] = None  # ``C×H0×W0`` softmax, only with ``predict(keep_probs=True)``
+    crf_size: Optional[tuple] = None
 
     def areas(self) -> dict:
         """Pixel count per present class name."""
@@ -57,7 +77,7 @@ class SegmentationResult:
 
 
 def resize_long_side(x: torch.Tensor, long_side: int) -> torch.Tensor:
-    """Spec §8.1 step 2: scale ``B×3×H×W`` so that ``max(H, W) == long_side`` (bilinear,
+    """Scale ``B×3×H×W`` so that ``max(H, W) == long_side`` (bilinear,
     ``align_corners=False``, sizes truncated with ``int``; small images are upscaled)."""
     if not long_side:
         return x
@@ -71,7 +91,7 @@ def resize_long_side(x: torch.Tensor, long_side: int) -> torch.Tensor:
 
 def fuse_multiscale(backend: Backend, x: torch.Tensor, scales: Sequence[float] = (1.0, 0.75), flip: bool = True,
                     patch: int = 16, timings: Optional[dict] = None) -> torch.Tensor:
-    """Spec §8.1 steps 3–6 for one image ``1×3×H×W`` (already resized to the long side).
+    """Multi-scale + flip fusion for one image ``1×3×H×W`` (already resized to the long side).
 
     Each scale runs as one batch ``[x_s, flip(x_s)]``; flipped logits are flipped back and
     averaged; other scales are resized to the grid of the largest scale; scales are fused by the
@@ -97,46 +117,190 @@ def fuse_multiscale(backend: Backend, x: torch.Tensor, scales: Sequence[float] =
     return torch.stack(fused, 0).mean(0)
 
 
+def pad_to_patch(x: torch.Tensor, scales: Sequence[float], patch: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Pad ``B×3×H×W`` at the bottom/right (edge pixels repeated) so that every scale in
+    ``scales`` leaves at least one ``patch×patch`` cell; very elongated images (e.g. 4096×64)
+    would otherwise have a side below the patch size after the long-side resize. Returns the
+    (possibly) padded tensor and the unpadded ``(H, W)``."""
+    H, W = x.shape[-2:]
+    s_min = min(scales)
+
+    def needed(side: int) -> int:
+        target = max(side, math.ceil(patch / s_min))
+        while int(target * s_min) < patch:
+            target += 1
+        return target
+
+    Hp, Wp = (H if int(H * s_min) >= patch else needed(H)), (W if int(W * s_min) >= patch else needed(W))
+    if (Hp, Wp) == (H, W):
+        return x, (H, W)
+    return F.pad(x, (0, Wp - W, 0, Hp - H), mode="replicate"), (H, W)
+
+
+def _linear_taps(n_in: int, n_out: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Source indices and weights of 1-D linear resizing ``n_in → n_out``, the same numbers as
+    ``F.interpolate(mode="bilinear", align_corners=False)`` uses (its float32 scale, and the
+    source coordinate rounded once)."""
+    scale = float(torch.tensor(n_in, dtype=torch.float32) / n_out)
+    dst = torch.arange(n_out, dtype=torch.float64, device=device)
+    src = (scale * (dst + 0.5) - 0.5).float().clamp_(min=0)
+    i0 = src.floor().long().clamp_(max=n_in - 1)
+    w1 = (src - i0.float()).clamp_(0, 1)
+    i1 = torch.where(i0 < n_in - 1, i0 + 1, i0)
+    return i0, i1, 1 - w1, w1
+
+
+def _lerp(a: torch.Tensor, wa: torch.Tensor, b: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
+    """``a·wa + b·wb`` rounded as ``F.interpolate`` rounds it on CPU (``b·wb`` rounded, then a
+    fused multiply-add), so the banded label map matches the one-piece map bit for bit."""
+    return (a.double() * wa.double() + (b * wb).double()).float()
+
+
+def labels_from_logits(logits: torch.Tensor, size: tuple[int, int], allowed: Optional[torch.Tensor] = None,
+                       keep_probs: bool = False) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
+    """Label map, per-class scores and (optionally) probabilities at ``size`` from ``C×h×w`` logits.
+
+    The logits are resized bilinearly to ``size`` (``H×W``), classes outside ``allowed`` (a
+    ``C`` bool mask) are excluded, and per pixel the argmax is the label; ``scores`` is the
+    highest softmax probability of each class over all pixels. Small maps (``C·H·W`` up to
+    16 Mi elements) are computed in one piece; larger ones band by band (rows), with the same
+    interpolation, so that memory stays at about 16 M floats plus the ``H×W`` label map whatever
+    the image size (the probabilities, when asked for, are ``4·C`` bytes per pixel). Returns
+    numpy ``(labels int64 H×W, scores float32 C, probs float32 C×H×W or None)``.
+    """
+    C, h, w = logits.shape
+    H, W = size
+    logits = logits.float()
+    if C * H * W <= _DENSE_MAP_ELEMENTS:
+        up = F.interpolate(logits[None], size=(H, W), mode="bilinear", align_corners=False)[0]
+        if allowed is not None:
+            up = up.masked_fill(~allowed.to(up.device)[:, None, None], float("-inf"))
+        probs = torch.softmax(up, dim=0)
+        scores = probs.flatten(1).max(dim=1).values.cpu().numpy()
+        labels = channel_argmax(up, 0).cpu().numpy().astype(np.int64)
+        return labels, scores, (probs.cpu().numpy() if keep_probs else None)
+    dev = logits.device
+    c0, c1, cw0, cw1 = _linear_taps(w, W, dev)
+    r0, r1, rw0, rw1 = _linear_taps(h, H, dev)
+    cols = _lerp(logits[:, :, c0], cw0, logits[:, :, c1], cw1)  # C×h×W: resized along the width only
+    labels = np.empty((H, W), dtype=np.int64)
+    probs_np = np.empty((C, H, W), dtype=np.float32) if keep_probs else None
+    scores = torch.zeros(C, device=dev)
+    band = max(1, _BAND_ELEMENTS // (C * W))
+    for a in range(0, H, band):
+        b = min(H, a + band)
+        up = _lerp(cols[:, r0[a:b]], rw0[a:b, None], cols[:, r1[a:b]], rw1[a:b, None])
+        if allowed is not None:
+            up.masked_fill_(~allowed.to(dev)[:, None, None], float("-inf"))
+        p = torch.softmax(up, dim=0)
+        scores = torch.maximum(scores, p.flatten(1).max(dim=1).values)
+        labels[a:b] = channel_argmax(up, 0).cpu().numpy()
+        if probs_np is not None:
+            probs_np[:, a:b] = p.cpu().numpy()
+    return labels, scores.cpu().numpy(), probs_np
+
+
+def _nearest_resize_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resize of an ``h×w`` label map to ``size`` (``H×W``)."""
+    h, w = labels.shape
+    H, W = size
+    rows = np.minimum(np.arange(H, dtype=np.int64) * h // H, h - 1)
+    cols = np.minimum(np.arange(W, dtype=np.int64) * w // W, w - 1)
+    return labels[rows][:, cols]
+
+
+class _EvalModeSegment:
+    """``model.segment`` in eval mode without changing the caller's model: each call records the
+    train/eval flag of every submodule, switches to eval, and puts the flags back afterwards."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        modules = list(self.model.modules())
+        training = [m.training for m in modules]
+        if not any(training):
+            return self.model.segment(x)
+        try:
+            for m in modules:
+                m.training = False
+            return self.model.segment(x)
+        finally:
+            for m, t in zip(modules, training):
+                m.training = t
+
+
 class Segmenter:
     """Segment images with a WeCLIP model or an exported graph.
 
     ``Segmenter(model)`` wraps an eager ``WeCLIP``; ``Segmenter.from_pretrained(path)`` loads one
     of our checkpoint directories, an exported bundle (``manifest.json``: TorchScript or ONNX) or
-    an unpacked ``.mar``. Options (defaults from the model config, spec §8): ``scales``,
-    ``flip``, ``crf``, ``long_side``; ``device`` auto-selects CUDA when available.
+    an unpacked ``.mar``. Options (defaults from the model config): ``scales``, ``flip``,
+    ``crf``, ``long_side``; ``crf_backend`` (``auto`` = the torch CRF on the model's device,
+    ``torch``, or ``densecrf`` = pydensecrf) and ``crf_max_pixels`` (the largest image refined at
+    full resolution); ``max_pixels`` (largest image decoded); ``device`` auto-selects CUDA.
+
+    The caller's model is used as it is: it is never moved and its train/eval state is left
+    alone (each forward runs in eval mode and restores the flags). Only when ``device`` names
+    another device than the model's is a copy made there (one more model in memory).
+    ``normalize``, ``patch_size`` and ``class_names`` come from the model; passing a different
+    value together with a model is an error.
     """
 
     def __init__(self, model=None, *, backend: Optional[Backend] = None, class_names: Optional[Sequence[str]] = None,
                  scales: Optional[Sequence[float]] = None, flip: Optional[bool] = None, crf: Optional[bool] = None,
-                 long_side: Optional[int] = None, normalize: str = "imagenet", patch_size: int = 16,
-                 device=None, max_pixels: int = DEFAULT_MAX_PIXELS):
+                 long_side: Optional[int] = None, normalize: Optional[str] = None, patch_size: Optional[int] = None,
+                 device=None, max_pixels: int = DEFAULT_MAX_PIXELS, crf_backend: str = "auto",
+                 crf_max_pixels: int = DEFAULT_CRF_MAX_PIXELS):
         from .model import select_device
 
         if model is None and backend is None:
             raise ValueError("Segmenter needs a model or a backend")
-        self.model = model
+        if model is not None and backend is not None:
+            raise ValueError("Segmenter takes a model or a backend, not both")
         inf = model.cfg.inference if model is not None else None
         self.scales = tuple(float(s) for s in (scales if scales is not None else (inf.scales if inf else (1.0, 0.75))))
         self.flip = bool(flip if flip is not None else (inf.flip if inf else True))
         self.crf = bool(crf if crf is not None else (inf.crf if inf else False))
         self.long_side = int(long_side if long_side is not None else (inf.long_side if inf else 512))
         if model is not None:
-            normalize = model.cfg.backbone.normalize
-            patch_size = model.backbone.patch_size
-            class_names = ["background", *model.classes.names]
-            self.device = next(model.decoder.parameters()).device if device is None else select_device(device)
-            model.to(self.device).eval()
-            backend = model.segment
+            own = {"normalize": model.cfg.backbone.normalize, "patch_size": int(model.backbone.patch_size),
+                   "class_names": ["background", *model.classes.names]}
+            given = {"normalize": normalize, "patch_size": patch_size,
+                     "class_names": list(class_names) if class_names is not None else None}
+            for key, value in given.items():
+                if value is not None and value != own[key]:
+                    raise ValueError(f"Segmenter: {key}={value!r} conflicts with the model's {own[key]!r}; "
+                                     f"with a model, leave {key} unset (it comes from the model's config)")
+            normalize, patch_size, class_names = own["normalize"], own["patch_size"], own["class_names"]
+            current = next(model.parameters()).device
+            self.device = current if device is None else select_device(device)
+            if self.device != current:
+                model = copy.deepcopy(model).to(self.device)  # the caller's model stays where it is
+            backend = _EvalModeSegment(model)
         else:
             self.device = select_device(device)
+        self.model = model
         self.backend = backend
-        self.patch_size = int(patch_size)
+        self.patch_size = int(patch_size if patch_size is not None else 16)
         self.class_names = list(class_names) if class_names is not None else None
-        mean, std = mean_std(normalize)
+        mean, std = mean_std(normalize if normalize is not None else "imagenet")
         self._mean = torch.tensor(mean, dtype=torch.float32).reshape(1, 3, 1, 1)
         self._std = torch.tensor(std, dtype=torch.float32).reshape(1, 3, 1, 1)
-        self.max_pixels = max_pixels
+        self.max_pixels = self._positive_int(max_pixels, "max_pixels")
+        self.crf_max_pixels = self._positive_int(crf_max_pixels, "crf_max_pixels")
+        from .crf import CRF_BACKENDS
+
+        if crf_backend not in CRF_BACKENDS:
+            raise ValueError(f"crf_backend must be one of {', '.join(CRF_BACKENDS)}, got {crf_backend!r}")
+        self.crf_backend = crf_backend
         self._validate(self.scales, self.flip, self.crf)
+
+    @staticmethod
+    def _positive_int(value, key: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{key} must be a positive integer (pixels), got {value!r}")
+        return int(value)
 
     # ---- construction ---------------------------------------------------------------------------
     @classmethod
@@ -198,15 +362,25 @@ class Segmenter:
         if not arr.flags.writeable:
             arr = arr.copy()
         x = torch.from_numpy(arr).permute(2, 0, 1)[None].float()
-        x = (x - self._mean) / self._std
+        x.sub_(self._mean).div_(self._std)  # in place: one float copy of the image, not three
         return resize_long_side(x.to(self.device), self.long_side)
 
     @torch.inference_mode()
     def predict_logits(self, image: np.ndarray, scales=None, flip=None, timings: Optional[dict] = None) -> torch.Tensor:
-        """Fused logits ``C×h×w`` (scale-1 grid) for an ``H×W×3`` uint8 image."""
+        """Fused logits ``C×h×w`` (scale-1 grid) for an ``H×W×3`` uint8 image.
+
+        Images with a side below the patch size after resizing (aspect ratios beyond ~30:1) are
+        padded with their edge pixels first; the logits are cut back to the cells that cover the
+        image."""
+        scales = tuple(scales or self.scales)
         x = self.preprocess(image)
-        return fuse_multiscale(self.backend, x, scales or self.scales, self.flip if flip is None else flip,
-                               self.patch_size, timings)[0]
+        x, (H, W) = pad_to_patch(x, scales, self.patch_size)
+        logits = fuse_multiscale(self.backend, x, scales, self.flip if flip is None else flip, self.patch_size, timings)[0]
+        Hp, Wp = x.shape[-2:]
+        if (Hp, Wp) != (H, W):
+            h, w = logits.shape[-2:]
+            logits = logits[:, : max(1, math.ceil(h * H / Hp)), : max(1, math.ceil(w * W / Wp))]
+        return logits
 
     def predict(self, image: ImageSource, *, scales: Optional[Sequence[float]] = None, flip: Optional[bool] = None,
                 crf: Optional[bool] = None, labels_hint: Optional[Sequence[Union[int, str]]] = None,
@@ -215,7 +389,8 @@ class Segmenter:
 
         ``labels_hint``: class ids (1-based) or names that may appear; output is restricted to
         them plus background. ``keep_probs``: also return the ``C×H0×W0`` probabilities (e.g. to
-        run :func:`crf_labels` elsewhere). Returns a ``SegmentationResult`` at the original resolution.
+        run a CRF elsewhere; ``4·C`` bytes per pixel). Returns a ``SegmentationResult`` at the
+        original resolution.
         """
         scales = tuple(float(s) for s in scales) if scales is not None else self.scales
         flip = self.flip if flip is None else flip
@@ -228,23 +403,54 @@ class Segmenter:
         logits = self.predict_logits(img, scales, flip, timings)
         t1 = time.perf_counter()
         H0, W0 = img.shape[:2]
+        allowed = self._hint_mask(labels_hint, logits.shape[0]) if labels_hint is not None else None
+        crf_full = crf and H0 * W0 <= self.crf_max_pixels
         with torch.inference_mode():
-            up = F.interpolate(logits[None], size=(H0, W0), mode="bilinear", align_corners=False)[0]
-            if labels_hint is not None:
-                allowed = self._hint_mask(labels_hint, up.shape[0])
-                up = up.masked_fill(~allowed.to(up.device)[:, None, None], float("-inf"))
-            probs = torch.softmax(up, dim=0)
-            scores = probs.flatten(1).max(dim=1).values.cpu().numpy()
-            labels = channel_argmax(up, 0).cpu().numpy().astype(np.int64)
+            labels, scores, probs_np = labels_from_logits(logits, (H0, W0), allowed, keep_probs=keep_probs or crf_full)
         timings["fuse"] = time.perf_counter() - t1
-        probs_np = probs.cpu().numpy() if (crf or keep_probs) else None
+        crf_size = None
         if crf:
-            from .crf import crf_labels
-
-            labels, timings["crf"] = crf_labels(img, probs_np)
+            t2 = time.perf_counter()
+            labels, crf_size = self._crf(img, logits, allowed, probs_np if crf_full else None)
+            timings["crf"] = time.perf_counter() - t2
         timings["total"] = time.perf_counter() - t0
         names = self.class_names or [str(i) for i in range(logits.shape[0])]
-        return SegmentationResult(labels, scores, logits.cpu(), names, timings, probs_np if keep_probs else None)
+        return SegmentationResult(labels, scores, logits.cpu(), names, timings, probs_np if keep_probs else None,
+                                  crf_size)
+
+    def _crf(self, img: np.ndarray, logits: torch.Tensor, allowed: Optional[torch.Tensor],
+             probs: Optional[np.ndarray]) -> tuple[np.ndarray, tuple[int, int]]:
+        """DenseCRF labels at the original size. Images above ``crf_max_pixels`` are refined at a
+        reduced size (same aspect ratio, antialiased image, probabilities resized from the
+        logits) and the refined label map is scaled up with nearest neighbour."""
+        from PIL import Image
+
+        from .crf import refine, resolve_crf_backend
+
+        backend = resolve_crf_backend(self.crf_backend)
+        H0, W0 = img.shape[:2]
+        if probs is None:
+            f = math.sqrt(self.crf_max_pixels / (H0 * W0))
+            hc, wc = max(1, int(H0 * f)), max(1, int(W0 * f))
+            small = np.asarray(Image.fromarray(img).resize((wc, hc), Image.BILINEAR))
+            with torch.inference_mode():
+                up = F.interpolate(logits.float()[None], size=(hc, wc), mode="bilinear", align_corners=False)[0]
+                if allowed is not None:
+                    up.masked_fill_(~allowed.to(up.device)[:, None, None], float("-inf"))
+                p = torch.softmax(up, dim=0)
+        else:
+            hc, wc, small = H0, W0, img
+            p = torch.from_numpy(probs)
+        with torch.inference_mode():
+            if backend == "torch":
+                p_dev = p.to(self.device)
+                q = refine(torch.from_numpy(np.require(small, requirements=["C", "W"])).to(self.device), p_dev, backend)
+            else:
+                q = refine(small, p.cpu().numpy(), backend)
+        labels = q.argmax(0).astype(np.int64)
+        if (hc, wc) != (H0, W0):
+            labels = _nearest_resize_labels(labels, (H0, W0))
+        return labels, (hc, wc)
 
     def _hint_mask(self, hint: Sequence[Union[int, str]], C: int) -> torch.Tensor:
         allowed = torch.zeros(C, dtype=torch.bool)

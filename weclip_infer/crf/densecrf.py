@@ -1,4 +1,4 @@
-"""DenseCRF post-processing (spec §8.2, the paper's "w/ CRF" numbers).
+"""DenseCRF through pydensecrf (the reference backend; the paper's "w/ CRF" numbers).
 
 Input: class probabilities (softmax of the fused logits, upsampled to the original image size)
 and the original uint8 RGB image. Unary = −log(prob) (pydensecrf's ``unary_from_softmax``, probs
@@ -17,7 +17,7 @@ from typing import Any, Callable, Tuple
 
 import numpy as np
 
-__all__ = ["CRFUnavailableError", "crf_available", "crf_labels", "dense_crf", "INSTALL_HINT"]
+__all__ = ["CRFUnavailableError", "crf_available", "dense_crf", "INSTALL_HINT"]
 
 INSTALL_HINT = (
     'install it with: pip install "weclip-infer[crf]"  '
@@ -121,14 +121,3 @@ def dense_crf(
     d.addPairwiseBilateral(sxy=bi_sxy, srgb=bi_srgb, rgbim=np.require(img, np.uint8, ["C", "W"]), compat=bi_compat)
     q = d.inference(int(iters))
     return np.asarray(q, dtype=np.float32).reshape(C, H, W)
-
-
-def crf_labels(image: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, float]:
-    """DenseCRF (spec §8.2) on ``H×W×3`` uint8 ``image`` and ``C×H×W`` ``probs`` → (``H×W`` int64
-    labels, seconds). A plain function of a torch-free module, so the batch CLI can run it in a
-    worker process that starts quickly."""
-    import time
-
-    t = time.perf_counter()
-    labels = dense_crf(image, probs).argmax(0).astype(np.int64)
-    return labels, time.perf_counter() - t
