@@ -1,4 +1,4 @@
-"""DenseCRF post-processing (spec §8.2)."""
+"""DenseCRF post-processing: the pydensecrf reference and the torch backend."""
 from __future__ import annotations
 
 import sys
@@ -94,3 +94,81 @@ def test_missing_pydensecrf_raises_with_install_hint(monkeypatch):
     assert 'pip install "weclip-infer[crf]"' in msg and "pydensecrf2==1.1" in msg
     assert isinstance(ei.value, ImportError) and isinstance(ei.value, RuntimeError)
     assert crf.INSTALL_HINT in msg
+
+
+# ---- the torch backend -----------------------------------------------------------------------------
+
+def _textured_problem(seed: int = 1, h: int = 30, w: int = 44, C: int = 3):
+    """A colourful random image (many lattice vertices) and smooth random class probabilities."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    coarse = torch.from_numpy(rng.normal(0.0, 2.0, (1, C, h // 8 + 2, w // 8 + 2)).astype(np.float32))
+    logits = torch.nn.functional.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)[0]
+    return image, torch.softmax(logits, 0).numpy()
+
+
+@needs_crf
+@pytest.mark.parametrize("problem", ["two_regions", "textured"])
+def test_torch_backend_matches_pydensecrf(problem):
+    image, probs = (_two_region_problem()[:2] if problem == "two_regions" else _textured_problem())
+    ref = dense_crf(image, probs)
+    got = crf.refine(image, probs, backend="torch")
+    assert got.shape == ref.shape and got.dtype == np.float32
+    np.testing.assert_allclose(got, ref, atol=1e-4)
+    assert (got.argmax(0) == ref.argmax(0)).mean() > 0.999
+
+
+def test_torch_backend_cleans_noisy_probabilities():
+    image, probs, labels = _two_region_problem()
+    q = crf.refine(image, probs, backend="torch")
+    np.testing.assert_allclose(q.sum(0), 1.0, atol=1e-4)
+    acc_in, acc_out = (probs.argmax(0) == labels).mean(), (q.argmax(0) == labels).mean()
+    assert acc_in < 0.85 and acc_out > 0.97
+
+
+def test_torch_backend_batch_equals_one_by_one():
+    torch = pytest.importorskip("torch")
+    from weclip_infer.crf.permutohedral import dense_crf_torch
+
+    a_img, a_p, _ = _two_region_problem(seed=2, h=20, w=26)
+    b_img, b_p = _textured_problem(seed=3, h=17, w=31, C=2)
+    batch = dense_crf_torch([torch.from_numpy(a_img), torch.from_numpy(b_img)], [torch.from_numpy(a_p), torch.from_numpy(b_p)])
+    for img, p, q in ((a_img, a_p, batch[0]), (b_img, b_p, batch[1])):
+        single = dense_crf_torch([torch.from_numpy(img)], [torch.from_numpy(p)])[0]
+        torch.testing.assert_close(q, single, atol=1e-5, rtol=1e-5)
+
+
+def test_torch_backend_zero_iterations_and_validation():
+    torch = pytest.importorskip("torch")
+    from weclip_infer.crf.permutohedral import dense_crf_torch
+
+    image, probs, _ = _two_region_problem(h=8, w=8)
+    q = dense_crf_torch([torch.from_numpy(image)], [torch.from_numpy(probs)], iters=0)[0].numpy()
+    clipped = np.clip(probs, 1e-5, 1)
+    np.testing.assert_allclose(q, clipped / clipped.sum(0), atol=1e-5)
+    with pytest.raises(ValueError, match="uint8"):
+        dense_crf_torch([torch.from_numpy(image).float()], [torch.from_numpy(probs)])
+    with pytest.raises(ValueError, match="upsample"):
+        dense_crf_torch([torch.from_numpy(image)], [torch.from_numpy(probs[:, :4])])
+    with pytest.raises(ValueError, match="NaN"):
+        bad = probs.copy()
+        bad[0, 0, 0] = np.nan
+        dense_crf_torch([torch.from_numpy(image)], [torch.from_numpy(bad)])
+    with pytest.raises(ValueError, match="iters"):
+        dense_crf_torch([torch.from_numpy(image)], [torch.from_numpy(probs)], iters=-2)
+
+
+def test_backend_choice(monkeypatch):
+    assert crf.resolve_crf_backend("auto") == "torch"
+    assert crf.resolve_crf_backend("torch") == "torch"
+    with pytest.raises(ValueError, match="crf_backend"):
+        crf.resolve_crf_backend("fast")
+    monkeypatch.setitem(sys.modules, "pydensecrf", None)
+    monkeypatch.setitem(sys.modules, "pydensecrf.densecrf", None)
+    monkeypatch.setitem(sys.modules, "pydensecrf.utils", None)
+    with pytest.raises(CRFUnavailableError, match="pip install"):
+        crf.resolve_crf_backend("densecrf")
+    image, probs, _ = _two_region_problem(h=6, w=6)
+    labels, seconds = crf.crf_labels(image, probs)  # auto: works without pydensecrf
+    assert labels.shape == (6, 6) and seconds >= 0
