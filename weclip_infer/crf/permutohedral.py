@@ -96,33 +96,14 @@ class PermutohedralLattice:
             base = base + group.to(device=dev, dtype=torch.int64) * span
         del rem0_i
         s_all = int(strides.sum())
-        codes = torch.empty(N, d1, dtype=torch.int64, device=dev)
-        for r in range(d1):
-            wrap = ((rank_d > d - r).long() * strides).sum(1)
-            codes[:, r] = base + r * s_all - d1 * wrap
+        n_perm = d1 ** d  # rank vectors, as base-(d+1) numbers
+        if float(span) * n_groups * n_perm < 2.0 ** 62:
+            vcodes = self._init_by_simplex(base, rank_d, bary, strides, s_all, n_perm)
+        else:
+            vcodes = self._init_by_entry(base, rank_d, bary, strides, s_all)
         del base, rank_d
-        # One sort gives the vertices (unique codes), each entry's vertex, and the splat grouping.
-        flat = codes.reshape(-1)
-        sorted_codes, order = torch.sort(flat)
-        del codes, flat
-        new_vertex = torch.ones_like(sorted_codes, dtype=torch.bool)
-        new_vertex[1:] = sorted_codes[1:] != sorted_codes[:-1]
-        vid_sorted = new_vertex.cumsum(0) - 1
-        vcodes = sorted_codes[new_vertex]
         M = int(vcodes.shape[0])
         self.M = M
-        offset = torch.empty_like(vid_sorted)
-        offset[order] = vid_sorted
-        starts = torch.nonzero(new_vertex).squeeze(1)
-        del sorted_codes, new_vertex, vid_sorted
-        # Slice: point i gathers its d+1 vertices with its barycentric weights. Splat (the
-        # transpose): vertex v gathers the points that touch it.
-        self._slice_idx = offset.view(N, d1)
-        self._slice_w = bary
-        self._splat_idx = torch.div(order, d1, rounding_mode="floor")
-        self._splat_w = bary.reshape(-1)[order].contiguous()
-        self._splat_offsets = starts
-        del order, offset
         # Blur along each lattice axis: vertex i becomes v_i + (v_n1 + v_n2) / 2, where n1/n2 add
         # (+d, -1, ..., -1) / (-d, +1, ..., +1) with the +-d on axis j. A missing neighbour points
         # at row M, which stays zero (its own bag has weight 0).
@@ -156,6 +137,57 @@ class PermutohedralLattice:
         return rank
 
     @staticmethod
+    def _vertex_codes(base: torch.Tensor, rank_d: torch.Tensor, strides: torch.Tensor, s_all: int) -> torch.Tensor:
+        d = rank_d.shape[1]
+        codes = torch.empty(base.shape[0], d + 1, dtype=torch.int64, device=base.device)
+        for r in range(d + 1):
+            wrap = ((rank_d > d - r).long() * strides).sum(1)
+            codes[:, r] = base + r * s_all - (d + 1) * wrap
+        return codes
+
+    @staticmethod
+    def _group_sorted(keys: torch.Tensor):
+        """Sort ``keys``; returns (unique keys, id of each key's group, sort order, group starts)."""
+        sorted_keys, order = torch.sort(keys)
+        first = torch.ones_like(sorted_keys, dtype=torch.bool)
+        first[1:] = sorted_keys[1:] != sorted_keys[:-1]
+        ids = torch.empty_like(order)
+        ids[order] = first.cumsum(0) - 1
+        return sorted_keys[first], ids, order, torch.nonzero(first).squeeze(1)
+
+    def _init_by_simplex(self, base, rank_d, bary, strides, s_all: int, n_perm: int) -> torch.Tensor:
+        """Vertices via the distinct simplices: neighbouring pixels of similar colour share their
+        simplex, so one sort of the N points (not of the N·(d+1) point-vertex pairs) finds them.
+        Splat runs in two stages: points → (simplex, corner), then (simplex, corner) → vertex."""
+        N, d = rank_d.shape
+        d1 = d + 1
+        dev = base.device
+        digits = d1 ** torch.arange(d, device=dev, dtype=torch.int64)
+        skeys, point_simplex, order, starts = self._group_sorted(base * n_perm + (rank_d * digits).sum(1))
+        S = int(skeys.shape[0])
+        s_rank = torch.div((skeys % n_perm)[:, None], digits, rounding_mode="floor") % d1
+        corner_codes = self._vertex_codes(torch.div(skeys, n_perm, rounding_mode="floor"), s_rank, strides, s_all)
+        vcodes, corner_vertex, corner_order, v_starts = self._group_sorted(corner_codes.t().reshape(-1))  # row r·S + s
+        self._slice_idx = corner_vertex.view(d1, S).t()[point_simplex].contiguous()  # N×(d+1)
+        self._slice_w = bary
+        stage_a = (order.repeat(d1), (starts[None, :] + N * torch.arange(d1, device=dev)[:, None]).reshape(-1),
+                   bary[order].t().reshape(-1).contiguous())
+        stage_b = (corner_order, v_starts, None)
+        self._splat = [stage_a, stage_b]
+        return vcodes
+
+    def _init_by_entry(self, base, rank_d, bary, strides, s_all: int) -> torch.Tensor:
+        """Vertices via one sort of all N·(d+1) point-vertex pairs (used when simplex keys would
+        not fit in 64 bits)."""
+        N, d = rank_d.shape
+        d1 = d + 1
+        vcodes, offset, order, starts = self._group_sorted(self._vertex_codes(base, rank_d, strides, s_all).reshape(-1))
+        self._slice_idx = offset.view(N, d1)
+        self._slice_w = bary
+        self._splat = [(torch.div(order, d1, rounding_mode="floor"), starts, bary.reshape(-1)[order].contiguous())]
+        return vcodes
+
+    @staticmethod
     def _lookup(table: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """Index of each code in the sorted ``table``, or ``len(table)`` where it is absent."""
         M = table.shape[0]
@@ -165,14 +197,26 @@ class PermutohedralLattice:
     # ---- filtering --------------------------------------------------------------------------------
     def filter(self, values: torch.Tensor) -> torch.Tensor:
         """``N×K`` values → ``N×K`` Gaussian-filtered values (the point itself included)."""
-        values = values.float().contiguous()
-        vals = F.embedding_bag(self._splat_idx, values, self._splat_offsets, mode="sum",
-                               per_sample_weights=self._splat_w)
+        vals = self.splat(values.float().contiguous())
         vals = torch.cat([vals, vals.new_zeros(1, vals.shape[1])], 0)
         for idx in self._blur_idx:
             vals = F.embedding_bag(idx, vals, mode="sum", per_sample_weights=self._blur_w)
         out = F.embedding_bag(self._slice_idx, vals, mode="sum", per_sample_weights=self._slice_w)
         return out.mul_(self._alpha)
+
+    def splat(self, values: torch.Tensor, point_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``N×K`` point values → ``M×K`` vertex sums (barycentric weights, optionally folded
+        with a per-point ``point_weights`` scale precomputed by :meth:`splat_weights`)."""
+        for k, (idx, offsets, w) in enumerate(self._splat):
+            if k == 0 and point_weights is not None:
+                w = point_weights
+            values = F.embedding_bag(idx, values, offsets, mode="sum", per_sample_weights=w)
+        return values
+
+    def splat_weights(self, scale: torch.Tensor) -> torch.Tensor:
+        """First-stage splat weights multiplied by a per-point ``scale`` (``N``)."""
+        idx, _, w = self._splat[0]
+        return w * scale[idx]
 
     def norm(self) -> torch.Tensor:
         """Symmetric normalisation ``1/sqrt(K·1)`` per point (computed once)."""
@@ -220,12 +264,12 @@ class _Kernel:
     def __init__(self, lat: PermutohedralLattice, compat: float):
         norm = lat.norm()
         self.lat = lat
-        self.splat_w = lat._splat_w * norm[lat._splat_idx]
+        self.splat_w = lat.splat_weights(norm)
         self.slice_w = lat._slice_w * (norm * (lat._alpha * compat))[:, None]
 
     def apply(self, q: torch.Tensor) -> torch.Tensor:
         lat = self.lat
-        vals = F.embedding_bag(lat._splat_idx, q, lat._splat_offsets, mode="sum", per_sample_weights=self.splat_w)
+        vals = lat.splat(q, self.splat_w)
         vals = torch.cat([vals, vals.new_zeros(1, vals.shape[1])], 0)
         for idx in lat._blur_idx:
             vals = F.embedding_bag(idx, vals, mode="sum", per_sample_weights=lat._blur_w)
@@ -299,8 +343,9 @@ def dense_crf_torch(images: Sequence[torch.Tensor], probs: Sequence[torch.Tensor
     del bi_feats
     q = _softmax_rows_(unary.clone())
     for _ in range(int(iters)):
-        energy = unary.clone()
-        for kern in kernels:
+        energy = kernels[0].apply(q)
+        energy += unary
+        for kern in kernels[1:]:
             energy += kern.apply(q)
         q = _softmax_rows_(energy)
     out = []
