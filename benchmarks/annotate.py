@@ -60,6 +60,45 @@ def calibrate(ann, ds, n: int) -> tuple[float, list]:
     return best["threshold"], grid
 
 
+def draw_panel(model, val, path: Path, rows: int = 4, threshold: float = 0.5) -> None:
+    """Image | given tags → mask | auto tags → mask | free-text names → mask (VOC colours), one val
+    image per row (the val images with the most classes among the first 40)."""
+    from PIL import Image, ImageDraw
+
+    from weclip_infer import Annotator
+    from weclip_infer.imageio import load_image
+    from weclip_infer.palette import colorize
+
+    names = list(model.classes.names)
+    prompts = dict(zip(names, model.cfg.text.class_prompts))
+    ann = Annotator(model, tag_threshold=threshold)
+    cell, cap = 256, 34
+    canvas = Image.new("RGB", (4 * cell, rows * (cell + cap)), "white")
+    draw = ImageDraw.Draw(canvas)
+    heads = ["image", "tags given", "auto tags", "free-text names"]
+    picks = sorted(range(min(len(val), 40)), key=lambda i: -int(np.asarray(val.samples[i].label).sum()))[:rows]
+    for r, i in enumerate(picks):
+        s = val.samples[i]
+        img = load_image(s.image)
+        present = [names[k] for k in np.flatnonzero(s.label)]
+        given = ann.annotate(img, present)
+        auto = ann.annotate(img, "auto")
+        free_names = [prompts[c] for c in present]
+        free = ann.annotate(img, free_names, mode="open")
+        lut = np.array([0] + [names.index(c) + 1 for c in present])
+        cells = [(img, ""), (colorize(given.labels), ", ".join(present)),
+                 (colorize(auto.labels), ", ".join(auto.classes)),
+                 (colorize(lut[free.labels]), ", ".join(f'"{n}"' for n in free_names))]
+        y = r * (cell + cap)
+        for c, (arr, text) in enumerate(cells):
+            tile = Image.fromarray(arr).resize((cell, cell))
+            canvas.paste(tile, (c * cell, y + cap))
+            draw.text((c * cell + 4, y + 2), heads[c], fill=(90, 90, 90))
+            draw.text((c * cell + 4, y + 16), text[:44], fill=(0, 0, 0))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--world", default="data/demo_world")
@@ -67,9 +106,12 @@ def main() -> int:
     ap.add_argument("--max-images", type=int, default=300)
     ap.add_argument("--calib-images", type=int, default=200, help="train-split images for the tag threshold")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threshold", type=float, default=None, help="tag threshold (default: calibrate on the train split)")
     ap.add_argument("--no-crf", action="store_true")
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--name", default="annotate")
+    ap.add_argument("--panel", default=None, help="also draw a picture (image, tags, masks) to this PNG")
+    ap.add_argument("--panel-only", action="store_true", help="draw the picture (with the default threshold) and stop")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     from weclip_infer import Annotator, load_checkpoint
@@ -86,9 +128,15 @@ def main() -> int:
     train = build_dataset("voc", a.world, "train", class_names=names)
     n = min(len(val), a.max_images)
     prompts = dict(zip(names, model.cfg.text.class_prompts))
+    if a.panel_only:
+        draw_panel(model, val, Path(a.panel or "annotate_panel.png"))
+        return 0
 
     base = Annotator(model)
-    threshold, grid = calibrate(base, train, min(len(train), a.calib_images))
+    if a.threshold is None:
+        threshold, grid = calibrate(base, train, min(len(train), a.calib_images))
+    else:
+        threshold, grid = a.threshold, []
 
     auto = f"auto tags (threshold {threshold:g}) then tags, RFM"
     modes = {
@@ -112,7 +160,8 @@ def main() -> int:
         tp, fp, fn = tagstats["tp"], tagstats["fp"], tagstats["fn"]
         tagging = {"threshold": threshold, "precision": tp / max(tp + fp, 1), "recall": tp / max(tp + fn, 1),
                    "exact_tag_set_rate": tagstats["exact"] / n, "calibration_grid": grid,
-                   "calibration_images": min(len(train), a.calib_images), "calibration_split": "train"}
+                   "calibration_images": min(len(train), a.calib_images) if grid else 0,
+                   "calibration_split": "train"}
         meta = {"world": str(a.world), "model": str(a.model), "val_images": n, "threads": a.threads, "cpu": cpu_name(),
                 "cpus_visible": os.cpu_count(), "load_average_at_start": load_start,
                 "load_average_now": os.getloadavg(),
@@ -175,6 +224,8 @@ def main() -> int:
         print(f"{label}: mIoU {100 * r['miou']:.1f}  {statistics.median(times):.3f} s/img", flush=True)
         write(rows, tagstats, partial=True)
     lines = write(rows, tagstats, partial=False)
+    if a.panel:
+        draw_panel(model, val, Path(a.panel), threshold=threshold)
     print("\n".join(lines))
     return 0
 

@@ -22,6 +22,7 @@ PAR runs at full image resolution, so its time grows with the pixel count and th
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import unicodedata
 from collections import OrderedDict
@@ -136,6 +137,7 @@ class TextEmbedder:
         self.cache_size = int(cache_size)
         self._tower = None
         self._cache: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+        self._lock = threading.Lock()  # server threads share one embedder
 
     def _text_tower(self):
         if self._tower is not None:
@@ -181,21 +183,22 @@ class TextEmbedder:
         model's own classes)."""
         from .text import text_embeddings
 
-        missing = [n for n in names if n not in self._cache]
-        if missing:
-            tower = self._text_tower()
-            templates = self.model.classes.templates
-            for n in missing:
-                for t in templates:
-                    self._check_vocabulary(tower, t.format(n), n)
-            emb = text_embeddings(tower, missing, templates).to(self.model.text_fg.device)
-            for n, e in zip(missing, emb):
-                self._cache[n] = e
-        for n in names:
-            self._cache.move_to_end(n)
-        out = torch.stack([self._cache[n] for n in names])
-        while len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
+        with self._lock:
+            missing = [n for n in names if n not in self._cache]
+            if missing:
+                tower = self._text_tower()
+                templates = self.model.classes.templates
+                for n in missing:
+                    for t in templates:
+                        self._check_vocabulary(tower, t.format(n), n)
+                emb = text_embeddings(tower, missing, templates).to(self.model.text_fg.device)
+                for n, e in zip(missing, emb):
+                    self._cache[n] = e
+            for n in names:
+                self._cache.move_to_end(n)
+            out = torch.stack([self._cache[n] for n in names])
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
         return out
 
 
