@@ -23,7 +23,7 @@ import os
 import socket
 import zipfile
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional, cast
 
 import torch
 import torch.nn as nn
@@ -49,6 +49,10 @@ __all__ = [
 from .normalization import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
 OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
+
+# Typing note: open_clip ships no type information, and ``nn.Module.__getattr__`` types every
+# submodule as ``Tensor | Module``. The code below that walks open_clip's towers and blocks binds
+# them to ``Any``-typed names instead (their structure is checked once, in ``FrozenCLIP``).
 
 # Named CLIP weights that ship with the package: ``clip_weights: demo`` is the small CLIP
 # pre-trained on the procedural demo world (see weclip_infer/assets/demo_clip/provenance.json).
@@ -81,7 +85,8 @@ class ConvStem(nn.Module):
         chans = [3] + [max(16, width // 2 ** (n - i)) for i in range(1, n + 1)]
         layers: list[nn.Module] = []
         for i in range(n):
-            layers += [nn.Conv2d(chans[i], chans[i + 1], 3, 2, 1, bias=False), nn.BatchNorm2d(chans[i + 1]), nn.ReLU(inplace=True)]
+            layers += [nn.Conv2d(chans[i], chans[i + 1], 3, 2, 1, bias=False), nn.BatchNorm2d(chans[i + 1]),
+                       nn.ReLU(inplace=True)]
         self.body = nn.Sequential(*layers)
         self.proj = nn.Conv2d(chans[-1], width, 1)
 
@@ -111,8 +116,9 @@ def _block_attention(blk: nn.Module, x: Optional[torch.Tensor], need_attn: bool,
     replaces ``x`` when the caller already has its input projection (GradCAM differentiates
     w.r.t. it).
     """
-    mha = blk.attn
+    mha = cast(nn.MultiheadAttention, blk.attn)  # plain multi-head attention (checked by FrozenCLIP)
     if qkv is None:
+        assert x is not None, "_block_attention needs x or qkv"
         qkv = F.linear(x, mha.in_proj_weight, mha.in_proj_bias)
     B, L, D = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
     nh = mha.num_heads
@@ -138,12 +144,13 @@ def run_block(blk: nn.Module, x: torch.Tensor, need_attn: bool = False,
     GradCAM substitutes a gradient-tracked ``ln_1`` activation (``ln1_out``) or its
     input projection ``qkv = ln_1(x)·W_inᵀ + b_in`` (``B×L×3D``).
     """
+    b: Any = blk  # an open_clip block (see the typing note at the top)
     if qkv is None:
-        out, attn = _block_attention(blk, blk.ln_1(x) if ln1_out is None else ln1_out, need_attn)
+        out, attn = _block_attention(blk, b.ln_1(x) if ln1_out is None else ln1_out, need_attn)
     else:
         out, attn = _block_attention(blk, None, need_attn, qkv=qkv)
-    x = x + blk.ls_1(out)
-    x = x + blk.ls_2(blk.mlp(blk.ln_2(x)))
+    x = x + b.ls_1(out)
+    x = x + b.ls_2(b.mlp(b.ln_2(x)))
     return x, attn
 
 
@@ -154,19 +161,25 @@ class FrozenCLIP(nn.Module):
     ``train()`` is called with.
     """
 
+    logit_scale_exp: torch.Tensor  # buffer: exp(CLIP's logit scale), 100 when the model has none
+
     def __init__(self, clip: nn.Module):
         super().__init__()
-        visual = clip.visual
+        visual: Any = clip.visual  # open_clip's VisionTransformer
         for blk in visual.transformer.resblocks:
-            if not isinstance(getattr(blk, "attn", None), nn.MultiheadAttention) or hasattr(blk, "ln_attn") and not isinstance(blk.ln_attn, nn.Identity):
-                raise ConfigError("backbone: only standard open_clip ViT towers (plain multi-head attention) are supported")
+            if (not isinstance(getattr(blk, "attn", None), nn.MultiheadAttention)
+                    or hasattr(blk, "ln_attn") and not isinstance(blk.ln_attn, nn.Identity)):
+                raise ConfigError(
+                    "backbone: only standard open_clip ViT towers (plain multi-head attention) are supported")
         self.clip = clip
-        self.patch_size = int(visual.conv1.patch_size if isinstance(visual.conv1, ConvStem) else visual.conv1.kernel_size[0])
+        self.patch_size = int(visual.conv1.patch_size if isinstance(visual.conv1, ConvStem)
+                              else visual.conv1.kernel_size[0])
         self.width = int(visual.class_embedding.shape[0])
         self.num_blocks = len(visual.transformer.resblocks)
         self.embed_dim = int(visual.proj.shape[1]) if visual.proj is not None else self.width
         ls = getattr(clip, "logit_scale", None)
-        self.register_buffer("logit_scale_exp", torch.tensor(float(ls.detach().exp()) if ls is not None else 100.0), persistent=False)
+        self.register_buffer("logit_scale_exp", torch.tensor(float(ls.detach().exp()) if ls is not None else 100.0),
+                             persistent=False)
         for p in self.parameters():
             p.requires_grad_(False)
         super().train(False)
@@ -176,11 +189,15 @@ class FrozenCLIP(nn.Module):
 
     @property
     def visual(self) -> nn.Module:
-        return self.clip.visual
+        return self._tower()
 
     @property
     def blocks(self) -> nn.ModuleList:
-        return self.clip.visual.transformer.resblocks
+        return self._tower().transformer.resblocks
+
+    def _tower(self) -> Any:
+        """The image tower, open_clip's ``VisionTransformer`` (untyped: see the typing note at the top)."""
+        return self.clip.visual
 
     def has_text_tower(self) -> bool:
         return getattr(self.clip, "token_embedding", None) is not None
@@ -201,7 +218,7 @@ class FrozenCLIP(nn.Module):
     # ---- image side -------------------------------------------------------------------
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """``B×3×H×W`` normalised images → ``B×L×D`` tokens after ``ln_pre``."""
-        v = self.visual
+        v = self._tower()
         x = v.conv1(x.to(v.class_embedding.dtype))  # B×D×h×w
         h, w = x.shape[-2], x.shape[-1]
         x = x.flatten(2).transpose(1, 2)  # B×hw×D, row-major
@@ -233,7 +250,7 @@ class FrozenCLIP(nn.Module):
     def pooled_embedding(self, tokens: torch.Tensor) -> torch.Tensor:
         """The pooled image embedding: ``ln_post`` on all tokens, mean over patch tokens (CLS excluded),
         ``@ proj``, L2-normalised. ``B×L×D`` → ``B×E``."""
-        v = self.visual
+        v = self._tower()
         t = v.ln_post(tokens)[:, 1:].mean(dim=1)
         if v.proj is not None:
             t = t @ v.proj
@@ -245,7 +262,8 @@ class FrozenCLIP(nn.Module):
         """Token ids ``T×ctx`` → raw (unnormalised) text embeddings ``T×E``."""
         if not self.has_text_tower():
             raise RuntimeError("the text tower was dropped; text embeddings must come from the checkpoint")
-        return self.clip.encode_text(tokens, normalize=False)
+        clip: Any = self.clip  # open_clip's CLIP (untyped)
+        return clip.encode_text(tokens, normalize=False)
 
     @property
     def context_length(self) -> int:
@@ -276,7 +294,8 @@ def _network_reachable(host: str = "huggingface.co", port: int = 443, timeout: f
 
 def _install_stem(clip: nn.Module, cfg: BackboneConfig) -> None:
     if cfg.patch_stem == "conv":
-        v = clip.visual
+        v: Any = clip.visual  # open_clip's VisionTransformer
+
         patch = int(v.conv1.kernel_size[0]) if isinstance(v.conv1, nn.Conv2d) else 16
         v.conv1 = ConvStem(int(v.class_embedding.shape[0]), patch)
 
@@ -356,7 +375,8 @@ def _load_registry(tag: str, cfg: BackboneConfig) -> nn.Module:
     try:
         clip = open_clip.create_model(cfg.model_name, pretrained=tag, require_pretrained=True)
     except Exception as e:  # noqa: BLE001
-        raise WeightsUnavailableError(f"downloading CLIP weights '{cfg.model_name}' / '{tag}' failed: {e}. {hint}") from None
+        raise WeightsUnavailableError(
+            f"downloading CLIP weights '{cfg.model_name}' / '{tag}' failed: {e}. {hint}") from None
     _install_stem(clip, cfg)
     return clip
 
@@ -420,7 +440,9 @@ def _load_local(path: Path, cfg: BackboneConfig) -> nn.Module:
     if not isinstance(sd, dict) or not sd:
         raise WeightsUnavailableError(f"{path}: not a CLIP state dict")
     sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
-    openai_like = any(k in sd for k in OPENAI_EXTRA_KEYS) or (cfg.model_cfg is None and cfg.model_name.startswith("ViT-B-16") and cfg.patch_stem == "linear")
+    openai_like = any(k in sd for k in OPENAI_EXTRA_KEYS) or (
+        cfg.model_cfg is None and cfg.model_name.startswith("ViT-B-16") and cfg.patch_stem == "linear")
+
     if openai_like and "visual.conv1.weight" in sd:
         try:
             clip = _from_openai_state_dict(sd)

@@ -41,6 +41,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -166,7 +167,8 @@ def _param_groups(clip: nn.Module, lr: float, wd: float, scale_lr: float):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--minutes", type=float, default=35.0, help="training time budget (excluding the final eval)")
     ap.add_argument("--steps", type=int, default=None, help="fixed number of steps (schedule by steps; deterministic)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -186,10 +188,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--token-loss", type=float, default=0.0,
                     help="weight of the token-level MIL loss (image-level labels; keeps token features local)")
     ap.add_argument("--token-feature", choices=("value", "final"), default="value",
-                    help="tokens the MIL loss reads: the last block's value path (what GradCAM sees) or the final tokens")
+                    help="tokens the MIL loss reads: the last block's value path (what GradCAM sees) "
+                         "or the final tokens")
     ap.add_argument("--attn-loss", type=float, default=0.0,
                     help="weight of the attention-affinity loss (needs --token-loss, value tokens): the last "
-                         "--attn-blocks blocks' attention is pulled towards the affinity of the tokens' prompt predictions")
+                         "--attn-blocks blocks' attention is pulled towards the affinity of the tokens' "
+                         "prompt predictions")
     ap.add_argument("--prompt-loss", type=float, default=0.0,
                     help="weight of the present-class-vs-background-prompts loss (needs --token-loss > 0)")
     ap.add_argument("--attn-blocks", type=int, default=4, help="how many last blocks the attention loss reads")
@@ -220,7 +224,8 @@ def eval_only(args: argparse.Namespace) -> dict:
     model_cfg.pop("patch_stem", None)
     clip = load_clip(BackboneConfig(clip_weights=str(path)))
     size = args.eval_size or int(model_cfg["vision_cfg"]["image_size"])
-    ev = EvalSet(args.seed, WorldConfig(size=size, object_style=args.object_style, badge_scale=tuple(args.badge_scale)), args.eval_zs, args.eval_cam)
+    ev = EvalSet(args.seed, WorldConfig(size=size, object_style=args.object_style, badge_scale=tuple(args.badge_scale)),
+                 args.eval_zs, args.eval_cam)
     refine = DEFAULT_WECLIP_REFINE(int(model_cfg["vision_cfg"]["layers"]))
     if args.static_blocks:
         refine["static_blocks"] = args.static_blocks
@@ -238,12 +243,15 @@ def main(argv=None) -> dict:
     if args.eval_only:
         return eval_only(args)
     torch.manual_seed(args.seed)
-    model_cfg = json.loads(args.model_cfg) if args.model_cfg else copy.deepcopy(TINY_MODEL_CFG if args.tiny else DEFAULT_MODEL_CFG)
+    model_cfg = (json.loads(args.model_cfg) if args.model_cfg
+                 else copy.deepcopy(TINY_MODEL_CFG if args.tiny else DEFAULT_MODEL_CFG))
     img_size = int(model_cfg["vision_cfg"]["image_size"])
     world = WorldConfig(size=img_size, object_style=args.object_style, badge_scale=tuple(args.badge_scale))
     ctx = int(model_cfg["text_cfg"]["context_length"])
     token_ids = world_token_ids(ctx)
+    clip: Any  # open_clip's CLIP (untyped; nn.Module types its submodules as Tensor | Module)
     if args.init is not None:
+
         from safetensors import safe_open
 
         clip = load_clip(BackboneConfig(clip_weights=str(args.init))).float()
@@ -261,7 +269,8 @@ def main(argv=None) -> dict:
     refine = DEFAULT_WECLIP_REFINE(int(model_cfg["vision_cfg"]["layers"]))
     stream = PretrainStream(args.seed, args.batch_size, world, ctx)
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=args.workers,
-                                         persistent_workers=args.workers > 0, prefetch_factor=4 if args.workers else None)
+                                         persistent_workers=args.workers > 0,
+                                         prefetch_factor=4 if args.workers else None)
     args.out.mkdir(parents=True, exist_ok=True)
     log_path = args.out / "pretrain_log.csv"
     fields = ["step", "images", "elapsed_s", "lr", "loss", "images_per_s", "logit_scale", "zs_top1", "cam_miou",
@@ -270,15 +279,21 @@ def main(argv=None) -> dict:
         csv.DictWriter(f, fieldnames=fields).writeheader()
     budget = args.minutes * 60.0
     prov_base = {
-        "command": " ".join([os.path.basename(sys.executable), "-m", "weclip_infer.demo.pretrain_clip"] + list(sys.argv[1:] if argv is None else argv)),
+        "command": " ".join([os.path.basename(sys.executable), "-m", "weclip_infer.demo.pretrain_clip"]
+                            + list(sys.argv[1:] if argv is None else argv)),
         "seed": args.seed, "batch_size": args.batch_size, "lr": args.lr, "scale_lr": args.scale_lr,
-        "init_logit_scale": args.init_scale, "weight_decay": args.wd, "warmup_steps": args.warmup, "bf16_autocast": args.bf16,
-        "loss": "symmetric InfoNCE, multi-positive targets (caption j positive for image i if it correctly describes it)"
-                + (f" + {args.token_loss} x token-level MIL loss (per-token softmax over the WeCLIP class/background prompts,"
-                   " max over tokens, BCE vs image-level presence)" if args.token_loss > 0 else "")
+        "init_logit_scale": args.init_scale, "weight_decay": args.wd, "warmup_steps": args.warmup,
+        "bf16_autocast": args.bf16,
+        "loss": "symmetric InfoNCE, multi-positive targets (caption j positive for image i if it correctly "
+                "describes it)"
+                + (f" + {args.token_loss} x token-level MIL loss (per-token softmax over the WeCLIP "
+                   "class/background prompts, max over tokens, BCE vs image-level presence)"
+                   if args.token_loss > 0 else "")
                 + (f" + {args.attn_loss} x attention-affinity loss (KL from the affinity of the tokens' detached prompt"
-                   f" predictions to the head-averaged attention of the last {args.attn_blocks} blocks)" if args.attn_loss > 0 else "")
-                + (f" + {args.prompt_loss} x present-class-vs-background-prompts CE on the pooled embedding" if args.prompt_loss > 0 else ""),
+                   f" predictions to the head-averaged attention of the last {args.attn_blocks} blocks)"
+                   if args.attn_loss > 0 else "")
+                + (f" + {args.prompt_loss} x present-class-vs-background-prompts CE on the pooled embedding"
+                   if args.prompt_loss > 0 else ""),
         "prompt_loss": args.prompt_loss, "token_loss": args.token_loss, "token_feature": args.token_feature,
         "attn_loss": args.attn_loss, "attn_blocks": args.attn_blocks,
         "init": str(args.init) if args.init is not None else None,
@@ -314,7 +329,8 @@ def main(argv=None) -> dict:
         ips = img_win / max(1e-9, te - t_win)
         row = {"step": step, "images": images, "elapsed_s": round(te - t0, 1), "lr": f"{lr_now:.3g}",
                "loss": round(loss_acc / max(1, n_acc), 4), "images_per_s": round(ips, 1),
-               "logit_scale": round(r["logit_scale"], 2), "zs_top1": round(r["zs_top1"], 4), "cam_miou": round(r["cam_miou"], 4),
+               "logit_scale": round(r["logit_scale"], 2), "zs_top1": round(r["zs_top1"], 4),
+               "cam_miou": round(r["cam_miou"], 4),
                "static_cam_miou": round(r["static_cam_miou"], 4), "pseudo_miou": round(r["pseudo_miou"], 4),
                "bg_miou": round(r["bg_miou"], 4), "eval_s": round(time.time() - te, 1)}
         with open(log_path, "a", newline="") as f:
@@ -323,7 +339,8 @@ def main(argv=None) -> dict:
         prov = dict(prov_base, steps=step, images_seen=images, train_wall_s=round(te - t0, 1),
                     total_wall_s=round(time.time() - t_start, 1), final=final,
                     zero_shot_top1=r["zs_top1"], cam_miou=r["cam_miou"], static_cam_miou=r["static_cam_miou"],
-                    pseudo_label_miou=r["pseudo_miou"], all_background_miou=r["bg_miou"], learned_logit_scale=r["logit_scale"])
+                    pseudo_label_miou=r["pseudo_miou"], all_background_miou=r["bg_miou"],
+                    learned_logit_scale=r["logit_scale"])
         save_outputs(clip, args.out, model_cfg, token_ids, args.dtype, prov)
         loss_acc, n_acc, img_win = 0.0, 0, 0
         t_win = time.time()
@@ -373,7 +390,8 @@ def main(argv=None) -> dict:
             tok_acc += loss_tok.item()
             loss = loss + args.token_loss * loss_tok
         if args.prompt_loss > 0:
-            loss = loss + args.prompt_loss * prompt_vs_background_loss(img, txt_all[tok.shape[0]:], y, clip.logit_scale.exp())
+            loss = loss + args.prompt_loss * prompt_vs_background_loss(img, txt_all[tok.shape[0]:], y,
+                                                                       clip.logit_scale.exp())
         if args.attn_loss > 0:  # qp is detached inside the loss
             blocks = clip.visual.transformer.resblocks
             loss_attn = sum(attention_affinity_loss(head_mean_attention(blocks[bi], xin), qp)
@@ -391,8 +409,9 @@ def main(argv=None) -> dict:
         loss_acc += loss.item()
         n_acc += 1
         if step % 10 == 0:
-            print(f"[pretrain] step {step} loss {loss_acc / n_acc:.4f} (token {tok_acc / max(1, step):.4f}) lr {lr_now:.2e} "
-                  f"{img_win / max(1e-9, time.time() - t_win):.1f} img/s scale {float(clip.logit_scale.exp()):.1f}", flush=True)
+            print(f"[pretrain] step {step} loss {loss_acc / n_acc:.4f} (token {tok_acc / max(1, step):.4f}) "
+                  f"lr {lr_now:.2e} {img_win / max(1e-9, time.time() - t_win):.1f} img/s "
+                  f"scale {float(clip.logit_scale.exp()):.1f}", flush=True)
         if args.eval_every > 0 and time.time() - last_eval >= args.eval_every and progress() < 1.0:
             last = do_eval()
             last_eval = time.time()

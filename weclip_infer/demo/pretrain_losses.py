@@ -2,6 +2,8 @@
 multiple-instance and attention-affinity terms (image-level labels only)."""
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -44,7 +46,7 @@ def value_tokens(clip: nn.Module, x_last_in: torch.Tensor) -> torch.Tensor:
     ``ln_post(out_proj(W_v · ln_1(x))) @ proj``. ``x_last_in``: ``B×L×D`` input of the last block
     → ``B×(L−1)×E`` (CLS dropped). This is the path GradCAM on the last block's ``ln_1`` reads,
     so a token loss here makes GradCAM local."""
-    v = clip.visual
+    v: Any = clip.visual  # open_clip's VisionTransformer (untyped; nn.Module types submodules as Tensor | Module)
     blk = v.transformer.resblocks[-1]
     D = x_last_in.shape[-1]
     a = blk.ln_1(x_last_in[:, 1:])
@@ -57,7 +59,10 @@ def value_tokens(clip: nn.Module, x_last_in: torch.Tensor) -> torch.Tensor:
 def head_mean_attention(blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Head-averaged attention probabilities of an open_clip block (with grad), from its input
     ``x`` ``B×L×D``: ``mean_h softmax(q_h·k_hᵀ/√d)`` → ``B×L×L`` (what RFM reads)."""
-    return _block_attention(blk, blk.ln_1(x), need_attn=True)[1]
+    b: Any = blk  # open_clip's block (untyped)
+    attn = _block_attention(blk, b.ln_1(x), need_attn=True)[1]
+    assert attn is not None  # need_attn=True always returns the map
+    return attn
 
 
 def attention_affinity_loss(attn: torch.Tensor, token_probs: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -77,7 +82,8 @@ def attention_affinity_loss(attn: torch.Tensor, token_probs: torch.Tensor, eps: 
     return (t * (t.clamp_min(eps).log() - a.clamp_min(eps).log())).sum(-1).mean()
 
 
-def prompt_vs_background_loss(img: torch.Tensor, label_txt: torch.Tensor, y: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def prompt_vs_background_loss(img: torch.Tensor, label_txt: torch.Tensor, y: torch.Tensor,
+                              scale: torch.Tensor) -> torch.Tensor:
     """The scoring GradCAM uses, trained on image-level labels: for every present class
     c of image i, cross-entropy of ``softmax(scale·img_i·[t_c; T_bg])`` with target ``t_c``.
 
@@ -96,7 +102,9 @@ def prompt_vs_background_loss(img: torch.Tensor, label_txt: torch.Tensor, y: tor
     return ((lse - s_fg) * present).sum() / present.sum().clamp_min(1)
 
 
-def multi_positive_clip_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+def multi_positive_clip_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
+                             pos: torch.Tensor) -> torch.Tensor:
+
     """Symmetric InfoNCE with soft targets spread uniformly over the positives of each row/column."""
     logits = scale * img.float() @ txt.float().t()
     t_i = pos.float() / pos.float().sum(1, keepdim=True)
