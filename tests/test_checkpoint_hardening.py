@@ -212,6 +212,19 @@ def test_flipped_weight_bytes_are_refused(tiny_ckpt, tmp_path):
         load_checkpoint(d)
 
 
+def test_flipped_backbone_bytes_are_refused(world, tmp_path):
+    from weclip_infer.model import build_model
+
+    cfg = tiny_train_config(world, tmp_path / "unused")["model"]
+    d = save_checkpoint(build_model(cfg, device="cpu"), tmp_path / "with_clip", include_backbone=True)
+    meta = json.loads((d / "config.json").read_text())
+    assert set(meta["sha256"]) == {"model.safetensors", "backbone.safetensors"}
+    load_checkpoint(d, device="cpu")  # self-contained and intact
+    _flip_byte(d / "backbone.safetensors", offset=-3)
+    with pytest.raises(CheckpointError, match=r"backbone\.safetensors: sha256 .* does not match"):
+        load_checkpoint(d)
+
+
 def test_non_finite_weights_are_refused(tiny_ckpt, tmp_path):
     d = _tampered(tiny_ckpt, tmp_path)
     _rewrite_tensors(d, lambda t: t["decoder.classifier.weight"].view(-1)[3].fill_(float("nan")))
