@@ -87,7 +87,8 @@ def main(argv=None) -> int:
           f"{os.cpu_count()} CPUs, load average {load_before[0]:.2f} before / {res['machine']['loadavg_after'][0]:.2f} "
           "after (other jobs shared the CPUs)", "",
           "| variant | s per batch (median) | min | images/s | network calls |", "|---|---|---|---|---|"]
-    for k, label in (("shared", "shared passes (network_batch 16)"), ("alone", "one request at a time (network_batch 1)")):
+    labels = {"shared": "shared passes (network_batch 16)", "alone": "one request at a time (network_batch 1)"}
+    for k, label in labels.items():
         md.append(f"| {label} | {res['seconds_per_batch'][k]['median']:.2f} | {res['seconds_per_batch'][k]['min']:.2f} "
                   f"| {res['images_per_s'][k]:.2f} | {calls[k]} |")
     md += ["", f"Speed-up (median): ×{res['speedup_median']:.2f}; responses byte-identical: {identical}."]

@@ -145,10 +145,12 @@ def main(argv=None) -> int:
         subprocess.run([ts_bin, "--stop"], cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                        timeout=60)
     print(f"{'':28s}{'p50 ms':>10s}{'p90 ms':>10s}{'req/s':>10s}")
-    print(f"{'in-process Segmenter':28s}{ip['p50_ms']:10.1f}{ip['p90_ms']:10.1f}{result['in_process_throughput_rps']:10.1f}")
+    print(f"{'in-process Segmenter':28s}{ip['p50_ms']:10.1f}{ip['p90_ms']:10.1f}"
+          f"{result['in_process_throughput_rps']:10.1f}")
     print(f"{'TorchServe sequential':28s}{hp['p50_ms']:10.1f}{hp['p90_ms']:10.1f}{1000.0 / hp['mean_ms']:10.1f}")
     tc = result["torchserve_concurrent"]
-    print(f"{'TorchServe x' + str(a.concurrency):28s}{'':10s}{'':10s}{tc['throughput_rps']:10.1f}  errors={tc['errors']}")
+    print(f"{'TorchServe x' + str(a.concurrency):28s}{'':10s}{'':10s}{tc['throughput_rps']:10.1f}"
+          f"  errors={tc['errors']}")
     print(f"server overhead (p50): x{result['overhead_ratio_p50']:.2f} (+{result['overhead_ms_p50']:.1f} ms); "
           f"startup {startup:.1f} s")
     out = Path(a.out)

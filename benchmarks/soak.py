@@ -1,11 +1,12 @@
 """Bounded soak test of the TorchServe deployment: many clients, many requests, memory over time.
 
-    python benchmarks/soak.py [--requests 2000] [--clients 8] [--bad-every 50] [--sample-s 2]
+    python benchmarks/soak.py [--requests 2000] [--clients 8] [--bad-every 50] [--sample-s 2] [--crf]
 
 Builds the demo model's archive, starts TorchServe with a copy of the shipped
 ``config.properties`` (free loopback ports, the shipped batching, token auth on) in a temp
 folder, then ``--clients`` threads send ``--requests`` requests in total: the bundled sample
 images in turn, and every ``--bad-every``-th request an undecodable body (which must get a 400).
+``--crf`` asks for the dense CRF on every image (``X-WeCLIP-Crf: true``).
 Every ``--sample-s`` seconds it records completed requests, failures and the resident memory of
 the frontend and each Python worker. Writes ``benchmarks/results/soak_<timestamp>.json`` and
 ``.md`` and always stops the server. Numbers depend on what else runs on the machine: the load
@@ -33,9 +34,11 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _post(url: str, key: str, body: bytes, ctype: str = "image/jpeg", timeout: float = 300):
-    req = urllib.request.Request(url, data=body, method="POST", headers={"Authorization": f"Bearer {key}",
-                                                                          "Content-Type": ctype})
+def _post(url: str, key: str, body: bytes, ctype: str = "image/jpeg", timeout: float = 300, crf: bool = False):
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": ctype}
+    if crf:
+        headers["X-WeCLIP-Crf"] = "true"
+    req = urllib.request.Request(url, data=body, method="POST", headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             r.read()
@@ -66,6 +69,7 @@ def main(argv=None) -> int:
     ap.add_argument("--clients", type=int, default=8, help="concurrent clients (default 8)")
     ap.add_argument("--bad-every", type=int, default=50, help="every N-th request is an undecodable body (0: none)")
     ap.add_argument("--sample-s", type=float, default=2.0, help="seconds between memory samples")
+    ap.add_argument("--crf", action="store_true", help="dense CRF on every image")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     a = ap.parse_args(argv)
     for name in ("requests", "clients"):
@@ -121,7 +125,7 @@ def main(argv=None) -> int:
             bad = a.bad_every > 0 and i % a.bad_every == a.bad_every - 1
             body = b"this is not an image" if bad else samples[i % len(samples)]
             t = time.perf_counter()
-            code = _post(url, key, body)
+            code = _post(url, key, body, crf=a.crf)
             dt = time.perf_counter() - t
             with lock:
                 if bad and code == 400:
@@ -152,7 +156,8 @@ def main(argv=None) -> int:
         wall = time.time() - t_start
         stop.set()
         th.join()
-        timeline.append({"t_s": round(wall, 1), **done, "rss_mb": {k: round(v, 1) for k, v in _rss_mb(frontend).items()}})
+        timeline.append({"t_s": round(wall, 1), **done,
+                         "rss_mb": {k: round(v, 1) for k, v in _rss_mb(frontend).items()}})
     finally:
         if frontend is not None:  # stop exactly the server started here
             family = [frontend, *frontend.children(recursive=True)]
@@ -167,7 +172,8 @@ def main(argv=None) -> int:
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                                                                 "loadavg_before": load_before,
                                                                 "loadavg_after": os.getloadavg()},
-        "model": "embedded demo model", "samples": len(samples), "requests": a.requests, "clients": a.clients,
+        "model": "embedded demo model", "crf": a.crf, "samples": len(samples), "requests": a.requests,
+        "clients": a.clients,
         "bad_every": a.bad_every, "batch_size": models["batchSize"], "max_batch_delay_ms": models["maxBatchDelay"],
         "startup_s": round(startup_s, 1), "wall_s": round(wall, 1), "throughput_rps": round(a.requests / wall, 2),
         **done, "failure_examples": failures[:20],
@@ -179,8 +185,10 @@ def main(argv=None) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d_%H%M%S")
+    stamp += "_crf" if a.crf else ""
     (out / f"soak_{stamp}.json").write_text(json.dumps(result, indent=1))
-    md = [f"# Soak: {a.requests} requests, {a.clients} clients, TorchServe + demo model ({result['time']})", "",
+    md = [f"# Soak: {a.requests} requests, {a.clients} clients, TorchServe + demo model"
+          f"{' with CRF' if a.crf else ''} ({result['time']})", "",
           f"- machine: {os.cpu_count()} CPUs, load average before {load_before[0]:.2f}, after "
           f"{result['machine']['loadavg_after'][0]:.2f} (other jobs shared the CPUs: throughput and latency are "
           "lower bounds; failures and memory are the point)",

@@ -356,7 +356,8 @@ def _ensure_server(root: Path, config: Path) -> Tuple[str, str]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="weclip-demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="weclip-demo", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="out", help="folder for the masks and grid.png (default: out)")
     ap.add_argument("--workdir", default=".", help="server working folder: model_store/, logs/, key_file.json, "
                     f"{STATE_FILE} (default: the current folder)")
@@ -421,14 +422,15 @@ def _segment_samples(root: Path, out: Path, inf: str, mgmt: str, samples: Sequen
         atomic_write_bytes(out / f"{p.stem}_mask.png", body)  # the server's palette PNG as is
         img = load_image(p)
         tiles.append(np.concatenate([img, overlay(img, mask)], axis=1))
-        found = [class_names[i] if i < len(class_names) else str(i) for i in sorted(set(np.unique(mask).tolist()) - {0})]
+        present = sorted(set(np.unique(mask).tolist()) - {0})
+        found = [class_names[i] if i < len(class_names) else str(i) for i in present]
         captions.append(f"{p.name}: {', '.join(found) if found else 'no class found'}")
         print(f"{p.name}: HTTP {status} {ctype}, {dt * 1000:.0f} ms, classes found: {', '.join(found) or 'none'}")
     save_png_atomic(out / "grid.png", legend_grid(tiles, captions, class_names))
     print(f"\nwrote {len(samples)} masks and {out / 'grid.png'} (legend: class colours; caption: classes found)")
     print("\nTry another image (the token is in key_file.json):")
-    print(f"  curl -H \"Authorization: Bearer $(python3 -c \"import json;print(json.load(open('key_file.json'))['inference']['key'])\")\" "
-          f"-T your_image.jpg {url} -o mask.png")
+    read_key = "import json;print(json.load(open('key_file.json'))['inference']['key'])"
+    print(f"  curl -H \"Authorization: Bearer $(python3 -c \"{read_key}\")\" -T your_image.jpg {url} -o mask.png")
     print("  add -H 'X-WeCLIP-Output: json' for classes, pixel counts and boxes (docs/serving.md: more options)")
     print("\nStop the server with: make stop")
     return 0

@@ -105,9 +105,9 @@ class BatchedNetwork:
         """
         if len(tasks) <= 1:
             out: List[Any] = []
-            for t in tasks:
+            for task in tasks:
                 try:
-                    out.append(t())
+                    out.append(task())
                 except Exception as e:  # noqa: BLE001 - handed back, like the batched path
                     out.append(e)
             return out
@@ -128,8 +128,8 @@ class BatchedNetwork:
 
         threads = [threading.Thread(target=worker, args=(i,), name=f"weclip-request-{i}", daemon=True)
                    for i in range(len(tasks))]
-        for t in threads:
-            t.start()
+        for th in threads:
+            th.start()
         with session.cv:
             while True:
                 session.cv.wait_for(lambda: session.active == 0 or len(session.pending) == session.active)
@@ -138,8 +138,8 @@ class BatchedNetwork:
                 calls, session.pending = session.pending, []
                 self._run_round(calls)  # every unfinished request is waiting on one of these
                 session.cv.notify_all()
-        for t in threads:
-            t.join()
+        for th in threads:
+            th.join()
         return results
 
     def _run_round(self, calls: List[_Call]) -> None:

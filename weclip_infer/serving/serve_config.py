@@ -16,8 +16,8 @@ from ..imageio import DEFAULT_MAX_PIXELS
 from .errors import RequestError
 from .options import parse_bool, parse_scales
 
-__all__ = ["SERVE_CONFIG", "BACKENDS", "SERVE_KEYS", "DEFAULT_NETWORK_BATCH", "read_serve_config", "validate_serve_config",
-           "check_backend_for_model"]
+__all__ = ["SERVE_CONFIG", "BACKENDS", "SERVE_KEYS", "DEFAULT_NETWORK_BATCH", "read_serve_config",
+           "validate_serve_config", "check_backend_for_model"]
 
 SERVE_CONFIG = "serve_config.json"
 BACKENDS = ("auto", "torchscript", "onnx", "eager")

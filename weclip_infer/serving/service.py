@@ -11,6 +11,7 @@ the responses back.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -138,7 +139,7 @@ class SegmentationService:
 
     def _infer(self, items: List[_Item]) -> None:
         todo = [(idx, item) for idx, item in enumerate(items) if item.error is None]
-        outcomes = self.network.run([lambda idx=idx, item=item: self._predict(idx, item) for idx, item in todo])
+        outcomes = self.network.run([functools.partial(self._predict, idx, item) for idx, item in todo])
         for (idx, item), out in zip(todo, outcomes):
             if isinstance(out, BaseException):  # _predict answers its own errors; this is a bug
                 logger.error("request %d: inference failed", idx, exc_info=out)
@@ -149,6 +150,7 @@ class SegmentationService:
         for idx, item in enumerate(items):
             body, ctype = b"", "application/json"
             if item.error is None:
+                assert item.image is not None and item.result is not None  # set for every request without error
                 try:
                     t0 = time.perf_counter()
                     item.result.timings["decode"] = item.timings.get("decode", 0.0)

@@ -72,7 +72,8 @@ def models_setting(name: str, mar: str, version: str = "1.0", batch_size: int = 
 
 
 def derive_config(source: Union[str, Path], dest: Union[str, Path], ports: Mapping[str, int],
-                  model_store: Optional[Union[str, Path]] = None, overrides: Optional[Mapping[str, str]] = None) -> Path:
+                  model_store: Optional[Union[str, Path]] = None,
+                  overrides: Optional[Mapping[str, str]] = None) -> Path:
     """Write a copy of ``source`` to ``dest`` listening on ``ports`` (loopback), with ``overrides``.
 
     ``ports`` must name every listener in :data:`PORT_KEYS`; ``overrides`` replaces (or adds)
