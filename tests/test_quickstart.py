@@ -8,7 +8,6 @@ Skipped only when ``java`` or ``torchserve`` is missing.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -131,3 +130,16 @@ def test_demo_reuses_its_server_refreshes_keys_and_stops_only_itself(demo_env, t
     assert not proc.is_running() and not any(w.is_running() for w in workers)
     assert not any(_port_open(p) for p in ports.values())
     assert not (wd / q.STATE_FILE).exists() and not Path(state["tmpdir"]).exists()
+
+
+def test_stop_with_a_stale_record_stops_nothing(tmp_path, capsys):
+    """The recorded server is gone (its pid exited): the record and its temp folder are removed."""
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    tmpdir = tmp_path / "weclip-demo-x"
+    tmpdir.mkdir()
+    (tmp_path / q.STATE_FILE).write_text(json.dumps({"pid": p.pid, "create_time": 0.0, "workdir": str(tmp_path),
+                                                     "tmpdir": str(tmpdir)}))
+    assert q.main(["--workdir", str(tmp_path), "--stop"]) == 0
+    assert "no longer running" in capsys.readouterr().out
+    assert not (tmp_path / q.STATE_FILE).exists() and not tmpdir.exists()
