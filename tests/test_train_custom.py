@@ -200,3 +200,14 @@ def test_import_help_is_for_a_user(capsys):
     assert import_main([str(Path("missing.pth")), "--clip", "openai", "--out", "x"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "reference checkpoint not found" in err
+
+
+def test_weclip_import_refuses_to_overwrite(tmp_path, capsys):
+    from weclip_infer.checkpoint import main as import_main
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert import_main([str(tmp_path / "missing.pth"), "--clip", "openai", "--out", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "mine"

@@ -312,6 +312,8 @@ def build_import_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", required=True, help="output folder to write (our checkpoint format)")
     ap.add_argument("--include-backbone", action="store_true",
                     help="also store the CLIP image tower in the folder, so it needs no CLIP file to load")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace the files of an existing, non-empty --out folder (refused otherwise)")
     ap.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     return ap
 
@@ -321,6 +323,11 @@ def main(argv=None) -> int:
     import logging
 
     a = build_import_parser().parse_args(argv)
+    out = Path(a.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not a.overwrite:
+        print(f"weclip-import: error: {out} exists and is not empty; choose another --out or pass --overwrite",
+              file=sys.stderr)
+        return 2
     try:
         cfg = {"backbone": {"clip_weights": a.clip}, "text": {"dataset": a.dataset}}
         model = import_reference_checkpoint(a.checkpoint, cfg, device="cpu")
