@@ -280,17 +280,18 @@ def _start(root: Path, config: Path, addresses: Dict[str, str], ports: Dict[str,
     cmd = [_torchserve(), "--start", "--ncs", "--model-store", "model_store", "--models",
            f"{MODEL_NAME}={MAR_NAME}.mar", "--ts-config", str(config)]
     print("starting:", " ".join(cmd[1:]), flush=True)
-    with open(root / "logs" / "torchserve_start.log", "wb") as log:
-        subprocess.run(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                       check=True, timeout=120)
+    start_log = root / "logs" / "torchserve_start.log"
     try:
+        with open(start_log, "wb") as log:
+            subprocess.run(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                           check=True, timeout=120)
         pid = int((Path(tmp) / ".model_server.pid").read_text().strip())
         proc = psutil.Process(pid)
         state = {"pid": pid, "create_time": proc.create_time(), "workdir": str(root), "tmpdir": tmp,
                  "config": str(config), **addresses}
-    except (OSError, ValueError, psutil.Error) as e:
+    except (OSError, ValueError, psutil.Error, subprocess.SubprocessError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise DemoError(f"TorchServe did not start; see {root / 'logs'}") from e
+        raise DemoError(f"TorchServe did not start; see {start_log}") from e
     write_json_atomic(root / STATE_FILE, state)
     deadline = time.time() + 180
     while time.time() < deadline:
@@ -299,7 +300,8 @@ def _start(root: Path, config: Path, addresses: Dict[str, str], ports: Dict[str,
         if _model_state_refreshing(root, addresses["management_address"]) == "ready":
             return
         time.sleep(1.0)
-    raise DemoError(f"TorchServe did not report the model READY within 180 s; see {root / 'logs'}")
+    raise DemoError(f"TorchServe did not report the model READY within 180 s; see {root / 'logs'} "
+                    "(it is still running: make stop)")
 
 
 def stop(root: Path, timeout: float = 60.0) -> int:
