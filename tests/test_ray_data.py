@@ -94,7 +94,8 @@ COMMON = ["--backend", "eager", "--device", "cpu", "--threads", "1", "--quiet"]
 
 def test_ray_engine_equals_local_engine(ray_cluster, model_dir, tmp_path, capsys):
     src = _good_and_bad(tmp_path, 7)
-    rc_local = _segment([src, "--out", tmp_path / "local", "--model", model_dir, "--overlay", "--workers", "0", *COMMON])
+    rc_local = _segment([src, "--out", tmp_path / "local", "--model", model_dir, "--overlay", "--workers", "0",
+                         *COMMON])
     out_local = capsys.readouterr()
     rc_ray = _segment([src, "--out", tmp_path / "ray", "--model", model_dir, "--overlay", "--engine", "ray",
                        "--batch-size", "2", "--address", ray_cluster, *COMMON])
@@ -176,5 +177,9 @@ def test_segment_dataset_paths_and_images(ray_cluster, model_dir, tmp_path):
     assert np.array_equal(out[0]["image"], img)
     with pytest.raises(ValueError, match="num_actors"):
         segment_dataset(ds, model_dir, num_actors=0)
+    with pytest.raises(ValueError, match="all 2 CPUs"):  # nothing left for decoding: refused, not stalled
+        segment_dataset(ds, model_dir, num_actors=1, cpus_per_actor=2)
+    with pytest.raises(ValueError, match="GPU"):
+        segment_dataset(ds, model_dir, gpus_per_actor=1)
     with pytest.raises(ValueError, match="'path' or an 'image'"):
         segment_dataset(ray.data.from_items([{"x": 1}]), model_dir)

@@ -205,10 +205,28 @@ def _check_resources(num_actors: int, gpus_per_actor: float, cpus_per_actor: flo
         raise ValueError(f"cpus_per_actor must be > 0, got {cpus_per_actor!r}")
 
 
+def _check_cluster_fits(num_actors: int, gpus_per_actor: float, cpus_per_actor: float) -> None:
+    """``ValueError`` when the actors would take every CPU (decode/CRF/encode tasks could then never
+    run and the pipeline would stall) or need more GPUs than the cluster has."""
+    import ray
+
+    if not ray.is_initialized():
+        return
+    total = ray.cluster_resources()
+    cpus, gpus = float(total.get("CPU", 0)), float(total.get("GPU", 0))
+    if num_actors * float(cpus_per_actor) >= cpus:
+        raise ValueError(f"{num_actors} actor(s) x {cpus_per_actor:g} CPU would take all {cpus:g} CPUs of the Ray "
+                         "cluster; leave at least one CPU for decoding and encoding (fewer actors or CPUs per actor)")
+    if num_actors * float(gpus_per_actor) > gpus:
+        raise ValueError(f"{num_actors} actor(s) x {gpus_per_actor:g} GPU need more than the {gpus:g} GPU(s) "
+                         "of the Ray cluster")
+
+
 def _pipeline(ds, *, model: Optional[str], backend: str, device: Optional[str], num_actors: int,
               gpus_per_actor: float, cpus_per_actor: float, batch_size: int, crf: Optional[bool], scales, flip,
               max_pixels: int):
     _check_resources(num_actors, gpus_per_actor, cpus_per_actor, batch_size)
+    _check_cluster_fits(num_actors, gpus_per_actor, cpus_per_actor)
     columns = set(ds.columns() or [])
     if "image" not in columns:
         if "path" not in columns:
@@ -267,18 +285,23 @@ def _ray_source(todo: Sequence[tuple], *, overlay_out: bool, **pipeline_kw) -> I
     if not todo:
         return
     ctx = ray.data.DataContext.get_current()
+    saved = ctx.execution_options.preserve_order, ctx.enable_progress_bars
     ctx.execution_options.preserve_order = True  # results.jsonl in input order, as the local engine
-    batch_size = pipeline_kw["batch_size"]
-    ds = ray.data.from_items([{"path": str(p), "name": n} for p, n in todo],
-                             override_num_blocks=max(1, min(len(todo), (len(todo) + batch_size - 1) // batch_size)))
-    ds = _pipeline(ds, **pipeline_kw)
-    ds = ds.map_batches(_encode_batch, fn_kwargs={"overlay_out": overlay_out}, batch_size=batch_size,
-                        batch_format="numpy")
-    for row in ds.iter_rows():
-        err = str(row["error"]) or None
-        blob = row["result"]
-        yield RayItem(str(row["path"]), str(row["name"]), None, err, float(row["decode_s"]),
-                      pickle.loads(blob) if blob else None)
+    ctx.enable_progress_bars = False  # the folder loop has its own
+    try:
+        batch_size = pipeline_kw["batch_size"]
+        ds = ray.data.from_items([{"path": str(p), "name": n} for p, n in todo],
+                                 override_num_blocks=max(1, min(4096, (len(todo) + batch_size - 1) // batch_size)))
+        ds = _pipeline(ds, **pipeline_kw)
+        ds = ds.map_batches(_encode_batch, fn_kwargs={"overlay_out": overlay_out}, batch_size=batch_size,
+                            batch_format="numpy")
+        for row in ds.iter_rows():
+            err = str(row["error"]) or None
+            blob = row["result"]
+            yield RayItem(str(row["path"]), str(row["name"]), None, err, float(row["decode_s"]),
+                          pickle.loads(blob) if blob else None)
+    finally:
+        ctx.execution_options.preserve_order, ctx.enable_progress_bars = saved
 
 
 def segment_folder_ray(src: Union[str, os.PathLike], out: Union[str, os.PathLike], *,
@@ -303,6 +326,10 @@ def segment_folder_ray(src: Union[str, os.PathLike], out: Union[str, os.PathLike
     _check_resources(num_actors, gpus_per_actor, cpus_per_actor, batch_size)
     started = init_ray(address, num_cpus)
     t0 = time.perf_counter()
+    # the folder loop shows its own progress bar and report: Ray Data's execution log would repeat it
+    ray_data_log = logging.getLogger("ray.data")
+    level = ray_data_log.level
+    ray_data_log.setLevel(logging.WARNING)
     try:
         def source(todo):
             return _ray_source(todo, overlay_out=overlay_out, model=None if model is None else str(model),
@@ -320,6 +347,7 @@ def segment_folder_ray(src: Union[str, os.PathLike], out: Union[str, os.PathLike
                           resume=resume, shard_spec=shard_spec, workers=0, max_pixels=max_pixels, progress=progress,
                           fsync_log=fsync_log, desc="segment (ray)", source=source)
     finally:
+        ray_data_log.setLevel(level)
         if started:
             import ray
 
