@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from weclip_infer.batch import ImageResult, OutputWriteError, ResultsLog, read_results, run_folder
+from weclip_infer.batch import results as results_mod
 from weclip_infer.batch import runner as runner_mod
 from weclip_infer.batch.results import latest_by_image
 
@@ -207,3 +208,26 @@ def test_interrupt_waits_for_the_log_line(tmp_path, monkeypatch):
     recs = read_results(out / "results.jsonl")
     assert [Path(r["image"]).name for r in recs] == ["g0.png", "g1.png"] and all(r["ok"] for r in recs)
     assert not (out / "g2.png").exists()
+
+
+def test_fsync_policy(tmp_path, monkeypatch):
+    synced = []
+    monkeypatch.setattr(results_mod.os, "fsync", lambda fd: synced.append(fd))
+    with ResultsLog(tmp_path / "a.jsonl", fsync_interval_s=0) as log:
+        for i in range(5):
+            log.append({"image": str(i)})
+        assert len(synced) == 5  # every line
+    assert len(synced) == 5  # nothing left to flush on close
+    synced.clear()
+    log = ResultsLog(tmp_path / "b.jsonl", fsync_interval_s=3600).open()
+    for i in range(50):
+        log.append({"image": str(i)})
+    assert len(synced) == 1  # the first line, then not again within the interval ...
+    log.close()
+    assert len(synced) == 2  # ... and on close
+    synced.clear()
+    with ResultsLog(tmp_path / "c.jsonl", fsync=False) as log:
+        log.append({"image": "x"})
+    assert synced == []
+    with pytest.raises(ValueError):
+        ResultsLog(tmp_path / "d.jsonl", fsync_interval_s=-1)

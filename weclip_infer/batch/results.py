@@ -2,8 +2,12 @@
 
 Writing: each record is one ``os.write`` of a complete line to a file opened with ``O_APPEND``
 (whole lines, even with several processes appending to the same log, e.g. shards sharing an
-output folder), followed by ``fsync``. If a crash or a full disk left a partial last line, the
-next writer first ends it with a newline, so the fragment never merges with a new record.
+output folder). A killed process loses nothing already written; against power loss the log is
+fsynced at most ``fsync_interval_s`` after a line and on close (a per-line fsync would cost as
+much as a small image's segmentation), and a line lost that way is restored as a ``recovered``
+line by the next ``--resume`` because the mask it describes is on disk. If a crash or a full
+disk left a partial last line, the next writer first ends it with a newline, so the fragment
+never merges with a new record.
 
 Reading: :func:`read_results` skips lines that are not complete JSON objects (a torn line) and
 can keep only the latest record per input: a resumed run appends new records for inputs it
@@ -15,6 +19,7 @@ import errno
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any, Iterable, Union
 
@@ -46,13 +51,19 @@ class ResultsLog:
 
     Opening creates the file with the user's umask mode and raises :class:`OutputWriteError`
     when it cannot be written, so an unwritable output folder fails before any work is done.
-    ``fsync=False`` skips the per-line flush to disk (tests, throw-away runs).
+    ``fsync_interval_s``: flush to disk when the last flush is older than this (0: after every
+    line), and on close; ``fsync=False`` never flushes (tests, throw-away runs).
     """
 
-    def __init__(self, path: Union[str, os.PathLike], fsync: bool = True):
+    def __init__(self, path: Union[str, os.PathLike], fsync: bool = True, fsync_interval_s: float = 1.0):
+        if fsync_interval_s < 0:
+            raise ValueError(f"fsync_interval_s must be >= 0, got {fsync_interval_s}")
         self.path = Path(path)
         self.fsync = fsync
+        self.fsync_interval_s = fsync_interval_s
         self._fd: int | None = None
+        self._last_sync = float("-inf")
+        self._dirty = False
 
     def open(self) -> "ResultsLog":
         try:
@@ -66,7 +77,9 @@ class ResultsLog:
                     log.warning("%s: the last line was incomplete (interrupted write); it is ignored", self.path)
                     self._write(b"\n")
         except OSError as e:
-            self.close()
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
             raise OutputWriteError(self.path, e) from e
         return self
 
@@ -75,8 +88,15 @@ class ResultsLog:
         n = os.write(self._fd, data)
         if n != len(data):  # only a full disk shortens a regular-file write
             raise OSError(errno.ENOSPC, f"short write ({n} of {len(data)} bytes)")
-        if self.fsync:
-            os.fsync(self._fd)
+        self._dirty = True
+        if self.fsync and time.monotonic() - self._last_sync >= self.fsync_interval_s:
+            self._sync()
+
+    def _sync(self) -> None:
+        assert self._fd is not None
+        os.fsync(self._fd)
+        self._last_sync = time.monotonic()
+        self._dirty = False
 
     def append(self, record: dict[str, Any]) -> None:
         """Append ``record`` as one line; :class:`OutputWriteError` if it cannot be written."""
@@ -87,15 +107,30 @@ class ResultsLog:
             raise OutputWriteError(self.path, e) from e
 
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
+        """Flush pending lines to disk and close; :class:`OutputWriteError` if the flush fails."""
+        if self._fd is None:
+            return
+        fd = self._fd
+        try:
+            if self.fsync and self._dirty:
+                self._sync()
+        except OSError as e:
+            raise OutputWriteError(self.path, e) from e
+        finally:
             self._fd = None
+            os.close(fd)
 
     def __enter__(self) -> "ResultsLog":
         return self.open() if self._fd is None else self
 
     def __exit__(self, *exc) -> None:
-        self.close()
+        if exc[0] is None:
+            self.close()
+        else:  # already failing: do not mask that error with one from the final flush
+            try:
+                self.close()
+            except OutputWriteError:
+                pass
 
 
 def read_results(path: Union[str, os.PathLike], *, latest: bool = False) -> list[dict[str, Any]]:

@@ -224,6 +224,7 @@ def run_folder(src: Union[str, os.PathLike], out: Union[str, os.PathLike], proce
                     flush_one()
             while pending:
                 flush_one()
+        results.close()  # the final flush to disk can fail too
     except OutputWriteError as e:
         if not hasattr(e, "summary"):
             e.summary = summary()
@@ -232,6 +233,7 @@ def run_folder(src: Union[str, os.PathLike], out: Union[str, os.PathLike], proce
         for _, res, _ in pending:
             if isinstance(res, Deferred):
                 res.future.cancel()
-        results.close()
+        with contextlib.suppress(OutputWriteError):  # only reached open when already failing
+            results.close()
         bar.close()
     return summary()
