@@ -53,6 +53,7 @@ def caption_forms(classes: Sequence[int], background: int) -> dict[str, list[str
 
 def all_captions(sample_or_classes: Union[Sample, Sequence[int]], background: Optional[int] = None) -> list[str]:
     """Every caption form for a sample (or for ``classes`` + ``background``), in a fixed order."""
+    classes: Sequence[int]
     if isinstance(sample_or_classes, Sample):
         classes, background = sample_or_classes.classes, sample_or_classes.background
     else:
@@ -73,7 +74,8 @@ def _random_caption(classes: Sequence[int], background: int, rng: np.random.Gene
     templates = _FORM_TEMPLATES[form]
     t = templates[int(rng.integers(len(templates)))]
     prompts = [CLASS_PROMPTS[int(c)] for c in classes]
-    order = rng.permutation(len(prompts)) if prompts else []
+    order: Union[np.ndarray, list[int]] = rng.permutation(len(prompts)) if prompts else []
+
     return _fill(t, [prompts[i] for i in order], BACKGROUND_NAMES[int(background)])
 
 

@@ -60,7 +60,8 @@ def generate_sample(seed: int, index: int, cfg: Optional[WorldConfig] = None) ->
                 continue
             if placed:
                 covered = np.bincount(inst[win][inside], minlength=len(placed) + 1)[1:]
-                ok = all(visible[j] - int(covered[j]) >= cfg.min_visible_frac * areas[j] and visible[j] - int(covered[j]) > 0 for j in range(len(placed)))
+                ok = all(visible[j] - int(covered[j]) >= cfg.min_visible_frac * areas[j]
+                         and visible[j] - int(covered[j]) > 0 for j in range(len(placed)))
                 if not ok:
                     continue
                 for j in range(len(placed)):
@@ -83,8 +84,8 @@ def generate_sample(seed: int, index: int, cfg: Optional[WorldConfig] = None) ->
         inst[win][inside] = k
         areas.append(area)
         visible.append(area)
-        obj = PlacedObject(cls, (float(cx), float(cy)), float(r), float(angle),
-                           tuple(int(round(float(c))) for c in np.clip(color, 0, 255)), dict(params))
+        red, green, blue = (int(round(float(c))) for c in np.clip(color, 0, 255))  # color is RGB
+        obj = PlacedObject(cls, (float(cx), float(cy)), float(r), float(angle), (red, green, blue), dict(params))
         placed.append((cls, win, d, u, v, obj))
 
     # ---- rendering
@@ -118,25 +119,28 @@ def generate_sample(seed: int, index: int, cfg: Optional[WorldConfig] = None) ->
         image[..., c] = chw[c]
 
     lut = np.zeros(256, dtype=np.uint8)
-    objects = []
-    for k, (cls, *_rest) in enumerate(placed):
+    objects: list[PlacedObject] = []
+    for k, (cls, *_rest, placed_obj) in enumerate(placed):
         lut[k + 1] = cls + 1
-        objects.append(_rest[-1])
+        objects.append(placed_obj)
     mask = lut[inst]
     # every kept object has visible pixels (placement guarantees it), so this equals unique(mask) - 1
     classes = sorted(int(p[0]) for p, vis in zip(placed, visible) if vis > 0)
     captions: list[str] = []
     for _ in range(cfg.n_captions):
         for _try in range(8):  # prefer distinct captions
-            c = _random_caption(classes, background, r_cap, cfg.caption_form_weights)
-            if c not in captions:
+            cap = _random_caption(classes, background, r_cap, cfg.caption_form_weights)
+            if cap not in captions:
                 break
-        captions.append(c)
+        captions.append(cap)
+
     return Sample(image=image, mask=mask, classes=classes, background=background, captions=captions,
                   instances=inst, objects=objects, seed=int(seed), index=int(index))
 
 
-def iter_samples(seed: int, start: int = 0, cfg: Optional[WorldConfig] = None, stop: Optional[int] = None) -> Iterator[Sample]:
+def iter_samples(seed: int, start: int = 0, cfg: Optional[WorldConfig] = None,
+                 stop: Optional[int] = None) -> Iterator[Sample]:
+
     """Yield ``generate_sample(seed, i, cfg)`` for ``i = start, start + 1, ...`` (up to ``stop``).
 
     For CLIP pre-training use ``start=SPLIT_OFFSETS["pretrain"]`` (disjoint from val/test) or the

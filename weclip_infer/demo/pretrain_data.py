@@ -64,7 +64,8 @@ def normalize_batch(images: Sequence[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(0, 3, 1, 2)))
 
 
-def sample_caption(classes: Sequence[int], bg: int, rng: np.random.Generator, weights: Sequence[float]) -> tuple[str, Optional[frozenset], Optional[int]]:
+def sample_caption(classes: Sequence[int], bg: int, rng: np.random.Generator, weights: Sequence[float]
+                   ) -> tuple[str, Optional[frozenset], Optional[int]]:
     """A random caption and what it asserts: (text, class set or None, background or None)."""
     forms = caption_forms(classes, bg)
     w = np.array([float(x) if forms[f] else 0.0 for f, x in zip(_FORM_ORDER, weights)])

@@ -3,7 +3,7 @@ and the mIoU of WeCLIP's initial CAM, static-refined CAM and pseudo label on hel
 from __future__ import annotations
 
 import copy
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -20,6 +20,7 @@ from .world import (
     CLASS_PROMPTS,
     ORIGAMI_TEMPLATE,
     SPLIT_OFFSETS,
+    Sample,
     WorldConfig,
     generate_sample,
 )
@@ -58,7 +59,8 @@ class EvalSet:
     def __init__(self, seed: int, world: WorldConfig, n_zs: int, n_cam: int):
         off = SPLIT_OFFSETS["val"]
         self.cam = [generate_sample(seed, off + k, world) for k in range(1, n_cam + 1)]
-        zs, k = [], 1
+        zs: list[Sample] = []
+        k = 1
         while len(zs) < n_zs:
             s = generate_sample(seed, off + 100_000 + k, world)
             if len(s.classes) == 1:
@@ -99,7 +101,10 @@ def _cam_labels(cams: list, keys: list, size: tuple[int, int]) -> list[np.ndarra
 @torch.no_grad()
 def zero_shot(clip: nn.Module, ev: EvalSet, ctx: int) -> float:
     clip.eval()
-    txt = F.normalize(clip.encode_text(tokenize([ORIGAMI_TEMPLATE.format(p) for p in CLASS_PROMPTS], ctx)), dim=-1)
+    open_clip_model: Any = clip  # open_clip's CLIP (untyped)
+    prompts = tokenize([ORIGAMI_TEMPLATE.format(p) for p in CLASS_PROMPTS], ctx)
+    txt = F.normalize(open_clip_model.encode_text(prompts), dim=-1)
+
     preds = []
     fb = FrozenCLIP(clip)  # WeCLIP's forward (interpolates positional embeddings for other sizes)
     for i in range(0, len(ev.zs_x), 50):
@@ -115,7 +120,9 @@ def evaluate(clip: nn.Module, ev: EvalSet, model_cfg: dict, refine: Optional[dic
 
     ctx = int(model_cfg["text_cfg"]["context_length"])
     c = copy.deepcopy(clip).float().eval()
-    res = {"zs_top1": zero_shot(c, ev, ctx), "logit_scale": float(c.logit_scale.exp())}
+    logit_scale = c.logit_scale
+    assert isinstance(logit_scale, torch.Tensor)  # CLIP's learned temperature (a parameter)
+    res = {"zs_top1": zero_shot(c, ev, ctx), "logit_scale": float(logit_scale.exp())}
     model = build_model(weclip_config(model_cfg, refine), clip=c, device="cpu").eval()
     gts, init_l, static_l, pseudo_l = [], [], [], []
     n_cls = len(CLASS_NAMES)
@@ -126,7 +133,8 @@ def evaluate(clip: nn.Module, ev: EvalSet, model_cfg: dict, refine: Optional[dic
         for b, s in enumerate(ss):
             lab[b, list(s.classes)] = 1
         rec = model.intermediates(x, lab, use_rfm=False)
-        size = tuple(x.shape[-2:])
+        size = (int(x.shape[-2]), int(x.shape[-1]))
+
         init_l += _cam_labels(rec["cam_init"], rec["cam_keys"], size)
         static_l += _cam_labels(rec["cam_static"], rec["cam_keys"], size)
         pseudo_l += [p.numpy() for p in rec["pseudo_label"]]

@@ -133,7 +133,8 @@ def _badge_body(col: np.ndarray, shade: np.ndarray, u: np.ndarray, v: np.ndarray
     return body + (col - body) * a[None]
 
 
-def _local_sd(size: int, cx: float, cy: float, r: float, angle: float, sd, params) -> tuple[tuple[slice, slice], np.ndarray, np.ndarray, np.ndarray]:
+def _local_sd(size: int, cx: float, cy: float, r: float, angle: float, sd, params
+              ) -> tuple[tuple[slice, slice], np.ndarray, np.ndarray, np.ndarray]:
     """Signed distance (pixels) of one object over its bounding window, plus local coords."""
     x0 = max(int(math.floor(cx - r - 1)), 0)
     x1 = min(int(math.ceil(cx + r + 2)), size)

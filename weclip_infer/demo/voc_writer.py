@@ -105,7 +105,8 @@ def write_voc_layout(out_dir: Union[str, os.PathLike], n_train: int, n_val: int,
     meta = dict(ident)
     meta.update({"counts": counts, "n_classes": cfg.n_classes,
                  "split_index_offsets": {k: SPLIT_OFFSETS[k] for k in ("train", "val", "test")},
-                 "naming": "demo_<split>_<k:06d> = generate_sample(seed, split_index_offsets[split] + k, config), k >= 1",
+                 "naming": "demo_<split>_<k:06d> = generate_sample(seed, split_index_offsets[split] + k, config), "
+                           "k >= 1",
                  "status": "in_progress"})
     atomic_write_bytes(meta_path, _json_bytes(meta))
 
@@ -140,7 +141,8 @@ def write_voc_layout(out_dir: Union[str, os.PathLike], n_train: int, n_val: int,
         onehot[r["name"]] = v
         plain[r["name"]] = [int(x) for x in v]
     buf = io.BytesIO()
-    np.save(buf, onehot, allow_pickle=True)
+    np.save(buf, np.array(onehot, dtype=object), allow_pickle=True)  # a 0-d object array holding the dict
+
     atomic_write_bytes(out / "cls_labels_onehot.npy", buf.getvalue())
     atomic_write_bytes(out / "cls_labels.json", (json.dumps(plain) + "\n").encode())
     atomic_write_bytes(out / "captions.jsonl", "".join(json.dumps(r) + "\n" for r in records).encode())

@@ -63,7 +63,8 @@ CLASS_COLORS: list[tuple[int, int, int]] = [_hsv_centre_rgb(h, s, v) for h, _, s
 
 # Caption templates. ``{objs}`` is a list with articles ("a red circle and an orange ring"),
 # ``{bare}`` the same without articles ("red circle and orange ring"), ``{bg}`` a background name.
-_OBJ_BG_TEMPLATES = ["{objs} on {bg}.", "a photo of {objs} on {bg}.", "a picture of {objs} on {bg}.", "{objs} lying on {bg}."]
+_OBJ_BG_TEMPLATES = ["{objs} on {bg}.", "a photo of {objs} on {bg}.", "a picture of {objs} on {bg}.",
+                     "{objs} lying on {bg}."]
 _OBJ_TEMPLATES = ["{objs}.", "a photo of {objs}.", "a picture of {objs}."]
 _ORIGAMI_TEMPLATES = [ORIGAMI_TEMPLATE.replace("{}", "{bare}")]
 _BG_TEMPLATES = ["{bg}.", "a photo of {bg}.", ORIGAMI_TEMPLATE.replace("{}", "{bg}")]
@@ -146,7 +147,8 @@ class WorldConfig:
             raise ValueError("max_place_tries must be >= 1")
         if self.n_captions < 0:
             raise ValueError("n_captions must be >= 0")
-        if len(self.caption_form_weights) != len(_FORMS) or min(self.caption_form_weights) < 0 or sum(self.caption_form_weights) <= 0:
+        weights = self.caption_form_weights
+        if len(weights) != len(_FORMS) or min(weights) < 0 or sum(weights) <= 0:
             raise ValueError(f"caption_form_weights must be {len(_FORMS)} non-negative numbers with a positive sum")
 
     @property

@@ -44,7 +44,9 @@ def parse_formats(formats: Union[str, Sequence[str]]) -> Tuple[str, ...]:
 def _versions() -> dict:
     from weclip_infer import __version__
 
-    v = {"weclip_infer": __version__, "torch": torch.__version__, "python": platform.python_version()}
+    v: dict[str, Optional[str]] = {"weclip_infer": __version__, "torch": torch.__version__,
+                                   "python": platform.python_version()}
+
     for mod in ("onnx", "onnxruntime"):
         try:
             v[mod] = __import__(mod).__version__

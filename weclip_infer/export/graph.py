@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import warnings
-from typing import Iterator
+from typing import Any, Iterator, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -24,7 +24,8 @@ def export_warnings_filtered() -> Iterator[None]:
     graphs are checked at other sizes than traced, so a baked-in shape fails loudly instead)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit\.\w+.* is deprecated")
-        warnings.filterwarnings("ignore", category=DeprecationWarning, message=r".*legacy TorchScript-based ONNX export")
+        warnings.filterwarnings("ignore", category=DeprecationWarning,
+                                message=r".*legacy TorchScript-based ONNX export")
         warnings.filterwarnings("ignore", category=DeprecationWarning, message=r"The feature will be removed")
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         yield
@@ -36,13 +37,13 @@ class SegmentationGraph(nn.Module):
 
     def __init__(self, model: nn.Module):
         super().__init__()
-        model = copy.deepcopy(model)
-        has_text = getattr(model.backbone, "has_text_tower", None)
+        own: Any = copy.deepcopy(model)  # a WeCLIP, used through its backbone, num_classes and segment
+        has_text = getattr(own.backbone, "has_text_tower", None)
         if callable(has_text) and has_text():
-            model.backbone.drop_text_tower()
-        self.model = model.eval()
-        self.patch_size = int(model.backbone.patch_size)
-        self.num_classes = int(model.num_classes)
+            own.backbone.drop_text_tower()
+        self.model = own.eval()
+        self.patch_size = int(own.backbone.patch_size)
+        self.num_classes = int(own.num_classes)
         self.train(False)
 
     def train(self, mode: bool = True) -> "SegmentationGraph":  # always eval (Dropout off)
@@ -64,9 +65,13 @@ def export_graph(model: nn.Module, fp16: bool = False) -> SegmentationGraph:
 
 
 def example_input(model: nn.Module, batch: int = 2, height: int = 224, width: int = 224, seed: int = 0,
-                  device=None, dtype=torch.float32) -> torch.Tensor:
+                  device: Optional[Union[str, torch.device]] = None, dtype: torch.dtype = torch.float32
+                  ) -> torch.Tensor:
     """A deterministic normalised random image batch ``batch×3×height×width`` for ``model``."""
+    mean, std = model.pixel_mean, model.pixel_std
+    assert isinstance(mean, torch.Tensor) and isinstance(std, torch.Tensor)  # WeCLIP's normalisation buffers
     g = torch.Generator().manual_seed(seed)
     raw = torch.randint(0, 256, (batch, 3, height, width), generator=g).float()
-    x = (raw - model.pixel_mean.cpu()) / model.pixel_std.cpu()
-    return x.to(device=device or model.pixel_mean.device, dtype=dtype)
+    x = (raw - mean.cpu()) / std.cpu()
+    return x.to(device=device or mean.device, dtype=dtype)
+

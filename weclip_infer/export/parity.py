@@ -20,7 +20,7 @@ fp16 (CUDA) exports are checked with ``rel_tol = 1e-2`` and ≥ 99 % agreement.
 from __future__ import annotations
 
 import os
-from typing import Callable, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -73,7 +73,8 @@ def check_parity(model, torchscript=None, onnx_path=None, cases: Sequence[Tuple[
     when any backend exceeds the tolerance or falls below the agreement threshold.
     """
     rel_tol = float(rel_tol if rel_tol is not None else (FP16_REL_TOL if fp16 else FP32_REL_TOL))
-    min_agreement = float(min_agreement if min_agreement is not None else (FP16_MIN_AGREEMENT if fp16 else MIN_AGREEMENT))
+    min_agreement = float(min_agreement if min_agreement is not None
+                          else (FP16_MIN_AGREEMENT if fp16 else MIN_AGREEMENT))
     dev = model.pixel_mean.device
     graph = SegmentationGraph(model)
     backends: Dict[str, Callable] = {}
@@ -85,16 +86,17 @@ def check_parity(model, torchscript=None, onnx_path=None, cases: Sequence[Tuple[
         backends["torchscript"] = ts
     if onnx_path is not None:
         backends["onnx"] = onnx_runner(onnx_path, onnx_device)
-    report = {"rel_tol": rel_tol, "min_agreement": min_agreement, "precision": "fp16" if fp16 else "fp32",
-              "rule": "max_abs <= rel_tol * max(1, max|eager logits|) and argmax agreement >= min_agreement "
-                      "(ties within 2*tolerance count as agreeing)",
-              "cases": [], "ok": True}
-    failures = []
+    report: Dict[str, Any] = {
+        "rel_tol": rel_tol, "min_agreement": min_agreement, "precision": "fp16" if fp16 else "fp32",
+        "rule": "max_abs <= rel_tol * max(1, max|eager logits|) and argmax agreement >= min_agreement "
+                "(ties within 2*tolerance count as agreeing)",
+        "cases": [], "ok": True}
+    failures: list[str] = []
     for i, (b, h, w) in enumerate(cases):
         x = example_input(model, b, h, w, seed=seed + i, device=dev)
         with torch.inference_mode():
             ref = graph(x).float()
-        case = {"input": [int(b), 3, int(h), int(w)], "output": list(ref.shape), "backends": {}}
+        case: Dict[str, Any] = {"input": [int(b), 3, int(h), int(w)], "output": list(ref.shape), "backends": {}}
         for name, fn in backends.items():
             with torch.inference_mode():
                 out = fn(x)
@@ -108,7 +110,8 @@ def check_parity(model, torchscript=None, onnx_path=None, cases: Sequence[Tuple[
     for name in backends:
         rows = [c["backends"][name] for c in report["cases"]]
         report[name] = {"max_abs": max(r["max_abs"] for r in rows), "min_agreement": min(r["agreement"] for r in rows),
-                        "max_rel": max(r.get("rel_max_abs", float("inf")) for r in rows), "ok": all(r["ok"] for r in rows)}
+                        "max_rel": max(r.get("rel_max_abs", float("inf")) for r in rows),
+                        "ok": all(r["ok"] for r in rows)}
     report["ok"] = not failures
     if failures:
         report["failures"] = failures
