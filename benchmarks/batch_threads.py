@@ -76,7 +76,8 @@ def main() -> int:
             for r in range(args.repeats):
                 load = os.getloadavg()[0]
                 times.append(_run(src, Path(tmp) / f"out_{len(rows)}_{r}", shards, threads))
-            rows.append({"config": name, "shards": shards, "threads_per_process": threads or max(1, budget.cpus // shards),
+            per_process = threads or max(1, budget.cpus // shards)
+            rows.append({"config": name, "shards": shards, "threads_per_process": per_process,
                          "seconds": round(min(times), 2), "all_seconds": [round(t, 2) for t in times],
                          "load_avg_1min_before": round(load, 2)})
             print(f"{name}: {min(times):.1f} s", flush=True)
@@ -87,7 +88,8 @@ def main() -> int:
     (RESULTS / "batch_threads.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"# Batch segmentation: threads per process ({args.images} images, {budget.describe()})", "",
              "| configuration | threads / process | wall time (s) | load avg before |", "|---|---|---|---|"]
-    lines += [f"| {r['config']} | {r['threads_per_process']} | {r['seconds']} | {r['load_avg_1min_before']} |" for r in rows]
+    lines += [f"| {r['config']} | {r['threads_per_process']} | {r['seconds']} | {r['load_avg_1min_before']} |"
+              for r in rows]
     lines += ["", f"Measured {result['date']}; other work on the machine (see load average) changes these figures."]
     (RESULTS / "batch_threads.md").write_text("\n".join(lines) + "\n")
     return 0

@@ -5,7 +5,6 @@ file modes following the umask, and compute threads sized from the CPUs availabl
 from __future__ import annotations
 
 import errno
-import json
 import os
 import shlex
 import stat
@@ -203,10 +202,11 @@ def test_threads_follow_the_option_and_the_shards(ckpt, tmp_path, caplog, monkey
     src = tmp_path / "in"
     _img(src / "a.jpg")
     caplog.set_level(logging.INFO)
-    assert main([str(src), "--out", str(tmp_path / "o1"), "--model", str(ckpt), "--workers", "0", "--threads", "3"]) == 0
+    common = ["--model", str(ckpt), "--workers", "0"]
+    assert main([str(src), "--out", str(tmp_path / "o1"), *common, "--threads", "3"]) == 0
     assert torch.get_num_threads() == 3 and "compute threads: 3 thread(s) as requested" in caplog.text
     monkeypatch.setattr("weclip_infer.threads.available_cpus", lambda: CpuBudget(4, 8, 4.0))
-    assert main([str(src), "--out", str(tmp_path / "o2"), "--model", str(ckpt), "--workers", "0", "--shard", "0/2"]) == 0
+    assert main([str(src), "--out", str(tmp_path / "o2"), *common, "--shard", "0/2"]) == 0
     assert torch.get_num_threads() == 2
     assert "4 CPU(s) available (8 in the affinity mask, CPU quota 4) shared by 2 processes" in caplog.text
     with pytest.raises(SystemExit) as e:

@@ -184,7 +184,8 @@ def test_resume_logs_an_input_whose_line_was_lost(tmp_path):
     s = run_folder(src, out, _process, workers=0, resume=True, progress=False)
     assert s["skipped_existing"] == 3
     recs = read_results(out / "results.jsonl")
-    assert len(recs) == 3 and recs[-1] == {"image": str(src / "g1.png"), "mask": "g1.png", "ok": True, "recovered": True}
+    assert len(recs) == 3
+    assert recs[-1] == {"image": str(src / "g1.png"), "mask": "g1.png", "ok": True, "recovered": True}
     run_folder(src, out, _process, workers=0, resume=True, progress=False)
     assert len(read_results(out / "results.jsonl")) == 3  # once only
 

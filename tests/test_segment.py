@@ -81,8 +81,9 @@ def test_kill_then_resume_matches_uninterrupted_run(ckpt, tmp_path):
     assert main([str(src), "--out", str(ref), "--model", str(ckpt), "--workers", "0", "--quiet"]) == 0
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "weclip_infer.segment", str(src), "--out", str(out), "--model", str(ckpt),
-                             "--workers", "1", "--quiet"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    proc = subprocess.Popen([sys.executable, "-m", "weclip_infer.segment", str(src), "--out", str(out),
+                             "--model", str(ckpt), "--workers", "1", "--quiet"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None and len(list(out.rglob("*.png"))) < 3:
@@ -120,7 +121,8 @@ def test_eval_cli_model_mode(ckpt, tmp_path):
     # identical to segmenting first and evaluating the folder
     assert seg_main([str(src), "--out", str(tmp_path / "pred2"), "--model", str(ckpt), "--workers", "0", "--quiet",
                      "--scales", "1", "--no-flip"]) == 0
-    rc2 = eval_main(["--pred", str(tmp_path / "pred2"), "--gt", str(gt), "--num-classes", "4", "--json", str(tmp_path / "m2.json")])
+    rc2 = eval_main(["--pred", str(tmp_path / "pred2"), "--gt", str(gt), "--num-classes", "4",
+                     "--json", str(tmp_path / "m2.json")])
     assert rc2 == 0 and json.loads((tmp_path / "m2.json").read_text())["miou"] == res["miou"]
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 from ..imageio import DEFAULT_MAX_PIXELS
-from .listing import DEFAULT_EXTS, InputError, check_output_location, scan_inputs, shard
+from .listing import DEFAULT_EXTS, check_output_location, scan_inputs, shard
 from .results import OutputWriteError
 
 __all__ = ["EXIT_OK", "EXIT_INPUTS_FAILED", "EXIT_USAGE", "EXIT_WRITE_FAILED", "EXIT_INTERRUPTED", "EXIT_TERMINATED",
@@ -61,7 +61,8 @@ def exit_code(summary: dict[str, Any]) -> int:
 def print_summary(summary: dict[str, Any], verb: str = "segmented", file=None) -> None:
     """The end-of-run lines: counts on stdout, ignored files and up to 20 failures on stderr."""
     file = file or sys.stdout
-    print(f"{verb} {summary['segmented']}, failed {summary['failed']}, skipped (existing) {summary['skipped_existing']} "
+    print(f"{verb} {summary['segmented']}, failed {summary['failed']}, "
+          f"skipped (existing) {summary['skipped_existing']} "
           f"of {summary['total']} in {summary['seconds']:.1f} s ({summary['images_per_s']:.2f} img/s)", file=file)
     if summary.get("ignored_summary"):
         print(f"  note: {summary['ignored_summary']}", file=sys.stderr)
@@ -90,7 +91,8 @@ def run_guarded(prog: str, fn: Callable[[], int], *, debug: bool = False,
             print_summary(s)
         return EXIT_WRITE_FAILED
     except Terminated:
-        print(f"{prog}: terminated (SIGTERM); finished outputs are kept, rerun with --resume to continue", file=sys.stderr)
+        print(f"{prog}: terminated (SIGTERM); finished outputs are kept, rerun with --resume to continue",
+              file=sys.stderr)
         return EXIT_TERMINATED
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; finished outputs are kept, rerun with --resume to continue", file=sys.stderr)
@@ -186,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=_positive_int, default=None,
                     help="compute threads for the model (default: the CPUs this process may use - affinity and "
                          "container quota - divided by the number of shards)")
-    ap.add_argument("--overlay", action="store_true", help="also write <name>_overlay.jpg, the mask blended over the image")
+    ap.add_argument("--overlay", action="store_true",
+                    help="also write <name>_overlay.jpg, the mask blended over the image")
     ap.add_argument("--crf", action="store_true", help="refine masks with DenseCRF (needs pydensecrf2; slower)")
     ap.add_argument("--scales", type=_parse_scales, default=None, metavar="S1,S2,...",
                     help="image scales to average, e.g. 1,0.75 (default: the model's setting)")

@@ -50,7 +50,9 @@ class Listing:
                        if r.startswith("extension not taken")})
         parts = []
         for reason, n in counts.most_common():
-            extra = f" ({', '.join(exts[:8])}{', ...' if len(exts) > 8 else ''})" if reason == "extension not taken" else ""
+            extra = ""
+            if reason == "extension not taken":
+                extra = f" ({', '.join(exts[:8])}{', ...' if len(exts) > 8 else ''})"
             parts.append(f"{n} {reason}{extra}")
         return f"{len(self.ignored)} file(s) ignored: " + ", ".join(parts)
 
@@ -137,7 +139,8 @@ def scan_inputs(src: Path, exts: Sequence[str] | str = DEFAULT_EXTS, *, keep_ext
     return Listing(items, ignored)
 
 
-def list_inputs(src: Path, exts: Sequence[str] | str = DEFAULT_EXTS, *, keep_ext: bool = False) -> list[tuple[Path, str]]:
+def list_inputs(src: Path, exts: Sequence[str] | str = DEFAULT_EXTS, *,
+                keep_ext: bool = False) -> list[tuple[Path, str]]:
     """``(path, output name)`` for a folder (recursive, filtered by extension, sorted) or a list
     file (one path per line, relative to the list's folder). See :func:`scan_inputs`."""
     return scan_inputs(src, exts, keep_ext=keep_ext).items
@@ -168,7 +171,8 @@ def check_output_location(src: Path, out: Path, items: Sequence[tuple[Path, str]
     if Path(src).is_dir():
         src_abs = Path(os.path.realpath(src))
         if out_abs == src_abs or src_abs in out_abs.parents:
-            raise InputError(f"--out {out} is {'the input folder' if out_abs == src_abs else 'inside the input folder'} "
+            where = "the input folder" if out_abs == src_abs else "inside the input folder"
+            raise InputError(f"--out {out} is {where} "
                              f"{src}: outputs would overwrite inputs or be read as inputs next time; "
                              "choose a folder outside it")
         return

@@ -21,7 +21,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Iterable, Union
+from typing import Any, Iterable, Optional, Union
 
 __all__ = ["ResultsLog", "read_results", "latest_by_image", "OutputWriteError", "FATAL_WRITE_ERRNOS"]
 
@@ -39,11 +39,12 @@ class OutputWriteError(OSError):
         self.path = str(path)
         self.cause = cause
         self.fatal = cause.errno in FATAL_WRITE_ERRNOS
+        self.summary: Optional[dict[str, Any]] = None  # the run's summary so far, set by the folder loop
         reason = cause.strerror or str(cause)
         super().__init__(cause.errno, f"could not write {self.path}: {reason}")
 
     def __str__(self) -> str:
-        return self.strerror
+        return self.strerror or ""
 
 
 class ResultsLog:

@@ -97,7 +97,8 @@ def _default_done_name(name: str) -> str:
 def run_folder(src: Union[str, os.PathLike], out: Union[str, os.PathLike], process: ProcessFn, *,
                done_name: Callable[[str], str] = _default_done_name,
                output_names: Optional[Callable[[str], Sequence[str]]] = None,
-               exts: Union[Sequence[str], str] = DEFAULT_EXTS, keep_ext: bool = False, listing: Optional[Listing] = None,
+               exts: Union[Sequence[str], str] = DEFAULT_EXTS, keep_ext: bool = False,
+               listing: Optional[Listing] = None,
                resume: bool = False, shard_spec: Optional[str] = None, workers: int = 2,
                max_pixels: int = DEFAULT_MAX_PIXELS, max_pending: int = 2, fsync_log: bool = True,
                progress: bool = True, desc: str = "images",
@@ -208,8 +209,11 @@ def run_folder(src: Union[str, os.PathLike], out: Union[str, os.PathLike], proce
                 if (p, n) not in todo_set and str(p) not in previous:
                     results.append({"image": str(p), "mask": done_name(n), "ok": True, "recovered": True})
         stream = source(todo) if source is not None else iter_decoded(todo, workers, max_pixels)
-        with contextlib.closing(stream) as decoded:
-            for item in decoded:
+        with contextlib.ExitStack() as stack:
+            close = getattr(stream, "close", None)
+            if close is not None:  # a generator: its workers stop as soon as the loop ends
+                stack.callback(close)
+            for item in stream:
                 if item.error is not None:
                     pending.append((item, None, item.error))
                 else:
@@ -226,7 +230,7 @@ def run_folder(src: Union[str, os.PathLike], out: Union[str, os.PathLike], proce
                 flush_one()
         results.close()  # the final flush to disk can fail too
     except OutputWriteError as e:
-        if not hasattr(e, "summary"):
+        if e.summary is None:
             e.summary = summary()
         raise
     finally:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence, Union
 
 import numpy as np
@@ -36,6 +35,7 @@ def image_result(item: DecodedImage, res: Any, overlay_out: bool = False) -> Ima
     ``results.jsonl`` fields; shared with the Ray engine so both write the same bytes."""
     files = {}
     if overlay_out:
+        assert item.image is not None, "only decoded inputs are segmented"
         files[overlay_name(item.name)] = encode_overlay_jpeg(item.image, res.labels, quality=90)
     files[mask_name(item.name)] = encode_label_png(res.labels.astype(np.uint8), voc_palette())
     t = dict(res.timings)
@@ -65,7 +65,8 @@ def _crf_pool(enabled: bool) -> Iterator[Any]:
 
 
 def segment_folder(segmenter, src: Union[str, os.PathLike], out: Union[str, os.PathLike], *,
-                   exts: Union[Sequence[str], str] = DEFAULT_EXTS, resume: bool = False, shard_spec: Optional[str] = None,
+                   exts: Union[Sequence[str], str] = DEFAULT_EXTS, resume: bool = False,
+                   shard_spec: Optional[str] = None,
                    workers: int = 2, overlay_out: bool = False, crf: Optional[bool] = None, scales=None,
                    flip: Optional[bool] = None, max_pixels: int = DEFAULT_MAX_PIXELS, keep_ext: bool = False,
                    listing: Optional[Listing] = None, progress: bool = True, fsync_log: bool = True) -> dict:
@@ -97,7 +98,8 @@ def segment_folder(segmenter, src: Union[str, os.PathLike], out: Union[str, os.P
 
         return run_folder(src, out, process, done_name=mask_name,
                           output_names=(lambda n: [mask_name(n), overlay_name(n)]) if overlay_out else mask_name_list,
-                          exts=exts, keep_ext=keep_ext, listing=listing, resume=resume, shard_spec=shard_spec, workers=workers,
+                          exts=exts, keep_ext=keep_ext, listing=listing, resume=resume, shard_spec=shard_spec,
+                          workers=workers,
                           max_pixels=max_pixels, progress=progress, fsync_log=fsync_log, desc="segment")
 
 

@@ -21,7 +21,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Any, Generator, Optional, Sequence, cast
 
 import numpy as np
 
@@ -113,7 +113,7 @@ def _identity(x):
 
 
 def iter_decoded(items: Sequence[tuple[Path, str]], workers: int = 2, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 prefetch: int = 4) -> Iterator[DecodedImage]:
+                 prefetch: int = 4) -> Generator[DecodedImage, None, None]:
     """Decode ``items`` in order with ``workers`` processes (0: in this process).
 
     At most ``workers * prefetch`` decoded images wait in memory. The workers are shut down when
@@ -129,8 +129,8 @@ def iter_decoded(items: Sequence[tuple[Path, str]], workers: int = 2, max_pixels
         return
     from torch.utils.data import DataLoader
 
-    loader = DataLoader(ds, batch_size=None, shuffle=False, num_workers=min(workers, len(ds)), prefetch_factor=prefetch,
-                        collate_fn=_identity, worker_init_fn=worker_initializer())
+    loader: Any = DataLoader(cast(Any, ds), batch_size=None, shuffle=False, num_workers=min(workers, len(ds)),
+                             prefetch_factor=prefetch, collate_fn=_identity, worker_init_fn=worker_initializer())
     it = iter(loader)
     try:
         yield from it
