@@ -9,8 +9,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from weclip_infer.batch.listing import (DEFAULT_EXTS, InputError, check_output_location, list_inputs, normalize_exts,
-                                        scan_inputs, shard)
+from weclip_infer.batch.listing import (
+    DEFAULT_EXTS,
+    InputError,
+    check_output_location,
+    list_inputs,
+    normalize_exts,
+    scan_inputs,
+    shard,
+)
 
 
 def _img(path: Path, fmt: str | None = None) -> None:
