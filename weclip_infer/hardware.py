@@ -58,7 +58,8 @@ class CpuFeatures:
 
 
 def _parse_cpuinfo(text: str) -> Tuple[str, FrozenSet[str]]:
-    model, flags = "", set()
+    model, flags = "", set[str]()
+
     for line in text.splitlines():
         key, _, value = line.partition(":")
         key = key.strip().lower()
@@ -184,7 +185,9 @@ def fast_fp32_matmul_available() -> Tuple[bool, str]:
     if not cpu_features().fast_bf16:
         return False, f"no native bf16 on this CPU ({cpu_features().isa})"
     g = torch.Generator().manual_seed(0)
-    a, b = torch.randn(256, 768, generator=g, dtype=torch.float64), torch.randn(768, 256, generator=g, dtype=torch.float64)
+    a = torch.randn(256, 768, generator=g, dtype=torch.float64)
+    b = torch.randn(768, 256, generator=g, dtype=torch.float64)
+
     ref = a @ b
     old = prec.fp32_precision
     try:

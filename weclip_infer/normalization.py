@@ -1,4 +1,4 @@
-"""Input normalisation (spec §1.2), defined once: the constants and how they are applied.
+"""Input normalisation, defined once: the constants and how they are applied.
 
 The authors' code normalises 0..255 RGB with ImageNet statistics (``imagenet``, the default);
 CLIP's own statistics (``clip``) are available as an option. Both act on the 0..255 scale.
@@ -13,16 +13,23 @@ import torch
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "CLIP_MEAN", "CLIP_STD", "NORMALIZATIONS", "mean_std",
            "normalize_array", "normalize_tensor"]
 
-IMAGENET_MEAN = (123.675, 116.28, 103.53)
-IMAGENET_STD = (58.395, 57.12, 57.375)
-CLIP_MEAN = tuple(255.0 * m for m in (0.48145466, 0.4578275, 0.40821073))
-CLIP_STD = tuple(255.0 * s for s in (0.26862954, 0.26130258, 0.27577711))
-
 Triple = Tuple[float, float, float]
+
+
+def _times_255(r: float, g: float, b: float) -> Triple:
+    return (255.0 * r, 255.0 * g, 255.0 * b)
+
+
+IMAGENET_MEAN: Triple = (123.675, 116.28, 103.53)
+IMAGENET_STD: Triple = (58.395, 57.12, 57.375)
+CLIP_MEAN = _times_255(0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = _times_255(0.26862954, 0.26130258, 0.27577711)
+
 NORMALIZATIONS: Dict[str, Tuple[Triple, Triple]] = {
-    "imagenet": (IMAGENET_MEAN, IMAGENET_STD),  # type: ignore[dict-item]
-    "clip": (CLIP_MEAN, CLIP_STD),  # type: ignore[dict-item]
+    "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+    "clip": (CLIP_MEAN, CLIP_STD),
 }
+
 
 
 def mean_std(kind: str) -> Tuple[Triple, Triple]:

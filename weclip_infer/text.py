@@ -49,9 +49,9 @@ def resolve_classes(cfg: TextConfig) -> ClassSpec:
     else:
         if not cfg.class_names:
             raise ConfigError("text.class_names: required for a custom dataset")
-        names, prompts, bg = cfg.class_names, cfg.class_prompts or cfg.class_names, cfg.bg_prompts
-        if bg is None:
-            bg = VOC_BACKGROUND
+        names, prompts = cfg.class_names, cfg.class_prompts or cfg.class_names
+        bg = cfg.bg_prompts if cfg.bg_prompts is not None else VOC_BACKGROUND
+
     if cfg.class_names is not None and cfg.dataset != "custom":
         names = cfg.class_names
     if cfg.class_prompts is not None:

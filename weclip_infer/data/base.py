@@ -76,7 +76,8 @@ class SegmentationDataset(Dataset):
 
     def _check_labels(self) -> None:
         C1 = len(self.class_names)
-        bad_len = [f"{s.name}: length {len(s.label)}" for s in self.samples if s.label is not None and len(s.label) != C1]
+        bad_len = [f"{s.name}: length {len(s.label)}" for s in self.samples
+                   if s.label is not None and len(s.label) != C1]
         if bad_len:
             raise DatasetError(_report(f"label vectors must have length {C1} (foreground classes)", bad_len))
         bad_val = [s.name for s in self.samples if s.label is not None and not np.all((s.label == 0) | (s.label == 1))]

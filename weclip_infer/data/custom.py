@@ -135,9 +135,11 @@ class CustomFolderDataset(SegmentationDataset):
             if csv_columns is not None:
                 class_names = csv_columns
             else:
-                class_names = _find_file(self.root, ["classes.txt", "classes.json", "class_names.txt", "class_names.json"])
+                class_names = _find_file(self.root,
+                                         ["classes.txt", "classes.json", "class_names.txt", "class_names.json"])
                 if class_names is None:
-                    raise DatasetError(f"{self.root}: class_names not given and no classes.txt / classes.json in the root")
+                    raise DatasetError(
+                        f"{self.root}: class_names not given and no classes.txt / classes.json in the root")
         classes = load_class_names(class_names)
         index = {c: i for i, c in enumerate(classes)}
 

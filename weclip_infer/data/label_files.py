@@ -104,7 +104,8 @@ def _load_label_npy(path: Path) -> dict:
             except Exception as e:  # noqa: BLE001
                 raise DatasetError(f"{path}: cannot read label file: {e}") from None
         else:
-            raise DatasetError(f"{path}: expected a pickled dict {{name: multi-hot}}, got a plain {dtype} array of shape {shape}")
+            raise DatasetError(
+                f"{path}: expected a pickled dict {{name: multi-hot}}, got a plain {dtype} array of shape {shape}")
     if isinstance(obj, np.ndarray) and obj.shape == ():
         obj = obj.item()
     if not isinstance(obj, dict):
@@ -206,7 +207,8 @@ def _label_vector(entry: Any, class_names: Sequence[str], image: str, index: Map
     try:
         return np.asarray(entry, dtype=np.float32).reshape(-1)
     except (TypeError, ValueError):
-        raise DatasetError(f"{image}: label must be a multi-hot vector or a list of class names, got {entry!r}") from None
+        raise DatasetError(
+            f"{image}: label must be a multi-hot vector or a list of class names, got {entry!r}") from None
 
 
 def _unknown_class_msg(image: str, cls: str, class_names: Sequence[str]) -> str:

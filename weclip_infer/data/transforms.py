@@ -174,9 +174,11 @@ class TrainTransform:
             ratio = r.uniform(*self.scale_range)
             h0, w0 = img.shape[:2]
             new_size = (max(1, int(ratio * w0)), max(1, int(ratio * h0)))  # max(1, ·): tiny inputs only
-            img = np.asarray(Image.fromarray(img).resize(new_size, resample=Image.BILINEAR))
+            img = np.asarray(Image.fromarray(img).resize(new_size, resample=Image.Resampling.BILINEAR))
             if mask is not None:
-                mask = np.asarray(Image.fromarray(mask.astype(np.uint8)).resize(new_size, resample=Image.NEAREST))
+                mask = np.asarray(Image.fromarray(mask.astype(np.uint8)).resize(new_size,
+                                                                                 resample=Image.Resampling.NEAREST))
+
         # 2. random horizontal flip (reference `random_fliplr`: flip when random() > 0.5).
         if self.flip and r.random() > 0.5:
             img = img[:, ::-1]
