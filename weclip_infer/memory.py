@@ -1,12 +1,13 @@
-"""Heap policy of a CPU process: training, batch segmentation, serving (glibc; no-ops elsewhere), issue 9.
+"""Heap policy of a CPU process: training, batch segmentation, serving (glibc; no-ops elsewhere).
 
 A training step allocates and frees hundreds of megabytes of temporaries, many of them larger
 than glibc's mmap threshold (32 MB at most, e.g. the ``B×C×H×W`` upsampled logits). Each such
 tensor is a fresh ``mmap``: the kernel zero-fills every page on first touch, and those page
-faults cost more than the arithmetic of the element-wise ops on it (an ``exp`` over 8.6 M floats:
-44 ms fresh, 9 ms on reused memory). ``reuse_freed_memory`` raises the mmap and trim thresholds,
-so freed blocks stay in the heap and the next step reuses them; ``trim_heap`` hands free pages
-back (after the model is built, whose loading buffers are never reused).
+faults cost more than the arithmetic of the element-wise ops on it (an ``exp`` over millions of
+floats is several times slower on fresh pages than on reused memory). ``reuse_freed_memory``
+raises the mmap and trim thresholds, so freed blocks stay in the heap and the next step reuses
+them; ``trim_heap`` hands free pages back (after the model is built, whose loading buffers are
+never reused).
 """
 from __future__ import annotations
 
