@@ -70,6 +70,8 @@ def main(argv=None) -> int:
     ap.add_argument("--bad-every", type=int, default=50, help="every N-th request is an undecodable body (0: none)")
     ap.add_argument("--sample-s", type=float, default=2.0, help="seconds between memory samples")
     ap.add_argument("--crf", action="store_true", help="dense CRF on every image")
+    ap.add_argument("--crf-backend", default=None, choices=("auto", "torch", "densecrf"),
+                    help="the archive's serve_config crf_backend (default: the library's)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     a = ap.parse_args(argv)
     for name in ("requests", "clients"):
@@ -89,7 +91,8 @@ def main(argv=None) -> int:
     tmp.mkdir()
     (root / "logs").mkdir()
     ports = free_ports()
-    build_mar(DEMO_MODEL_DIR, root / "store", name=MAR_NAME)
+    build_mar(DEMO_MODEL_DIR, root / "store", name=MAR_NAME,
+              serve_config={"crf_backend": a.crf_backend} if a.crf_backend else None)
     cfg = derive_config(torchserve_config_file(), root / "config.properties", ports, model_store=root / "store",
                         overrides={"vmargs": f"-Xmx1g -XX:+UseSerialGC -Djava.io.tmpdir={tmp}"})
     models = json.loads(read_properties(cfg)["models"])[MODEL_NAME]["1.0"]
@@ -172,7 +175,8 @@ def main(argv=None) -> int:
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                                                                 "loadavg_before": load_before,
                                                                 "loadavg_after": os.getloadavg()},
-        "model": "embedded demo model", "crf": a.crf, "samples": len(samples), "requests": a.requests,
+        "model": "embedded demo model", "crf": a.crf, "crf_backend": a.crf_backend or "default",
+        "samples": len(samples), "requests": a.requests,
         "clients": a.clients,
         "bad_every": a.bad_every, "batch_size": models["batchSize"], "max_batch_delay_ms": models["maxBatchDelay"],
         "startup_s": round(startup_s, 1), "wall_s": round(wall, 1), "throughput_rps": round(a.requests / wall, 2),
@@ -185,10 +189,10 @@ def main(argv=None) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d_%H%M%S")
-    stamp += "_crf" if a.crf else ""
+    stamp += f"_crf_{a.crf_backend or 'default'}" if a.crf else ""
     (out / f"soak_{stamp}.json").write_text(json.dumps(result, indent=1))
     md = [f"# Soak: {a.requests} requests, {a.clients} clients, TorchServe + demo model"
-          f"{' with CRF' if a.crf else ''} ({result['time']})", "",
+          f"{' with CRF (' + (a.crf_backend or 'default') + ' backend)' if a.crf else ''} ({result['time']})", "",
           f"- machine: {os.cpu_count()} CPUs, load average before {load_before[0]:.2f}, after "
           f"{result['machine']['loadavg_after'][0]:.2f} (other jobs shared the CPUs: throughput and latency are "
           "lower bounds; failures and memory are the point)",

@@ -229,6 +229,17 @@ def test_same_size_images_run_as_one_batch_per_scale(model_dir, segmenter, tmp_p
         assert _run(h, [{"body": bytearray(b)}])[0][0] == out[i]
 
 
+def test_serve_config_reaches_the_segmenter(model_dir, tmp_path):
+    from weclip_infer.serving.serve_config import validate_serve_config
+
+    h, _ = _handler(model_dir, tmp_path, crf_backend="torch", crf_max_pixels=12345, network_batch=6)
+    seg = h.service.segmenter
+    assert (seg.crf_backend, seg.crf_max_pixels, h.service.network.max_rows) == ("torch", 12345, 6)
+    for bad in ({"crf_backend": "fast"}, {"crf_max_pixels": 0}, {"network_batch": True}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            validate_serve_config(bad)
+
+
 def test_batch_failures_stay_with_their_request(model_dir, segmenter, tmp_path):
     h, _ = _handler(model_dir, tmp_path, network_batch=4)
     net = h.service.network

@@ -2,8 +2,10 @@
 
 Keys: ``backend`` (``auto``|``torchscript``|``onnx``|``eager``), ``max_pixels`` (default: the
 library's decode limit), default ``scales`` / ``flip`` / ``crf``, ``long_side``, ``num_threads``
-and ``network_batch`` (most images in one network call when the server batches requests; a
-flipped copy counts as one; default 16). Both the archive builder and every server read it through
+``network_batch`` (most images in one network call when the server batches requests; a
+flipped copy counts as one; default 16), ``crf_backend`` (``auto``|``torch``|``densecrf``) and
+``crf_max_pixels`` (images above it are refined at a reduced size); unset keys keep the library's
+defaults. Both the archive builder and every server read it through
 :func:`read_serve_config` / :func:`validate_serve_config`.
 """
 from __future__ import annotations
@@ -22,7 +24,8 @@ __all__ = ["SERVE_CONFIG", "BACKENDS", "SERVE_KEYS", "DEFAULT_NETWORK_BATCH", "r
 SERVE_CONFIG = "serve_config.json"
 BACKENDS = ("auto", "torchscript", "onnx", "eager")
 DEFAULT_NETWORK_BATCH = 16  # images per network call when requests are batched (a flipped copy counts)
-SERVE_KEYS = ("backend", "max_pixels", "scales", "flip", "crf", "long_side", "num_threads", "network_batch")
+SERVE_KEYS = ("backend", "max_pixels", "scales", "flip", "crf", "long_side", "num_threads", "network_batch",
+              "crf_backend", "crf_max_pixels")
 
 
 def validate_serve_config(cfg: Mapping[str, Any]) -> Dict[str, Any]:
@@ -37,8 +40,15 @@ def validate_serve_config(cfg: Mapping[str, Any]) -> Dict[str, Any]:
     if backend not in BACKENDS:
         raise ValueError(f"{SERVE_CONFIG}: backend must be one of {BACKENDS}, got {backend!r}")
     out["backend"] = backend
+    if out.get("crf_backend") is not None:
+        from ..crf import CRF_BACKENDS
+
+        crf_backend = str(out["crf_backend"]).lower()
+        if crf_backend not in CRF_BACKENDS:
+            raise ValueError(f"{SERVE_CONFIG}: crf_backend must be one of {CRF_BACKENDS}, got {crf_backend!r}")
+        out["crf_backend"] = crf_backend
     for key, default in (("max_pixels", DEFAULT_MAX_PIXELS), ("long_side", None), ("num_threads", None),
-                         ("network_batch", DEFAULT_NETWORK_BATCH)):
+                         ("network_batch", DEFAULT_NETWORK_BATCH), ("crf_max_pixels", None)):
         v = out.get(key, default)
         if v is None:
             continue
