@@ -52,13 +52,15 @@ def main() -> int:
     ap.add_argument("--rfm", required=True)
     ap.add_argument("--norfm", default=None)
     ap.add_argument("--full", default=None)
-    ap.add_argument("--noref", default=None, help="decoder trained with model.refine.use_refinement=false (CAM + PAR labels)")
+    ap.add_argument("--noref", default=None,
+                    help="decoder trained with model.refine.use_refinement=false (CAM + PAR labels)")
     ap.add_argument("--max-images", type=int, default=300)
     ap.add_argument("--batch", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-crf", action="store_true")
     ap.add_argument("--out", default=str(HERE / "results"))
-    ap.add_argument("--name", default="demo_ablation", help="output file stem (e.g. demo_ablation_badge for the badge world)")
+    ap.add_argument("--name", default="demo_ablation",
+                    help="output file stem (e.g. demo_ablation_badge for the badge world)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     from weclip_infer import Segmenter, load_checkpoint
@@ -91,7 +93,8 @@ def main() -> int:
         with torch.no_grad():
             tr = model.intermediates(x, cls, use_rfm=False)
             stages["initial CAM"].update(gt, labels_from_cams(tr["cam_init"], tr["cam_keys"], size).numpy())
-            stages["+ static refinement (CLIP-ES)"].update(gt, labels_from_cams(tr["cam_static"], tr["cam_keys"], size).numpy())
+            stages["+ static refinement (CLIP-ES)"].update(
+                gt, labels_from_cams(tr["cam_static"], tr["cam_keys"], size).numpy())
             stages["+ static refinement + PAR"].update(gt, tr["pseudo_label"].numpy())
             r.use_refinement = False
             stages["initial CAM + PAR (no refinement)"].update(gt, model.pseudo_labels(x, cls, use_rfm=False).numpy())
@@ -120,11 +123,13 @@ def main() -> int:
     dec = {}
     if a.norfm:
         seg_n = Segmenter(load_checkpoint(resolve(a.norfm), device="cpu"))
-        dec["decoder trained without RFM (static pseudo labels), single scale"] = eval_seg(seg_n, scales=[1.0], flip=False)["miou"]
+        dec["decoder trained without RFM (static pseudo labels), single scale"] = eval_seg(
+            seg_n, scales=[1.0], flip=False)["miou"]
         dec["decoder trained without RFM, multi-scale + flip"] = eval_seg(seg_n)["miou"]
     if a.noref:
         seg_r = Segmenter(load_checkpoint(resolve(a.noref), device="cpu"))
-        dec["decoder trained without refinement (initial CAM + PAR labels), multi-scale + flip"] = eval_seg(seg_r)["miou"]
+        dec["decoder trained without refinement (initial CAM + PAR labels), multi-scale + flip"] = (
+            eval_seg(seg_r)["miou"])
     dec["decoder trained with RFM, single scale"] = eval_seg(seg, scales=[1.0], flip=False)["miou"]
     ms = eval_seg(seg)
     dec["decoder trained with RFM, multi-scale + flip"] = ms["miou"]
@@ -168,9 +173,11 @@ def main() -> int:
     lines += [f"| {k} | {100 * v:.1f} |" for k, v in dec.items()]
     lines += ["", "Refining map R (paper Table 6), RFM pseudo labels + PAR, affinity from the RFM-trained decoder:", "",
               "| R | mIoU |", "|---|---|"]
-    label6 = {"af": "A_f only", "as": "A_s only (all maps averaged)", "g_as": "G·A_s", "af_as": "A_f ⊙ A_s", "all": "A_f ⊙ G·A_s (WeCLIP)"}
+    label6 = {"af": "A_f only", "as": "A_s only (all maps averaged)", "g_as": "G·A_s", "af_as": "A_f ⊙ A_s",
+              "all": "A_f ⊙ G·A_s (WeCLIP)"}
     lines += [f"| {label6[k]} | {100 * v:.1f} |" for k, v in t6.items()]
-    lines += ["", f"Zero-shot top-1 of the small CLIP on {total} single-object val images: {100 * zs:.1f}% (chance {100 / (C - 1):.1f}%)."]
+    lines += ["", f"Zero-shot top-1 of the small CLIP on {total} single-object val images: {100 * zs:.1f}% "
+                  f"(chance {100 / (C - 1):.1f}%)."]
     if full:
         lines.append(f"Weakly supervised (RFM, MS+flip) / fully supervised: {100 * ms['miou'] / full:.1f}%.")
     if crf_s:

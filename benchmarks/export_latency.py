@@ -56,7 +56,8 @@ def main(argv=None) -> int:
     cached = Path.home() / ".cache" / "weclip_infer" / "tests" / "reference_random_vitb16.pt"
     if clip is None and cached.is_file():
         clip = str(cached)
-    model = build_model({"backbone": {"clip_weights": clip or "random"}, "text": {"dataset": "voc"}}, device="cpu").eval()
+    model = build_model({"backbone": {"clip_weights": clip or "random"}, "text": {"dataset": "voc"}},
+                        device="cpu").eval()
     sizes = [tuple(int(v) for v in s.lower().split("x")) for s in a.sizes.split(",")]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

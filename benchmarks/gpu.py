@@ -1,4 +1,4 @@
-"""GPU checks and figures (issue 9), one prepared run on a CUDA machine:
+"""GPU checks and figures, one prepared run on a CUDA machine:
 
     python benchmarks/gpu.py --iters 500 --out results/gpu.json
 
@@ -60,7 +60,8 @@ def parity() -> dict:
             "loss_cpu": float(a["loss"]), "loss_cuda": float(b["loss"]),
         }
         if use_rfm:
-            out[key].update(affinity_rel=rel(a["affinity"], b["affinity"]), transition_rel=rel(a["transition"], b["transition"]),
+            out[key].update(affinity_rel=rel(a["affinity"], b["affinity"]),
+                            transition_rel=rel(a["transition"], b["transition"]),
                             layer_keep_equal=bool(torch.equal(a["layer_keep"], b["layer_keep"].cpu())),
                             layer_scores_rel=rel(a["layer_scores"], b["layer_scores"]),
                             layer_scores_cpu=a["layer_scores"].tolist())
@@ -141,8 +142,9 @@ def cli_run(tmp: Path, device: str = "cuda", iters: int = 40) -> dict:
                     "--n-val", "16", "--seed", "0"], check=True, env=env, capture_output=True)
     t = time.perf_counter()
     p = subprocess.run([sys.executable, "-m", "weclip_infer.train", "--config", "weclip_infer/configs/demo.yaml",
-                        f"data.root={world}", f"train.out_dir={tmp / 'run'}", f"train.device={device}", f"train.max_iters={iters}",
-                        f"model.refine.rfm_switch_iter={iters // 2}", "train.eval_every=0", f"train.checkpoint_every={iters // 2}",
+                        f"data.root={world}", f"train.out_dir={tmp / 'run'}", f"train.device={device}",
+                        f"train.max_iters={iters}", f"model.refine.rfm_switch_iter={iters // 2}", "train.eval_every=0",
+                        f"train.checkpoint_every={iters // 2}",
                         "train.tensorboard=false", "train.plots=false", "data.workers=2"],
                        env=env, capture_output=True, text=True)
     summary = {}

@@ -62,7 +62,8 @@ def main() -> int:
     sort = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
     (out / "profile_train.txt").write_text(
         "One training iteration, batch 4, 320², 2 classes/image, RFM on, full-size random ViT-B/16, "
-        f"{a.threads} threads, torch {torch.__version__}\n\n" + prof.key_averages().table(sort_by=sort, row_limit=40) + "\n")
+        f"{a.threads} threads, torch {torch.__version__}\n\n"
+        + prof.key_averages().table(sort_by=sort, row_limit=40) + "\n")
     with tempfile.TemporaryDirectory() as tmp:
         trace = Path(tmp) / "trace.json"
         prof.export_chrome_trace(str(trace))

@@ -234,7 +234,8 @@ def test_badge_style_layout_matches_flat_and_colours_only_the_badge():
             badge = visible & (dist <= rad - 1.5)
             body = visible & (dist >= rad + 1.5)
             # erode by a pixel so anti-aliased outlines don't count
-            inner = visible & np.roll(visible, 1, 0) & np.roll(visible, -1, 0) & np.roll(visible, 1, 1) & np.roll(visible, -1, 1)
+            inner = (visible & np.roll(visible, 1, 0) & np.roll(visible, -1, 0)
+                     & np.roll(visible, 1, 1) & np.roll(visible, -1, 1))
             badge, body = badge & inner, body & inner
             if badge.sum() < 10 or body.sum() < 10 or W.CLASS_NAMES[obj.class_id] == "diamond":
                 continue  # black diamonds look like the dark stripes

@@ -100,7 +100,8 @@ def test_fp32_fast_matmul_keeps_fp32_accuracy_and_restores_the_flag():
     ok, reason = fast_fp32_matmul_available()
     assert reason
     g = torch.Generator().manual_seed(0)
-    a, b = torch.randn(300, 768, generator=g, dtype=torch.float64), torch.randn(768, 200, generator=g, dtype=torch.float64)
+    a = torch.randn(300, 768, generator=g, dtype=torch.float64)
+    b = torch.randn(768, 200, generator=g, dtype=torch.float64)
     ref = a @ b
     before = torch.backends.mkldnn.matmul.fp32_precision
     with frozen_clip_arithmetic("fp32", "cpu") as path:

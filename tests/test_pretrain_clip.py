@@ -98,8 +98,8 @@ def test_world_token_ids_cover_prompts():
 def test_short_run_writes_loadable_clip(tmp_path):
     torch.manual_seed(0)
     out = tmp_path / "demo_clip"
-    res = pc.main(["--tiny", "--steps", "3", "--batch-size", "6", "--eval-zs", "8", "--eval-cam", "2", "--eval-every", "0",
-                   "--threads", "1", "--workers", "0", "--dtype", "fp32", "--out", str(out)])
+    res = pc.main(["--tiny", "--steps", "3", "--batch-size", "6", "--eval-zs", "8", "--eval-cam", "2",
+                   "--eval-every", "0", "--threads", "1", "--workers", "0", "--dtype", "fp32", "--out", str(out)])
     path = out / "clip.safetensors"
     assert path.is_file() and (out / "pretrain_log.csv").is_file()
     prov = json.loads((out / "provenance.json").read_text())
@@ -116,7 +116,8 @@ def test_short_run_writes_loadable_clip(tmp_path):
     with torch.no_grad():
         assert torch.equal(trained.encode_image(x), loaded.encode_image(x))
         t_a, t_b = trained.encode_text(tok), loaded.encode_text(tok)
-        assert (t_a - t_b).abs().max() < 1e-5, (t_a - t_b).abs().max()  # kept rows are exact; bitwise may differ by kernel choice
+        # the kept rows are exact; bitwise equality may differ by kernel choice
+        assert (t_a - t_b).abs().max() < 1e-5, (t_a - t_b).abs().max()
         assert torch.equal(trained.logit_scale, loaded.logit_scale)
     # FrozenCLIP (WeCLIP's forward) sees the same pooled embedding as open_clip's avg-pool tower
     fb = FrozenCLIP(loaded)
