@@ -48,6 +48,10 @@ DEFAULT_CRF_MAX_PIXELS = 1_000_000
 #: piece; above it, in bands of rows of about ``_BAND_ELEMENTS`` elements.
 _DENSE_MAP_ELEMENTS = 1 << 24
 _BAND_ELEMENTS = 1 << 22
+#: Above this many pixels, the resize to the network size reads only the rows/columns it needs.
+_GATHER_PIXELS = 4_000_000
+#: Above this many pixels, per-class scores are taken over a regular subsample of about this size.
+_SCORE_PIXELS = 1 << 20
 
 
 @dataclass
@@ -162,11 +166,19 @@ def labels_from_logits(logits: torch.Tensor, size: tuple[int, int], allowed: Opt
 
     The logits are resized bilinearly to ``size`` (``H×W``), classes outside ``allowed`` (a
     ``C`` bool mask) are excluded, and per pixel the argmax is the label; ``scores`` is the
-    highest softmax probability of each class over all pixels. Small maps (``C·H·W`` up to
-    16 Mi elements) are computed in one piece; larger ones band by band (rows), with the same
-    interpolation, so that memory stays at about 16 M floats plus the ``H×W`` label map whatever
-    the image size (the probabilities, when asked for, are ``4·C`` bytes per pixel). Returns
-    numpy ``(labels int64 H×W, scores float32 C, probs float32 C×H×W or None)``.
+    highest softmax probability of each class over the pixels. Small maps (``C·H·W`` up to
+    16 Mi elements) are computed in one piece. Larger ones never exist at full resolution:
+
+    * labels: a pixel between four grid points whose logits all pick the same class takes that
+      class (a weighted mean of logit vectors that agree on their maximum keeps it), so only the
+      grid cells that straddle a class boundary are interpolated, band by band, with the same
+      arithmetic as ``F.interpolate`` — the label map is the one-piece map;
+    * scores: the maximum over a regular subsample of at most ``_SCORE_PIXELS`` pixels (exact
+      below that), which differs from the maximum over all pixels by a tiny amount because the
+      logits are smooth at that scale;
+    * probabilities (``keep_probs``): computed band by band into a ``4·C`` bytes-per-pixel array.
+
+    Returns numpy ``(labels int64 H×W, scores float32 C, probs float32 C×H×W or None)``.
     """
     C, h, w = logits.shape
     H, W = size
@@ -180,24 +192,98 @@ def labels_from_logits(logits: torch.Tensor, size: tuple[int, int], allowed: Opt
         labels = channel_argmax(up, 0).cpu().numpy().astype(np.int64)
         return labels, scores, (probs.cpu().numpy() if keep_probs else None)
     dev = logits.device
-    c0, c1, cw0, cw1 = _linear_taps(w, W, dev)
-    r0, r1, rw0, rw1 = _linear_taps(h, H, dev)
+    allowed = allowed.to(dev) if allowed is not None else None
+    cols_t = _linear_taps(w, W, dev)
+    rows_t = _linear_taps(h, H, dev)
+    if keep_probs:
+        return _banded_full(logits, rows_t, cols_t, allowed)
+    labels = _labels_by_cells(logits, rows_t, cols_t, allowed)
+    step = max(1, math.ceil(math.sqrt(H * W / _SCORE_PIXELS)))
+    ri = torch.arange(0, H, step, device=dev)
+    ci = torch.arange(0, W, step, device=dev)
+    sub_rows = tuple(t[ri] for t in rows_t)
+    sub_cols = tuple(t[ci] for t in cols_t)
+    _, scores, _ = _banded_full(logits, sub_rows, sub_cols, allowed, want_labels=False)
+    return labels, scores, None
+
+
+def _banded_full(logits: torch.Tensor, rows_t: tuple, cols_t: tuple, allowed: Optional[torch.Tensor],
+                 want_labels: bool = True, want_probs: bool = True):
+    """Labels, scores and probabilities at every (row, column) tap, band by band."""
+    C = logits.shape[0]
+    r0, r1, rw0, rw1 = rows_t
+    c0, c1, cw0, cw1 = cols_t
+    H, W = r0.shape[0], c0.shape[0]
     cols = _lerp(logits[:, :, c0], cw0, logits[:, :, c1], cw1)  # C×h×W: resized along the width only
-    labels = np.empty((H, W), dtype=np.int64)
-    probs_np = np.empty((C, H, W), dtype=np.float32) if keep_probs else None
-    scores = torch.zeros(C, device=dev)
+    labels = np.empty((H, W), dtype=np.int64) if want_labels else None
+    probs_np = np.empty((C, H, W), dtype=np.float32) if (want_labels and want_probs) else None
+    scores = torch.zeros(C, device=logits.device)
     band = max(1, _BAND_ELEMENTS // (C * W))
     for a in range(0, H, band):
         b = min(H, a + band)
         up = _lerp(cols[:, r0[a:b]], rw0[a:b, None], cols[:, r1[a:b]], rw1[a:b, None])
         if allowed is not None:
-            up.masked_fill_(~allowed.to(dev)[:, None, None], float("-inf"))
+            up.masked_fill_(~allowed[:, None, None], float("-inf"))
         p = torch.softmax(up, dim=0)
         scores = torch.maximum(scores, p.flatten(1).max(dim=1).values)
-        labels[a:b] = channel_argmax(up, 0).cpu().numpy()
+        if labels is not None:
+            labels[a:b] = channel_argmax(up, 0).cpu().numpy()
         if probs_np is not None:
             probs_np[:, a:b] = p.cpu().numpy()
     return labels, scores.cpu().numpy(), probs_np
+
+
+def _segments(i0: torch.Tensor, i1: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Start/end of the runs of output positions that share the same pair of source taps."""
+    i0n, i1n = i0.cpu().numpy(), i1.cpu().numpy()
+    change = np.flatnonzero((i0n[1:] != i0n[:-1]) | (i1n[1:] != i1n[:-1])) + 1
+    starts = np.concatenate([[0], change])
+    return starts, np.concatenate([change, [i0n.shape[0]]])
+
+
+def _labels_by_cells(logits: torch.Tensor, rows_t: tuple, cols_t: tuple, allowed: Optional[torch.Tensor]) -> np.ndarray:
+    """The label map of :func:`labels_from_logits`, interpolating only the grid cells whose four
+    corners disagree on the class (see there)."""
+    C = logits.shape[0]
+    r0, r1, rw0, rw1 = rows_t
+    c0, c1, cw0, cw1 = cols_t
+    H, W = r0.shape[0], c0.shape[0]
+    masked = logits if allowed is None else logits.masked_fill(~allowed[:, None, None], float("-inf"))
+    corner = channel_argmax(masked, 0).cpu()  # h×w class of each grid point
+    masked_cpu = masked.cpu()
+    cs, ce = _segments(c0, c1)
+    widths = ce - cs
+    seg_c0, seg_c1 = c0.cpu()[cs], c1.cpu()[cs]
+    rs, re = _segments(r0, r1)
+    r0c, r1c = r0.cpu(), r1.cpu()
+    labels = np.empty((H, W), dtype=np.int64)
+    for a, b in zip(rs.tolist(), re.tolist()):
+        y0, y1 = int(r0c[a]), int(r1c[a])
+        k00, k01 = corner[y0, seg_c0], corner[y0, seg_c1]
+        k10, k11 = corner[y1, seg_c0], corner[y1, seg_c1]
+        agree = ((k00 == k01) & (k00 == k10) & (k00 == k11)).numpy()
+        labels[a:b] = np.repeat(k00.numpy(), widths)[None, :]
+        if agree.all():
+            continue
+        bad = torch.from_numpy(np.flatnonzero(~agree))
+        # Inside a cell every class's interpolated logit lies between its corner values, so only
+        # classes whose largest corner value reaches the best smallest corner value can win there.
+        corners = torch.stack([masked_cpu[:, y0, seg_c0[bad]], masked_cpu[:, y0, seg_c1[bad]],
+                               masked_cpu[:, y1, seg_c0[bad]], masked_cpu[:, y1, seg_c1[bad]]])  # 4×C×n
+        hi, lo = corners.amax(0), corners.amin(0)
+        cand = torch.nonzero((hi >= lo.amax(0, keepdim=True)).any(1)).squeeze(1)  # ascending class ids
+        idx = torch.from_numpy(np.flatnonzero(np.repeat(~agree, widths))).to(logits.device)
+        sub = logits[cand.to(logits.device)]
+        t0 = _lerp(sub[:, y0, c0[idx]], cw0[idx], sub[:, y0, c1[idx]], cw1[idx])  # K×n: source row y0
+        t1 = _lerp(sub[:, y1, c0[idx]], cw0[idx], sub[:, y1, c1[idx]], cw1[idx])
+        idx_np = idx.cpu().numpy()
+        cand_np = cand.numpy()
+        band = max(1, _BAND_ELEMENTS // (len(cand_np) * idx_np.shape[0]))
+        for u in range(a, b, band):
+            v = min(b, u + band)
+            up = _lerp(t0[:, None, :], rw0[u:v, None], t1[:, None, :], rw1[u:v, None])
+            labels[u:v, idx_np] = cand_np[channel_argmax(up, 0).cpu().numpy()]
+    return labels
 
 
 def _nearest_resize_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -357,8 +443,24 @@ class Segmenter:
 
     # ---- inference ------------------------------------------------------------------------------
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
-        """``H×W×3`` uint8 → normalised ``1×3×H×W`` on the device, resized to the long side."""
+        """``H×W×3`` uint8 → normalised ``1×3×H×W`` on the device, resized to the long side.
+
+        Above ``_GATHER_PIXELS`` pixels only the image rows and columns that the bilinear resize
+        reads are converted to float (the cost follows the network size, not the image size)."""
         arr = np.ascontiguousarray(image)
+        H, W = arr.shape[:2]
+        if self.long_side and H * W > _GATHER_PIXELS:
+            f = self.long_side / max(H, W)
+            h, w = max(int(H * f), 1), max(int(W * f), 1)
+            r0, r1, rw0, rw1 = _linear_taps(H, h, "cpu")
+            c0, c1, cw0, cw1 = _linear_taps(W, w, "cpu")
+
+            def rows(idx: torch.Tensor) -> torch.Tensor:  # h×W×3 normalised, then resized along the width
+                x = torch.from_numpy(arr[idx.numpy()]).float().sub_(self._mean.view(1, 1, 3)).div_(self._std.view(1, 1, 3))
+                return _lerp(x[:, c0], cw0[:, None], x[:, c1], cw1[:, None])
+
+            small = _lerp(rows(r0), rw0[:, None, None], rows(r1), rw1[:, None, None])  # h×w×3
+            return small.permute(2, 0, 1)[None].contiguous().to(self.device)
         if not arr.flags.writeable:
             arr = arr.copy()
         x = torch.from_numpy(arr).permute(2, 0, 1)[None].float()
