@@ -245,3 +245,16 @@ def test_cgroup_quota_v2_and_v1(tmp_path):
     assert cgroup_cpu_limit(v1, proc) == 3.0
     (v1 / "cpu,cpuacct" / "docker" / "cpu.cfs_quota_us").write_text("-1\n")
     assert cgroup_cpu_limit(v1, proc) is None
+
+
+def test_unwritable_output_fails_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    src = tmp_path / "in"
+    _img(src / "a.jpg")
+    (tmp_path / "file").write_text("x")
+
+    def no_model(*a, **k):
+        raise AssertionError("the model must not be loaded")
+
+    monkeypatch.setattr("weclip_infer.predictor.Segmenter.from_pretrained", no_model)
+    assert main([str(src), "--out", str(tmp_path / "file" / "out"), "--model", "x", "--quiet"]) == 3
+    assert "could not write" in capsys.readouterr().err

@@ -12,11 +12,12 @@ See ``docs/batch.md``.
 """
 from .listing import DEFAULT_EXTS, InputError, Listing, check_output_location, list_inputs, scan_inputs, shard
 from .results import OutputWriteError, ResultsLog, read_results
-from .runner import RESULTS_NAME, Deferred, ImageResult, run_folder
+from .runner import RESULTS_NAME, Deferred, ImageResult, check_writable, run_folder
 from .workers import DecodedImage, iter_decoded, worker_initializer
 
 __all__ = ["DEFAULT_EXTS", "InputError", "Listing", "check_output_location", "list_inputs", "scan_inputs", "shard",
            "OutputWriteError", "ResultsLog", "read_results", "RESULTS_NAME", "Deferred", "ImageResult", "run_folder",
+           "check_writable",
            "DecodedImage", "iter_decoded", "worker_initializer", "segment_folder"]
 
 

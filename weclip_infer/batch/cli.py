@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 from ..imageio import DEFAULT_MAX_PIXELS
 from .listing import DEFAULT_EXTS, check_output_location, scan_inputs, shard
 from .results import OutputWriteError
+from .runner import check_writable
 
 __all__ = ["EXIT_OK", "EXIT_INPUTS_FAILED", "EXIT_USAGE", "EXIT_WRITE_FAILED", "EXIT_INTERRUPTED", "EXIT_TERMINATED",
            "Terminated", "graceful_termination", "exit_code", "run_guarded", "print_summary", "main"]
@@ -228,6 +229,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         listing = scan_inputs(a.input, normalize_exts(a.ext), keep_ext=a.keep_ext)
         check_output_location(a.input, a.out, listing.items,
                               lambda n: [mask_name(n), overlay_name(n)] if a.overlay else [mask_name(n)])
+        check_writable(a.out)
         apply_threads(plan_threads(processes=shard_n, requested=a.threads))
         if a.engine == "ray":
             from ..ray import require_ray

@@ -38,7 +38,7 @@ from .listing import DEFAULT_EXTS, Listing, check_output_location, scan_inputs, 
 from .results import OutputWriteError, ResultsLog, latest_by_image, read_results
 from .workers import DecodedImage, iter_decoded
 
-__all__ = ["ImageResult", "Deferred", "run_folder", "RESULTS_NAME"]
+__all__ = ["ImageResult", "Deferred", "run_folder", "check_writable", "RESULTS_NAME"]
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,17 @@ def _signals_deferred():
             signal.signal(s, h)
         for s in dict.fromkeys(caught):
             signal.raise_signal(s)
+
+
+def check_writable(out: Union[str, os.PathLike]) -> None:
+    """Create ``out`` and open its results log for appending, so that a read-only or full output
+    location fails with :class:`OutputWriteError` before a model is loaded."""
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputWriteError(out, e) from e
+    ResultsLog(out / RESULTS_NAME, fsync=False).open().close()
 
 
 def _default_done_name(name: str) -> str:
