@@ -232,3 +232,19 @@ def test_fsync_policy(tmp_path, monkeypatch):
     assert synced == []
     with pytest.raises(ValueError):
         ResultsLog(tmp_path / "d.jsonl", fsync_interval_s=-1)
+
+
+def test_stale_temp_files_removed_unless_another_run_writes_there(tmp_path):
+    import fcntl
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    _folder(src, 1, 0)
+    out.mkdir()
+    stale = out / ".g0.png.abc123.tmp"
+    stale.write_bytes(b"half")
+    with open(out / "results.jsonl", "ab") as other:  # another run (a shard) holds the folder
+        fcntl.flock(other.fileno(), fcntl.LOCK_SH)
+        run_folder(src, out, _process, workers=0, progress=False)
+        assert stale.exists()  # may be that run's file in flight: left alone
+    run_folder(src, out, _process, workers=0, progress=False)
+    assert not stale.exists()  # nobody else here: a killed run's leftover, removed

@@ -107,6 +107,12 @@ class ResultsLog:
         except OSError as e:
             raise OutputWriteError(self.path, e) from e
 
+    def fileno(self) -> int:
+        """The open file descriptor (e.g. to ``flock`` the log)."""
+        if self._fd is None:
+            raise ValueError("ResultsLog is not open")
+        return self._fd
+
     def close(self) -> None:
         """Flush pending lines to disk and close; :class:`OutputWriteError` if the flush fails."""
         if self._fd is None:

@@ -101,6 +101,31 @@ def check_writable(out: Union[str, os.PathLike]) -> None:
     ResultsLog(out / RESULTS_NAME, fsync=False).open().close()
 
 
+def _remove_stale_temp_files(out: Path, log_fd: int) -> None:
+    """Remove the hidden temp files a killed run left in ``out`` (atomic writes never expose
+    them) — unless another run is writing into ``out`` right now (shards sharing a folder), whose
+    temp files are live. Every run holds a shared ``flock`` on its results log; the clean-up
+    needs it exclusively for a moment."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): clean as before
+        fcntl = None  # type: ignore[assignment]
+    if fcntl is not None:
+        try:
+            fcntl.flock(log_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fcntl.flock(log_fd, fcntl.LOCK_SH)
+            log.info("another run is writing into %s: its temporary files are left alone", out)
+            return
+    try:
+        for stale in out.rglob(".*.tmp"):
+            with contextlib.suppress(OSError):
+                stale.unlink()
+    finally:
+        if fcntl is not None:
+            fcntl.flock(log_fd, fcntl.LOCK_SH)
+
+
 def _default_done_name(name: str) -> str:
     return f"{name}.png"
 
@@ -143,9 +168,6 @@ def run_folder(src: Union[str, os.PathLike], out: Union[str, os.PathLike], proce
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise OutputWriteError(out, e) from e
-    for stale in out.rglob(".*.tmp"):  # temp files of a killed run (atomic writes never expose them)
-        with contextlib.suppress(OSError):
-            stale.unlink()
     todo = [(p, n) for p, n in items if not (resume and (out / done_name(n)).is_file())]
     previous = latest_by_image(read_results(out / RESULTS_NAME)) if resume else {}
     counts = {"ok": 0, "bad": 0, "write": 0}
@@ -167,6 +189,7 @@ def run_folder(src: Union[str, os.PathLike], out: Union[str, os.PathLike], proce
     except OutputWriteError as e:
         e.summary = summary()
         raise
+    _remove_stale_temp_files(out, results.fileno())
     bar = tqdm(total=len(todo), disable=not progress, unit="img", desc=desc)
     pending: deque = deque()  # (item, ImageResult | Deferred | None, error or None)
 
