@@ -113,6 +113,27 @@ def test_ray_engine_equals_local_engine(ray_cluster, model_dir, tmp_path, capsys
     assert failed(out_local.err) == failed(out_ray.err) and len(failed(out_ray.err)) == 4
 
 
+def test_crf_stage_equals_local_engine(ray_cluster, model_dir, tmp_path, capsys):
+    from weclip_infer.crf import crf_available
+
+    if not crf_available():
+        pytest.skip("DenseCRF not installed (pip install -e '.[crf]')")
+    src = _good_and_bad(tmp_path, 3)
+    rc_local = _segment([src, "--out", tmp_path / "local", "--model", model_dir, "--crf", "--workers", "1", *COMMON])
+    rc_ray = _segment([src, "--out", tmp_path / "ray", "--model", model_dir, "--crf", "--engine", "ray",
+                       "--address", ray_cluster, *COMMON])
+    assert rc_local == rc_ray == 1
+    assert _tree(tmp_path / "local") == _tree(tmp_path / "ray")
+    assert _records(tmp_path / "local") == _records(tmp_path / "ray")
+    assert all("crf" in r["timings"] for r in read_results_ok(tmp_path / "ray"))
+
+
+def read_results_ok(out: Path) -> list:
+    from weclip_infer.batch.results import read_results
+
+    return [r for r in read_results(out / "results.jsonl") if r["ok"]]
+
+
 def test_resume_after_driver_kill(ray_cluster, model_dir, tmp_path):
     """SIGKILL the driver mid-run, then --resume: the same files as an uninterrupted local run."""
     src = _good_and_bad(tmp_path, 18, size=(400, 400))

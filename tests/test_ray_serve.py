@@ -11,9 +11,12 @@ import http.client
 import io
 import json
 import os
+import signal
 import socket
 import stat
 import struct
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -352,3 +355,37 @@ def test_concurrent_soak(ray_server, segmenter):
     assert not errors, errors[:5]
     assert results.count("bad-ok") == 5
     print(f"100 requests, 4 clients: {dt:.1f} s, {100 / dt:.1f} req/s")
+
+
+def test_cli_serves_and_stops_on_sigint(model_dir, tmp_path):
+    """``weclip-serve-ray`` end to end: its own private Ray, a token file, a prediction, a clean stop."""
+    token_file = write_new_token(str(tmp_path / "token"))
+    token = open(token_file).read().strip()
+    port = _free_port()
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "weclip_infer.ray.cli", "--model", str(model_dir), "--port",
+                             str(port), "--token-file", token_file, "--cluster-cpus", "2", "--num-cpus", "1"],
+                            stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, RAY_USAGE_STATS_ENABLED="0"))
+    srv = _Server(port, token)
+    try:
+        deadline, ready = time.time() + 300, False
+        while time.time() < deadline and proc.poll() is None and not ready:
+            try:
+                ready = srv.request("/ping", method="GET", token=None)[0] == 200
+            except OSError:
+                time.sleep(1)
+        assert ready, (tmp_path / "serve.log").read_text()[-3000:]
+        while time.time() < deadline and "serving http://127.0.0.1" not in (tmp_path / "serve.log").read_text():
+            time.sleep(0.5)  # the stop handlers are in place once the CLI says it is serving
+        img = _img(40, 56, seed=11)
+        code, ctype, body = srv.predict(img)
+        assert code == 200 and ctype.startswith("image/png") and _decode_png(body).shape == (40, 56)
+        assert srv.predict(img, token=None)[0] == 401
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 0, (tmp_path / "serve.log").read_text()[-3000:]
+        assert "stopping" in (tmp_path / "serve.log").read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=60)
+        log.close()

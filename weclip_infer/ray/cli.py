@@ -177,6 +177,7 @@ def main(argv=None) -> int:
     auth.add_argument("--no-auth", action="store_true", help="serve WITHOUT authentication (trusted networks only)")
     ap.add_argument("--debug", action="store_true", help="full tracebacks")
     a = ap.parse_args(argv)
+    cfg: Optional[Dict[str, Any]] = None
     logging.basicConfig(level=logging.DEBUG if a.debug else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         from . import require_ray
@@ -193,25 +194,53 @@ def main(argv=None) -> int:
         resolve_token(args["auth"], args["token_env"], args["token_file"])  # refuse before starting Ray
         _init_ray(a.address, a.cluster_cpus)
         url = deploy(cfg)
+    except KeyboardInterrupt:
+        print("weclip-serve-ray: interrupted while starting", file=sys.stderr)
+        _shutdown(a.address, cfg_app_name(cfg) if cfg else None)
+        return 130
     except Exception as e:  # noqa: BLE001
         if a.debug:
             raise
         print(f"weclip-serve-ray: error: {e}", file=sys.stderr)
+        _shutdown(a.address, cfg_app_name(cfg) if cfg else None)
         return 2
-    hdr = "" if a.no_auth else ' -H "Authorization: Bearer $(cat TOKEN_FILE)"' if token_file else \
-        f' -H "Authorization: Bearer ${args["token_env"]}"'
-    print(f"serving {url}\n  curl{hdr} --data-binary @photo.jpg {url} -o mask.png\nCtrl-C stops.", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
-    from ray import serve
+    hdr = "" if a.no_auth else f' -H "Authorization: Bearer $(cat {token_file})"' if token_file else \
+        f' -H "Authorization: Bearer ${args["token_env"]}"'
+    print(f"serving {url}\n  curl{hdr} --data-binary @photo.jpg {url} -o mask.png\nCtrl-C stops.", flush=True)
+    try:
+        while not stop.wait(1.0):
+            pass
+    except KeyboardInterrupt:
+        pass
+    print("stopping", flush=True)
+    _shutdown(a.address, cfg_app_name(cfg))
+    return 0
 
-    serve.shutdown()
+
+def cfg_app_name(cfg: Dict[str, Any]) -> str:
+    app = next(x for x in cfg["applications"] if x.get("import_path") == _IMPORT_PATH)
+    return str(app.get("name", "weclip"))
+
+
+def _shutdown(address: Optional[str], app_name: Optional[str]) -> None:
+    """On a private Ray: stop Serve and Ray. On a shared cluster: delete only our application
+    (other Serve applications keep running) and disconnect."""
     import ray
 
-    ray.shutdown()
-    return 0
+    if not ray.is_initialized():
+        return
+    from ray import serve
+
+    try:
+        if address is None:
+            serve.shutdown()
+        elif app_name:
+            serve.delete(app_name)
+    finally:
+        ray.shutdown()
 
 
 if __name__ == "__main__":
