@@ -5,6 +5,7 @@ file modes following the umask, and compute threads sized from the CPUs availabl
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shlex
 import stat
@@ -258,3 +259,23 @@ def test_unwritable_output_fails_before_the_model_loads(tmp_path, monkeypatch, c
     monkeypatch.setattr("weclip_infer.predictor.Segmenter.from_pretrained", no_model)
     assert main([str(src), "--out", str(tmp_path / "file" / "out"), "--model", "x", "--quiet"]) == 3
     assert "could not write" in capsys.readouterr().err
+
+
+def test_two_shards_at_once_into_one_folder(ckpt, tmp_path):
+    """Both shards write into the same folder at the same time: every mask, one whole log line each."""
+    import subprocess
+    import sys
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    for i in range(16):
+        _img(src / f"i{i:02d}.jpg", size=(120, 160), seed=i)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-m", "weclip_infer.segment", str(src), "--out", str(out), "--model",
+                               str(ckpt), "--workers", "1", "--quiet", "--shard", f"{i}/2"], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    assert len(list(out.glob("*.png"))) == 16 and not list(out.rglob("*.tmp"))
+    lines = (out / "results.jsonl").read_text().splitlines()
+    assert len(lines) == 16 and sorted(json.loads(x)["mask"] for x in lines) == [f"i{i:02d}.png" for i in range(16)]
