@@ -209,9 +209,23 @@ def test_crf_pixel_budget_refines_large_images_at_reduced_size(tiny_model, backe
     h, w = res.crf_size
     assert h * w <= 5000 and abs(w / h - 200 / 150) < 0.05
     assert res.labels.shape == (150, 200) and "crf" in res.timings
-    small = seg.predict(_rgb(50, 60, seed=4))  # under the budget: refined at full size
+    flat = np.zeros((50, 60, 3), np.uint8)
+    flat[:, 30:] = (200, 40, 40)
+    small = seg.predict(flat)  # under the budget: refined at full size
     assert small.crf_size == (50, 60)
-    assert seg.predict(_rgb(50, 60, seed=4), crf=False).crf_size is None
+    assert seg.predict(flat, crf=False).crf_size is None
+    if backend == "torch":
+        # noise: every pixel its own colour, ~5 lattice vertices per pixel, over the content cap
+        from weclip_infer.predictor import CRF_VERTICES_PER_PIXEL
+
+        noisy = seg.predict(_rgb(50, 60, seed=4))
+        h, w = noisy.crf_size
+        assert h * w < 50 * 60 and noisy.labels.shape == (50, 60)
+        from weclip_infer.crf.permutohedral import PermutohedralLattice, pixel_features
+
+        small_img = np.asarray(Image.fromarray(_rgb(50, 60, seed=4)).resize((w, h), Image.BILINEAR))
+        lat = PermutohedralLattice(pixel_features(h, w, 64, torch.from_numpy(small_img.copy()), 5))
+        assert lat.M <= CRF_VERTICES_PER_PIXEL * 5000
 
 
 def test_crf_options_are_validated(tiny_model):

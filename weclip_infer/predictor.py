@@ -31,7 +31,7 @@ from .normalization import mean_std
 from .imageio import DEFAULT_MAX_PIXELS, ImageSource, load_image
 from .tensor_ops import channel_argmax
 
-__all__ = ["CHECKPOINT_BACKENDS", "DEFAULT_CRF_MAX_PIXELS", "SegmentationResult", "Segmenter", "fuse_multiscale",
+__all__ = ["CHECKPOINT_BACKENDS", "CRF_VERTICES_PER_PIXEL", "DEFAULT_CRF_MAX_PIXELS", "SegmentationResult", "Segmenter", "fuse_multiscale",
            "labels_from_logits", "pad_to_patch", "resize_long_side"]
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,10 @@ Backend = Callable[[torch.Tensor], torch.Tensor]
 
 #: Largest image (pixels) that DenseCRF refines at full resolution; larger ones are refined at a
 #: reduced size with this many pixels and their label map is scaled up (nearest neighbour).
-DEFAULT_CRF_MAX_PIXELS = 1_000_000
+DEFAULT_CRF_MAX_PIXELS = 500_000
+#: The torch CRF's content cap: lattice vertices allowed per pixel of ``crf_max_pixels`` (smooth
+#: photos need far below one; per-pixel noise needs about five).
+CRF_VERTICES_PER_PIXEL = 2.0
 #: Up to this many elements (classes × pixels) the full-resolution logit map is built in one
 #: piece; above it, in bands of rows of about ``_BAND_ELEMENTS`` elements.
 _DENSE_MAP_ELEMENTS = 1 << 24
@@ -524,31 +527,44 @@ class Segmenter:
              probs: Optional[np.ndarray]) -> tuple[np.ndarray, tuple[int, int]]:
         """DenseCRF labels at the original size. Images above ``crf_max_pixels`` are refined at a
         reduced size (same aspect ratio, antialiased image, probabilities resized from the
-        logits) and the refined label map is scaled up with nearest neighbour."""
+        logits) and the refined label map is scaled up with nearest neighbour. With the torch
+        backend the work is also capped by content: an image whose colours spread over more
+        than ``CRF_VERTICES_PER_PIXEL × crf_max_pixels`` lattice vertices (noise-like content,
+        where a fully connected CRF costs most) is refined at the size that fits."""
         from PIL import Image
 
         from .crf import refine, resolve_crf_backend
+        from .crf.permutohedral import LatticeTooLargeError
 
         backend = resolve_crf_backend(self.crf_backend)
         H0, W0 = img.shape[:2]
-        if probs is None:
-            f = math.sqrt(self.crf_max_pixels / (H0 * W0))
-            hc, wc = max(1, int(H0 * f)), max(1, int(W0 * f))
-            small = np.asarray(Image.fromarray(img).resize((wc, hc), Image.BILINEAR))
-            with torch.inference_mode():
-                up = F.interpolate(logits.float()[None], size=(hc, wc), mode="bilinear", align_corners=False)[0]
-                if allowed is not None:
-                    up.masked_fill_(~allowed.to(up.device)[:, None, None], float("-inf"))
-                p = torch.softmax(up, dim=0)
-        else:
-            hc, wc, small = H0, W0, img
-            p = torch.from_numpy(probs)
-        with torch.inference_mode():
-            if backend == "torch":
-                p_dev = p.to(self.device)
-                q = refine(torch.from_numpy(np.require(small, requirements=["C", "W"])).to(self.device), p_dev, backend)
+        budget = min(self.crf_max_pixels, H0 * W0)
+        max_vertices = int(CRF_VERTICES_PER_PIXEL * self.crf_max_pixels)
+        for _ in range(4):
+            if probs is not None and budget >= H0 * W0:
+                hc, wc, small = H0, W0, img
+                p = torch.from_numpy(probs)
             else:
-                q = refine(small, p.cpu().numpy(), backend)
+                f = math.sqrt(budget / (H0 * W0))
+                hc, wc = max(1, int(H0 * f)), max(1, int(W0 * f))
+                small = np.asarray(Image.fromarray(img).resize((wc, hc), Image.BILINEAR))
+                with torch.inference_mode():
+                    up = F.interpolate(logits.float()[None], size=(hc, wc), mode="bilinear", align_corners=False)[0]
+                    if allowed is not None:
+                        up.masked_fill_(~allowed.to(up.device)[:, None, None], float("-inf"))
+                    p = torch.softmax(up, dim=0)
+            try:
+                with torch.inference_mode():
+                    if backend == "torch":
+                        small_t = torch.from_numpy(np.require(small, requirements=["C", "W"])).to(self.device)
+                        q = refine(small_t, p.to(self.device), backend, max_vertices=max_vertices)
+                    else:
+                        q = refine(small, p.cpu().numpy(), backend)
+                break
+            except LatticeTooLargeError as e:  # shrink so that the vertex count fits, then retry
+                budget = max(1, int(hc * wc * 0.9 * max_vertices / e.vertices))
+        else:
+            raise RuntimeError("CRF: the image is too complex to refine within the CRF budget")
         labels = q.argmax(0).astype(np.int64)
         if (hc, wc) != (H0, W0):
             labels = _nearest_resize_labels(labels, (H0, W0))

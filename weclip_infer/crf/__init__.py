@@ -19,7 +19,7 @@ refine: :class:`~weclip_infer.predictor.Segmenter` refines at most ``crf_max_pix
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -48,10 +48,11 @@ def dense_crf_torch(*args: Any, **kwargs: Any):
     return impl(*args, **kwargs)
 
 
-def refine(image: Any, probs: Any, backend: str = "auto") -> np.ndarray:
+def refine(image: Any, probs: Any, backend: str = "auto", max_vertices: Optional[int] = None) -> np.ndarray:
     """CRF marginals ``C×H×W`` (numpy float32) for one ``H×W×3`` uint8 image and ``C×H×W``
     probabilities, with the chosen backend. The torch backend runs on ``probs``' device when it
-    is a tensor (CPU for numpy input)."""
+    is a tensor (CPU for numpy input); ``max_vertices`` caps its lattice (see
+    :func:`~weclip_infer.crf.permutohedral.dense_crf_torch`)."""
     backend = resolve_crf_backend(backend)
     if backend == "densecrf":
         return dense_crf(image, probs)
@@ -61,7 +62,7 @@ def refine(image: Any, probs: Any, backend: str = "auto") -> np.ndarray:
     p_t = probs if isinstance(probs, torch.Tensor) else torch.from_numpy(np.require(probs, requirements=["C", "W"]))
     if img_t.dtype != torch.uint8:
         raise ValueError(f"CRF: image must be uint8 (the original RGB image), got {img_t.dtype}")
-    q = dense_crf_torch([img_t.to(p_t.device)], [p_t])[0]
+    q = dense_crf_torch([img_t.to(p_t.device)], [p_t], max_vertices=max_vertices)[0]
     return q.cpu().numpy()
 
 

@@ -19,7 +19,17 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["PermutohedralLattice", "dense_crf_torch", "pixel_features"]
+__all__ = ["LatticeTooLargeError", "PermutohedralLattice", "dense_crf_torch", "pixel_features"]
+
+
+class LatticeTooLargeError(RuntimeError):
+    """The appearance lattice of an image has more vertices than the caller allows
+    (``.vertices``); its cost per mean-field step grows with that number."""
+
+    def __init__(self, vertices: int, limit: int):
+        super().__init__(f"the CRF lattice has {vertices} vertices, more than the limit {limit}")
+        self.vertices = vertices
+        self.limit = limit
 
 
 class PermutohedralLattice:
@@ -318,12 +328,14 @@ def _softmax_rows_(e: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def dense_crf_torch(images: Sequence[torch.Tensor], probs: Sequence[torch.Tensor], iters: int = 10,
                     gauss_sxy: float = 3, gauss_compat: float = 3, bi_sxy: float = 64, bi_srgb: float = 5,
-                    bi_compat: float = 4) -> list:
+                    bi_compat: float = 4, max_vertices: Optional[int] = None) -> list:
     """Mean-field DenseCRF for a batch of images (sizes may differ; all on one device).
 
     ``images``: ``H×W×3`` uint8 tensors; ``probs``: ``C×H×W`` class probabilities (same ``C``
     for all). Same parameters and defaults as :func:`weclip_infer.crf.dense_crf`. Returns the
-    ``C×H×W`` float32 marginals per image, on the images' device.
+    ``C×H×W`` float32 marginals per image, on the images' device. ``max_vertices``: raise
+    :class:`LatticeTooLargeError` before any mean-field step when the appearance lattice has
+    more vertices (noise-like images), so the caller can retry at a smaller size.
     """
     if len(images) != len(probs) or not images:
         raise ValueError("dense_crf_torch: need the same positive number of images and probability maps")
@@ -338,9 +350,12 @@ def dense_crf_torch(images: Sequence[torch.Tensor], probs: Sequence[torch.Tensor
     sizes = [tuple(p.shape[1:]) for p in probs]
     unary = torch.cat([p.to(dev).float().reshape(C, -1).t() for p in probs], 0).clamp_(1e-5, 1.0).log_()  # = -U, N×C
     bi_feats = torch.cat([pixel_features(h, w, bi_sxy, im.to(dev), bi_srgb) for (h, w), im in zip(sizes, images)], 0)
-    kernels = [_Kernel(_grid_lattice(sizes, gauss_sxy, dev), float(gauss_compat)),
-               _Kernel(PermutohedralLattice(bi_feats, _groups(sizes, dev)), float(bi_compat))]
+    bi_lattice = PermutohedralLattice(bi_feats, _groups(sizes, dev))
     del bi_feats
+    if max_vertices is not None and bi_lattice.M > max_vertices:
+        raise LatticeTooLargeError(bi_lattice.M, int(max_vertices))
+    kernels = [_Kernel(_grid_lattice(sizes, gauss_sxy, dev), float(gauss_compat)),
+               _Kernel(bi_lattice, float(bi_compat))]
     q = _softmax_rows_(unary.clone())
     for _ in range(int(iters)):
         energy = kernels[0].apply(q)
