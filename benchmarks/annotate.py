@@ -106,7 +106,8 @@ def main() -> int:
     ap.add_argument("--max-images", type=int, default=300)
     ap.add_argument("--calib-images", type=int, default=200, help="train-split images for the tag threshold")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--threshold", type=float, default=None, help="tag threshold (default: calibrate on the train split)")
+    ap.add_argument("--threshold", type=float, default=None,
+                    help="tag threshold (default: calibrate on the train split)")
     ap.add_argument("--no-crf", action="store_true")
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--name", default="annotate")
@@ -170,7 +171,8 @@ def main() -> int:
                         "machine was shared with other jobs, so times are upper bounds"}
         out = Path(a.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / f"{a.name}.json").write_text(json.dumps({"meta": meta, "modes": rows, "auto_tagging": tagging}, indent=2) + "\n")
+        doc = {"meta": meta, "modes": rows, "auto_tagging": tagging}
+        (out / f"{a.name}.json").write_text(json.dumps(doc, indent=2) + "\n")
         lines = [f"Annotator on the demo world: val split, {n} images, exact GT, mIoU (%) with background; shipped "
                  f"demo model; {a.threads} threads on {cpu_name()}. The machine was shared with other jobs (load "
                  f"average {load_start[0]:.1f} at the start on {os.cpu_count()} CPUs): median times are upper bounds, "

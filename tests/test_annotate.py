@@ -10,7 +10,6 @@ import torch
 
 from weclip_infer import Annotator, build_model
 from weclip_infer.annotate import AnnotateLimits, AnnotationError
-from weclip_infer.cam import class_keys
 from weclip_infer.imageio import ImageDecodeError
 from weclip_infer.testing import tiny_config
 
@@ -308,7 +307,7 @@ def test_cli_open_vocabulary_classes_and_auto_tags(tmp_path, demo):
     out = tmp_path / "open"
     assert main([str(src), "--out", str(out), "--labels", str(labels), "--classes", str(classes),
                  "--workers", "0", "--quiet"]) == 0
-    for name, (names, mask) in truth.items():
+    for name, (_, mask) in truth.items():
         m = np.array(Image.open(out / "SegmentationClass" / f"{name}.png"))
         assert float((m == mask).mean()) > 0.9  # ids follow classes.txt (same order as the model's here)
     out2 = tmp_path / "auto"

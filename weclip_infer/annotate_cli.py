@@ -46,13 +46,14 @@ def _read_labels(images_dir: Path, labels_file: Path, classes: Sequence[str]) ->
     """``{output name: [class names]}`` from a label file in any format the custom dataset reads."""
     from .data.datasets import CustomFolderDataset
 
-    ds = CustomFolderDataset(images_dir, labels=labels_file, class_names=list(classes), require_labels=False)
-    return {s.name: [classes[i] for i in np.flatnonzero(s.label)] for s in ds.samples}
+    root = images_dir if images_dir.is_dir() else images_dir.parent  # a list file: paths relative to its folder
+    ds = CustomFolderDataset(root, labels=labels_file, class_names=list(classes), require_labels=False)
+    return {s.name: [classes[int(i)] for i in np.flatnonzero(np.asarray(s.label))] for s in ds.samples}
 
 
 def annotate_folder(annotator, src: Path, out: Path, *, classes: Sequence[str], labels: Optional[dict[str, list]],
                     mode: Optional[str], listing=None, resume: bool = False, workers: int = 2,
-                    max_pixels: Optional[int] = None, progress: bool = True) -> dict[str, Any]:
+                    max_pixels: int, progress: bool = True) -> dict[str, Any]:
     """Annotate every image of ``src`` into ``out`` (see the module docstring); ``labels`` None:
     auto tags. Returns the run summary of ``weclip_infer.batch.run_folder``."""
     from .batch import ImageResult, run_folder
@@ -84,9 +85,9 @@ def annotate_folder(annotator, src: Path, out: Path, *, classes: Sequence[str], 
                                       if res.tag_scores else {}),
                                    "timings": {k: round(float(v), 4) for k, v in res.timings.items()}})
 
-    kw = {} if max_pixels is None else {"max_pixels": max_pixels}
     return run_folder(src, out, process, done_name=mask_name, output_names=lambda n: [mask_name(n)],
-                      listing=listing, resume=resume, workers=workers, progress=progress, desc="annotate", **kw)
+                      listing=listing, resume=resume, workers=workers, progress=progress, desc="annotate",
+                      max_pixels=max_pixels)
 
 
 def write_dataset_files(src: Path, out: Path, listing, classes: Sequence[str]) -> int:
@@ -97,6 +98,7 @@ def write_dataset_files(src: Path, out: Path, listing, classes: Sequence[str]) -
     from .batch import RESULTS_NAME, read_results
     from .io_utils import atomic_write_bytes
 
+    base = src if src.is_dir() else src.parent  # a list file: paths relative to its folder
     latest = {r["image"]: r for r in read_results(out / RESULTS_NAME, latest=True)}
     index = {c: i for i, c in enumerate(classes)}
     rows, onehot = [], {}
@@ -105,7 +107,7 @@ def write_dataset_files(src: Path, out: Path, listing, classes: Sequence[str]) -
         if not rec or not rec.get("ok") or not (out / mask_name(name)).is_file():
             continue
         tags = [t for t in rec.get("tags", []) if t in index]
-        rel = Path(os.path.relpath(path, src)).as_posix()
+        rel = Path(os.path.relpath(path, base)).as_posix()
         rows.append((rel, ";".join(tags)))
         vec = np.zeros(len(classes), dtype=np.float32)
         vec[[index[t] for t in tags]] = 1.0
@@ -133,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
                "Train on the result:\n  python -m weclip_infer.train --config custom data.root=IMAGES_DIR "
                "data.labels_file=MASKS_DIR/labels.csv data.class_names_file=MASKS_DIR/classes.txt "
                "data.masks_dir=MASKS_DIR/SegmentationClass [model.decoder.fully_supervised=true]")
-    ap.add_argument("images", type=Path, help="folder of images (recursive) or a list file")
+    ap.add_argument("images", type=Path, help="folder of images (recursive), or a list file (paths relative to its "
+                                                "folder, as in the label file)")
     ap.add_argument("--out", type=Path, required=True, help="output folder (must not be inside the input folder)")
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--labels", type=Path, help="image-level labels: CSV 'image,labels' (';'-separated names) or "
@@ -152,12 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--scales", default=None, help="comma-separated CAM scales averaged at full resolution (default 1)")
     ap.add_argument("--long-side", type=int, default=None,
                     help="network input long side in pixels (default: the model's; 0: the image size)")
-    ap.add_argument("--tag-threshold", type=float, default=None, help="--auto-tags: score threshold (default: calibrated)")
+    ap.add_argument("--tag-threshold", type=float, default=None,
+                    help="--auto-tags: score threshold in (0, 1) (default: 0.9, calibrated on the demo world)")
     ap.add_argument("--crf", action="store_true", help="DenseCRF on the refined maps (needs pydensecrf2)")
     ap.add_argument("--resume", action="store_true", help="skip images whose mask exists")
     ap.add_argument("--workers", type=int, default=2, help="decoding processes (default: %(default)s)")
     ap.add_argument("--device", default=None, help="cpu, cuda or auto (default)")
-    ap.add_argument("--threads", type=int, default=None, help="PyTorch threads (default: the CPUs this process may use)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="PyTorch threads (default: PyTorch's choice)")
     ap.add_argument("--max-pixels", type=int, default=None, help="refuse larger images (default: 4,000,000)")
     ap.add_argument("--max-names", type=int, default=None, help="most class names per image (default: 20)")
     ap.add_argument("--quiet", action="store_true", help="no progress bar and no informational messages")
@@ -174,7 +179,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     def body() -> int:
         from dataclasses import replace
 
-        from .annotate import AnnotateLimits, AnnotationError, Annotator, DEFAULT_TAG_THRESHOLD
+        from .annotate import DEFAULT_TAG_THRESHOLD, AnnotateLimits, AnnotationError, Annotator
         from .batch import check_output_location, scan_inputs
         from .batch.cli import exit_code, print_summary
         from .data import load_class_names

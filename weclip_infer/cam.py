@@ -24,7 +24,8 @@ from scipy import ndimage
 
 from .backbone import FrozenCLIP, run_block
 
-__all__ = ["CAMOutput", "class_keys", "initial_cam", "initial_cam_per_class", "box_mask", "box_masks", "minmax_normalize"]
+__all__ = ["CAMOutput", "class_keys", "initial_cam", "initial_cam_per_class", "box_mask", "box_masks",
+           "minmax_normalize"]
 
 
 @dataclass

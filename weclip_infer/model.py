@@ -14,17 +14,16 @@ from typing import Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .backbone import FrozenCLIP, load_clip, run_block
-from .hardware import frozen_clip_arithmetic
-from .normalization import mean_std
-from .cam import box_masks, class_keys, initial_cam, minmax_normalize
+from .cam import box_masks, class_keys, initial_cam
 from .config import WeCLIPConfig, load_config
 from .decoder import WeCLIPDecoder, count_parameters
-from .losses import affinity_labels, affinity_loss, segmentation_loss
 from .device import select_device  # re-exported: the owner is weclip_infer.device
+from .hardware import frozen_clip_arithmetic
+from .losses import affinity_labels, affinity_loss, segmentation_loss
 from .memory import trim_heap
+from .normalization import mean_std
 from .par import cam_stack, pixel_adaptive_refine, pseudo_labels_from_cams, upsample_cams
 from .refine import apply_transition, patch_attention, refine_affinity, sinkhorn_transition, static_refine_map
 from .text import ClassSpec, resolve_classes, text_embeddings
@@ -58,6 +57,11 @@ class WeCLIP(nn.Module):
     Attributes: ``backbone`` (``FrozenCLIP``), ``decoder`` (``WeCLIPDecoder``, the only trainable
     part), ``classes`` (``ClassSpec``), buffers ``text_fg`` ``(C−1)×E`` and ``text_bg`` ``n_bg×E``.
     """
+
+    text_fg: torch.Tensor
+    text_bg: torch.Tensor
+    pixel_mean: torch.Tensor
+    pixel_std: torch.Tensor
 
     def __init__(self, cfg: WeCLIPConfig, backbone: FrozenCLIP, classes: ClassSpec, text_fg: torch.Tensor,
                  text_bg: torch.Tensor):
@@ -170,8 +174,6 @@ class WeCLIP(nn.Module):
         """
         if refinement not in ("rfm", "static", "none"):
             raise ValueError(f"refinement must be 'rfm', 'static' or 'none', not {refinement!r}")
-        if refinement == "rfm" and aff is None:
-            raise ValueError("refinement='rfm' needs the decoder affinity (aff)")
         r = self.cfg.refine
         fg = self.text_fg if text_fg is None else text_fg
         bg = self.text_bg if text_bg is None else text_bg
@@ -183,6 +185,8 @@ class WeCLIP(nn.Module):
             refined, trans, rmap, scores, keep = cam.cams, None, None, None, None
             if refinement != "none":
                 if refinement == "rfm":
+                    if aff is None:
+                        raise ValueError("refinement='rfm' needs the decoder affinity (aff)")
                     rmap, scores, keep = refine_affinity(maps, aff, r)
                 else:
                     rmap = static_refine_map(maps, r.static_blocks)
@@ -275,7 +279,8 @@ class WeCLIP(nn.Module):
         return out
 
     @torch.no_grad()
-    def pseudo_labels(self, images: torch.Tensor, cls_labels: torch.Tensor, use_rfm: Optional[bool] = None) -> torch.Tensor:
+    def pseudo_labels(self, images: torch.Tensor, cls_labels: torch.Tensor,
+                      use_rfm: Optional[bool] = None) -> torch.Tensor:
         """Online pseudo labels ``B×H×W`` for normalised ``images`` and multi-hot ``cls_labels``."""
         feats, attns, hw = self._features(images, attn_blocks=self._attn_blocks, pooled=True)
         aff = self.decoder.affinity(self.decoder.fuse_features(feats[: self.feature_blocks], hw))
