@@ -16,9 +16,17 @@ if [ ! -f "$STAMP" ]; then
   echo "(compiled, ~30 s). The first install takes 1-3 minutes; later runs skip this step."
   # pip (not uv/poetry): torch==2.14.1 / torchvision==0.29.1 come from the local wheel cache here.
   # Progress: one line per package pip collects, then the install summary.
-  .venv/bin/python -m pip install --disable-pip-version-check -e ".[${EXTRAS}]" 2>&1 \
+  LOG=".venv/pip-install.log"
+  set +e
+  .venv/bin/python -m pip install --disable-pip-version-check -e ".[${EXTRAS}]" 2>&1 | tee "$LOG" \
     | grep --line-buffered -E "^(Collecting|Building|Installing collected|Successfully|ERROR|error)" \
-    | sed -u -E 's/^Collecting ([^ ]+).*/  collecting \1/' || true
+    | sed -u -E 's/^Collecting ([^ ]+).*/  collecting \1/'
+  rc=${PIPESTATUS[0]}
+  set -e
+  if [ "$rc" -ne 0 ]; then
+    echo "pip install failed (exit $rc); the full log is in $LOG" >&2
+    exit "$rc"
+  fi
   .venv/bin/python -c "import torch, open_clip, weclip_infer"
   touch "$STAMP"
   echo "Done: .venv is ready (activate it with: source .venv/bin/activate)."
