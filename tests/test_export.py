@@ -253,3 +253,16 @@ def test_full_size_vitb16_export(reference_clip_path, tmp_path):
         assert rep[name]["max_rel"] <= 1e-4
     assert rep["cases"][0]["output"] == [1, 21, 14, 18]
     assert (tmp_path / "model.onnx").stat().st_size > 300e6  # weights inside the single file
+
+
+def test_mar_cli_refuses_to_replace_an_archive(tmp_path, capsys):
+    from weclip_infer.export.mar import main
+
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "weclip.mar").write_bytes(b"mine")
+    assert main([str(tmp_path), "--out", str(store)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (store / "weclip.mar").read_bytes() == b"mine"
+    assert main([str(tmp_path), "--out", str(store), "--name", "other", "--scales", "1,x"]) == 2
+    assert "--scales" in capsys.readouterr().err

@@ -101,31 +101,41 @@ def build_mar(model_dir: Union[str, os.PathLike], export_path: Union[str, os.Pat
     return out
 
 
-def main(argv=None) -> int:
+def main(argv: Optional[list] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m weclip_infer.export.mar",
-                                 description="Package a WeCLIP checkpoint or export bundle as a TorchServe .mar")
+                                 description="Package a WeCLIP checkpoint or export bundle as a TorchServe .mar. "
+                                             "Options below are written into the archive's serve_config.json.")
     ap.add_argument("model_dir", help="checkpoint directory (saved with include_backbone=True) or export bundle")
     ap.add_argument("--out", default="model_store", help="export folder (default: model_store)")
     ap.add_argument("--name", default="weclip", help="model name (default: weclip)")
-    ap.add_argument("--version", default="1.0")
-    ap.add_argument("--backend", choices=["auto", "torchscript", "onnx", "eager"], default=None)
-    ap.add_argument("--max-pixels", type=int, default=None)
-    ap.add_argument("--scales", default=None, help="default scales, e.g. 1,0.75")
-    ap.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None)
-    ap.add_argument("--crf", action=argparse.BooleanOptionalAction, default=None)
+    ap.add_argument("--version", default="1.0", help="model version (default: 1.0)")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing <out>/<name>.mar")
+    ap.add_argument("--backend", choices=["auto", "torchscript", "onnx", "eager"], default=None,
+                    help="network backend of the worker (default: auto)")
+    ap.add_argument("--max-pixels", type=int, default=None, help="largest decoded image, in pixels (default 40 MP)")
+    ap.add_argument("--scales", default=None, help="default test-time scales, e.g. 1,0.75")
+    ap.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None, help="default flip averaging")
+    ap.add_argument("--crf", action=argparse.BooleanOptionalAction, default=None, help="DenseCRF by default")
+    ap.add_argument("--crf-backend", choices=["auto", "torch", "densecrf"], default=None,
+                    help="CRF implementation (default: auto)")
+    ap.add_argument("--crf-max-pixels", type=int, default=None,
+                    help="CRF pixel budget: larger images are refined at a reduced size")
+    ap.add_argument("--network-batch", type=int, default=None,
+                    help="most same-size images of a TorchServe batch run as one network pass")
     ap.add_argument("--handler", default=None, help="handler file (default: the one shipped in weclip_infer.serving)")
     a = ap.parse_args(argv)
-    sc = {}
-    if a.backend is not None:
-        sc["backend"] = a.backend
-    if a.max_pixels is not None:
-        sc["max_pixels"] = a.max_pixels
+    target = Path(a.out) / f"{a.name}.mar"
+    if target.exists() and not a.overwrite:
+        print(f"error: {target} exists; pass --overwrite to replace it", file=sys.stderr)
+        return 2
+    keys = ("backend", "max_pixels", "flip", "crf", "crf_backend", "crf_max_pixels", "network_batch")
+    sc: dict = {k: getattr(a, k) for k in keys if getattr(a, k) is not None}
     if a.scales is not None:
-        sc["scales"] = [float(s) for s in a.scales.split(",")]
-    if a.flip is not None:
-        sc["flip"] = a.flip
-    if a.crf is not None:
-        sc["crf"] = a.crf
+        try:
+            sc["scales"] = [float(s) for s in a.scales.split(",")]
+        except ValueError:
+            print(f"error: --scales: comma-separated numbers expected, got {a.scales!r}", file=sys.stderr)
+            return 2
     try:
         out = build_mar(a.model_dir, a.out, name=a.name, version=a.version, serve_config=sc or None,
                         handler=a.handler)
