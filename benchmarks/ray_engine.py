@@ -106,7 +106,8 @@ def main(argv=None) -> int:
         try:
             for actors, cpus in layouts:
                 walls = {}
-                for folder, tag in ((small, "small"), (src, "full")):
+                # the first run on a fresh Ray also starts its worker processes: a warm-up run first
+                for folder, tag in ((small, "warmup"), (small, "small"), (src, "full")):
                     out = root / f"ray_{actors}x{cpus}_{tag}"
                     t0 = time.perf_counter()
                     s = segment_folder_ray(folder, out, model=a.model, crf=True if a.crf else None, progress=False,
@@ -115,11 +116,13 @@ def main(argv=None) -> int:
                     walls[tag] = time.perf_counter() - t0
                 same = _masks(out) == ref
                 # two folder sizes: the difference cancels the fixed cost of starting actors and loading models
-                marginal = (a.n - n_small) / max(walls["full"] - walls["small"], 1e-9)
+                dt = walls["full"] - walls["small"]
+                marginal = (a.n - n_small) / dt if dt > 0 else float("nan")
                 res["runs"].append({"engine": "ray", "layout": f"{actors} actor(s) x {cpus} CPU"
                                     + (f" x {a.gpus_per_actor} GPU" if a.gpus_per_actor else ""),
                                     "images_per_s": s["images_per_s"], "run_wall_s": round(walls["full"], 2),
                                     "run_wall_s_small": round(walls["small"], 2), "n_small": n_small,
+                                    "run_wall_s_warmup": round(walls["warmup"], 2),
                                     "marginal_images_per_s": round(marginal, 3),
                                     "masks_identical_to_local": same, "batch_size": a.batch_size})
                 print(f"ray {actors}x{cpus}: {s['images_per_s']:.2f} img/s ({walls['full']:.1f} s; {n_small} images "

@@ -204,3 +204,16 @@ def test_segment_dataset_paths_and_images(ray_cluster, model_dir, tmp_path):
         segment_dataset(ds, model_dir, gpus_per_actor=1)
     with pytest.raises(ValueError, match="'path' or an 'image'"):
         segment_dataset(ray.data.from_items([{"x": 1}]), model_dir)
+
+
+def test_unusable_model_is_one_line_error(ray_cluster, tmp_path, capsys):
+    src = _good_and_bad(tmp_path, 2)
+    rc = _segment([src, "--out", tmp_path / "o1", "--model", tmp_path / "missing", "--engine", "ray",
+                   "--address", ray_cluster, *COMMON])
+    assert rc == 2 and "model folder not found" in capsys.readouterr().err
+    (tmp_path / "not_a_model").mkdir()
+    rc = _segment([src, "--out", tmp_path / "o2", "--model", tmp_path / "not_a_model", "--engine", "ray",
+                   "--address", ray_cluster, *COMMON])
+    err = capsys.readouterr().err
+    assert rc == 2 and "the Ray pipeline failed" in err and "Traceback" not in err, err[-2000:]
+    assert not list((tmp_path / "o2").rglob("*.png"))

@@ -11,7 +11,8 @@ Two entry points:
   input order on the driver) with decoding, the model, DenseCRF and PNG/JPEG encoding running
   on the cluster. Its outputs are byte-identical to the local engine's.
 
-Pipeline: ``read`` (paths) → ``decode`` (tasks) → ``segment`` (``map_batches`` with a callable
+Pipeline: ``read`` (paths) → ``decode`` (tasks; Ray fuses them into the actors when both ask for
+the same resources, as on CPU-only clusters) → ``segment`` (``map_batches`` with a callable
 class: one model load per actor, ``num_actors`` actors with ``gpus_per_actor`` GPUs each) →
 ``crf`` (tasks; only rows that asked for it) → ``encode`` (tasks) → the driver. Ray Data
 streams: at most a few batches per stage are in flight, so memory stays bounded for any folder
@@ -233,8 +234,7 @@ def _pipeline(ds, *, model: Optional[str], backend: str, device: Optional[str], 
             raise ValueError("the dataset needs a 'path' or an 'image' column")
         ds = ds.map_batches(_decode_batch, fn_kwargs={"max_pixels": int(max_pixels)}, batch_size=batch_size,
                             batch_format="numpy")
-    if model is not None:
-        model = str(Path(model).expanduser().resolve())
+    model = _resolve_model(model)
     ds = ds.map_batches(
         _SegmentActor, fn_constructor_kwargs={"model": model, "backend": backend, "device": device, "scales": scales,
                                               "flip": flip, "crf": crf, "threads": max(1, int(cpus_per_actor))},
@@ -243,6 +243,17 @@ def _pipeline(ds, *, model: Optional[str], backend: str, device: Optional[str], 
     if crf is not False:  # None: the model's default decides, row by row
         ds = ds.map_batches(_crf_batch, batch_size=batch_size, batch_format="numpy")
     return ds
+
+
+def _resolve_model(model: Optional[str]) -> Optional[str]:
+    """Absolute model path (the actors may run elsewhere); checked here, because inside an actor a
+    missing folder would only surface as a Ray error."""
+    if model is None:
+        return None
+    path = Path(model).expanduser().resolve()
+    if not path.is_dir():
+        raise ValueError(f"model folder not found: {path}")
+    return str(path)
 
 
 def _actor_pool(n: int):
@@ -324,6 +335,7 @@ def segment_folder_ray(src: Union[str, os.PathLike], out: Union[str, os.PathLike
     from ..batch.segmentation import mask_name, overlay_name
 
     _check_resources(num_actors, gpus_per_actor, cpus_per_actor, batch_size)
+    model = _resolve_model(None if model is None else str(model))
     started = init_ray(address, num_cpus)
     t0 = time.perf_counter()
     # the folder loop shows its own progress bar and report: Ray Data's execution log would repeat it
@@ -340,12 +352,19 @@ def segment_folder_ray(src: Union[str, os.PathLike], out: Union[str, os.PathLike
         def process(item: DecodedImage):
             return item.result  # type: ignore[attr-defined]  # a RayItem: computed on the cluster
 
-        return run_folder(src, out, process, done_name=mask_name,
-                          output_names=(lambda n: [mask_name(n), overlay_name(n)]) if overlay_out else
-                          (lambda n: [mask_name(n)]),
-                          exts=exts if exts is not None else DEFAULT_EXTS, keep_ext=keep_ext, listing=listing,
-                          resume=resume, shard_spec=shard_spec, workers=0, max_pixels=max_pixels, progress=progress,
-                          fsync_log=fsync_log, desc="segment (ray)", source=source)
+        import ray.exceptions
+
+        try:
+            return run_folder(src, out, process, done_name=mask_name,
+                              output_names=(lambda n: [mask_name(n), overlay_name(n)]) if overlay_out else
+                              (lambda n: [mask_name(n)]),
+                              exts=exts if exts is not None else DEFAULT_EXTS, keep_ext=keep_ext, listing=listing,
+                              resume=resume, shard_spec=shard_spec, workers=0, max_pixels=max_pixels,
+                              progress=progress, fsync_log=fsync_log, desc="segment (ray)", source=source)
+        except ray.exceptions.RayError as e:  # e.g. the model cannot be loaded in the actors
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+            raise RuntimeError(f"the Ray pipeline failed: {lines[-1] if lines else type(e).__name__} "
+                               "(finished outputs are kept; --resume continues)") from e
     finally:
         ray_data_log.setLevel(level)
         if started:
