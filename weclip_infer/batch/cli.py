@@ -202,9 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "same outputs (needs the ray extra; see docs/scale_out.md)")
     ray = ap.add_argument_group("--engine ray")
     ray.add_argument("--address", default=None,
-                     help="Ray cluster: auto (the running one) or ray://HOST:10001 (default: a private Ray on this "
-                          "machine, 127.0.0.1 only)")
-    ray.add_argument("--num-actors", type=_positive_int, default=1, help="model copies (actors; default: 1)")
+                     help="Ray cluster: auto (the running one) or ray://HOST:10001 (default: a private Ray started "
+                          "on this machine and stopped at the end)")
+    ray.add_argument("--num-actors", type=_positive_int, default=1,
+                     help="model copies (actors, each with --threads CPUs, default 1; default: 1)")
     ray.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per actor (default: 0)")
     ray.add_argument("--batch-size", type=_positive_int, default=4, help="images per actor call (default: 4)")
     ap.add_argument("--quiet", action="store_true", help="no progress bar and no informational messages")

@@ -43,7 +43,8 @@ _EMPTY = np.zeros((0, 0, 3), np.uint8)  # the image column of a row that could n
 
 def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> bool:
     """Connect to ``address`` (``auto``, ``ray://host:10001``) or, without one, start a private
-    single-node Ray on 127.0.0.1 without dashboard. Returns True when this call started or
+    single-node Ray (node address 127.0.0.1, no dashboard; some of Ray's internal ports still
+    listen on all interfaces, see docs/scale_out.md). Returns True when this call started or
     connected Ray (the caller then shuts it down), False when Ray was already initialised."""
     import ray
 
