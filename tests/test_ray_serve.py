@@ -23,6 +23,7 @@ import urllib.request
 import uuid
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -388,4 +389,44 @@ def test_cli_serves_and_stops_on_sigint(model_dir, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=60)
+        log.close()
+
+
+def test_ray_serve_run_with_the_shipped_config(model_dir, tmp_path):
+    """Ray's own ``serve run`` on (a copy of) the shipped config: app_builder, token from the environment."""
+    import yaml
+
+    from weclip_infer.ray import serve_config_file
+
+    cfg = yaml.safe_load(serve_config_file().read_text())
+    port = _free_port()
+    cfg["http_options"]["port"] = port
+    cfg["applications"][0]["args"]["model"] = str(model_dir)
+    (tmp_path / "serve.yaml").write_text(yaml.safe_dump(cfg))
+    token = "t" * 8 + uuid.uuid4().hex
+    serve_bin = Path(sys.executable).with_name("serve")
+    if not serve_bin.is_file():
+        pytest.skip("Ray's serve CLI not found next to the interpreter")
+    log = open(tmp_path / "serve.log", "w")
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", WECLIP_SERVE_TOKEN=token)
+    proc = subprocess.Popen([str(serve_bin), "run", str(tmp_path / "serve.yaml")], stdout=log,
+                            stderr=subprocess.STDOUT, env=env, cwd=tmp_path, start_new_session=True)
+    srv = _Server(port, token)
+    try:
+        deadline, code = time.time() + 300, 0
+        while time.time() < deadline and proc.poll() is None and code != 200:
+            try:
+                code = srv.predict(_img(40, 40, seed=1))[0]
+            except OSError:
+                time.sleep(1)
+        assert code == 200, (tmp_path / "serve.log").read_text()[-3000:]
+        assert srv.predict(_img(40, 40, seed=1), token=None)[0] == 401
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)  # serve run shuts Serve and its Ray down on Ctrl-C
+            try:
+                proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=60)
         log.close()
