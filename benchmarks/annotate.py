@@ -99,6 +99,32 @@ def draw_panel(model, val, path: Path, rows: int = 4, threshold: float = 0.5) ->
     canvas.save(path)
 
 
+def eval_decoders(specs: list, world: str, n: int, out: Path, name: str, notes: list) -> None:
+    """Val mIoU (multi-scale + flip, the model's inference settings) of trained checkpoints given
+    as ``LABEL=CHECKPOINT_DIR``; writes ``<name>_training.{json,md}``."""
+    from weclip_infer import Segmenter, load_checkpoint
+    from weclip_infer.data import build_dataset
+    from weclip_infer.metrics import ConfusionMatrix
+
+    rows = {}
+    for spec in specs:
+        label, _, path = spec.partition("=")
+        seg = Segmenter(load_checkpoint(path, device="cpu"))
+        val = build_dataset("voc", world, "val", class_names=seg.class_names[1:])
+        cm = ConfusionMatrix(len(seg.class_names))
+        for i in range(min(n, len(val))):
+            s = val.samples[i]
+            res = seg.predict(str(s.image))
+            cm.update(val.load_mask(s, res.labels.shape), res.labels)
+        rows[label] = {"checkpoint": path, "val_miou_ms_flip": cm.compute()["miou"], "val_images": min(n, len(val))}
+        print(f"{label}: val mIoU {100 * rows[label]['val_miou_ms_flip']:.1f}", flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}_training.json").write_text(json.dumps({"decoders": rows, "notes": notes}, indent=2) + "\n")
+    lines = ["| decoder | val mIoU (MS + flip) |", "|---|---|"]
+    lines += [f"| {k} | {100 * v['val_miou_ms_flip']:.1f} |" for k, v in rows.items()]
+    (out / f"{name}_training.md").write_text("\n".join(lines + [""] + notes + [""]))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--world", default="data/demo_world")
@@ -113,6 +139,9 @@ def main() -> int:
     ap.add_argument("--name", default="annotate")
     ap.add_argument("--panel", default=None, help="also draw a picture (image, tags, masks) to this PNG")
     ap.add_argument("--panel-only", action="store_true", help="draw the picture (with the default threshold) and stop")
+    ap.add_argument("--decoder", action="append", default=[], metavar="LABEL=CKPT",
+                    help="only evaluate trained checkpoints on the val split (repeatable)")
+    ap.add_argument("--note", action="append", default=[], help="a line for the --decoder results (repeatable)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     from weclip_infer import Annotator, load_checkpoint
@@ -121,6 +150,9 @@ def main() -> int:
     from weclip_infer.imageio import load_image
     from weclip_infer.metrics import ConfusionMatrix
 
+    if a.decoder:
+        eval_decoders(a.decoder, a.world, a.max_images, Path(a.out), a.name, a.note)
+        return 0
     t_start = time.time()
     model = load_checkpoint(a.model, device="cpu").eval()
     names = list(model.classes.names)
