@@ -149,7 +149,8 @@ def main() -> int:
     res["seconds"] = time.time() - t0
     d, f = res["demo_world"], res["vit_b16_random"]
     md = "\n".join([
-        f"Frozen-CLIP arithmetic, {res['cpu']['model']} ({res['cpu']['isa']}), {a.threads} threads, torch {torch.__version__}.",
+        f"Frozen-CLIP arithmetic, {res['cpu']['model']} ({res['cpu']['isa']}), {a.threads} threads, "
+        f"torch {torch.__version__}.",
         f"fp32 path here: {res['fast_fp32']}.", "",
         f"Demo world val ({d['val_images']} images, shipped demo model), mIoU %:", "",
         "| | fp32 | bf16 | agreement |", "|---|---|---|---|",
@@ -160,7 +161,8 @@ def main() -> int:
         f"bf16 changes the decoder's mIoU by {d['decoder_miou_delta_points']:+.2f} points.", "",
         "Full-size random ViT-B/16, batch 4, 320², against fp32 with the default kernels:", "",
         "| | fp32 (oneDNN split-bf16) | bf16 autocast |", "|---|---|---|",
-        f"| max relative logit error | {f['logit_max_rel_error_fp32_onednn']:.1e} | {f['logit_max_rel_error_bf16']:.1e} |",
+        f"| max relative logit error | {f['logit_max_rel_error_fp32_onednn']:.1e} | "
+        f"{f['logit_max_rel_error_bf16']:.1e} |",
         f"| pseudo-label agreement | {100 * f['pseudo_label_agreement_fp32_onednn']:.2f}% | "
         f"{100 * f['pseudo_label_agreement_bf16']:.2f}% |",
         f"| frozen CLIP blocks, s (default fp32 kernels: {f['clip_blocks_s_fp32_default_kernels']:.2f}) | "
