@@ -92,7 +92,8 @@ def main() -> int:
     from weclip_infer.quickstart import DEMO_MODEL_DIR
 
     if not crf_available():
-        print("error: pydensecrf is needed for the reference backend (pip install 'weclip-infer[crf]')", file=sys.stderr)
+        print("error: pydensecrf is needed for the reference backend (pip install 'weclip-infer[crf]')",
+              file=sys.stderr)
         return 2
     info = machine_info(a.threads)
     dev = torch.device(a.device)

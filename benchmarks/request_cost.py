@@ -141,14 +141,16 @@ def main() -> int:
           f"Load average {info['load_average_start'][0]:.1f} at start, {info['load_average_end'][0]:.1f} at end: other "
           "jobs shared the machine, so times are upper bounds. Fresh process per case; peak RSS includes the "
           f"model (RSS after loading it in the last column). CRF pixel budget: {DEFAULT_CRF_MAX_PIXELS:,} pixels.", "",
-          "| case | image | CRF (size refined) | seconds | peak RSS | RSS after model load |", "|---|---|---|---|---|---|"]
+          "| case | image | CRF (size refined) | seconds | peak RSS | RSS after model load |",
+          "|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
             md.append(f"| {r['case']} | | | error: {r['error']} | | |")
             continue
         crf = f"{r['crf_backend']} ({r['crf_size'][1]}×{r['crf_size'][0]})" if r["crf"] else "no"
         md.append(f"| {r['case']} | {r['size']} ({r['megapixels']} MP, {r['encoded_bytes'] // 1024} KB) | {crf} | "
-                  f"{r['seconds']:.2f} | {r['peak_rss_mb'] / 1024:.2f} GB | {r['rss_after_model_load_mb'] / 1024:.2f} GB |")
+                  f"{r['seconds']:.2f} | {r['peak_rss_mb'] / 1024:.2f} GB | "
+                  f"{r['rss_after_model_load_mb'] / 1024:.2f} GB |")
     (dest / f"{a.name}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return 0

@@ -133,7 +133,8 @@ def test_torch_backend_batch_equals_one_by_one():
 
     a_img, a_p, _ = _two_region_problem(seed=2, h=20, w=26)
     b_img, b_p = _textured_problem(seed=3, h=17, w=31, C=2)
-    batch = dense_crf_torch([torch.from_numpy(a_img), torch.from_numpy(b_img)], [torch.from_numpy(a_p), torch.from_numpy(b_p)])
+    batch = dense_crf_torch([torch.from_numpy(a_img), torch.from_numpy(b_img)],
+                            [torch.from_numpy(a_p), torch.from_numpy(b_p)])
     for img, p, q in ((a_img, a_p, batch[0]), (b_img, b_p, batch[1])):
         single = dense_crf_torch([torch.from_numpy(img)], [torch.from_numpy(p)])[0]
         torch.testing.assert_close(q, single, atol=1e-5, rtol=1e-5)

@@ -78,7 +78,8 @@ def test_fusion_matches_manual_computation(tiny_model):
         s1 = (l1[:1] + l1[1:].flip(-1)) / 2
         x2 = torch.nn.functional.interpolate(x, scale_factor=0.75, mode="bilinear", align_corners=False)
         l2 = fn(torch.cat([x2, x2.flip(-1)]))
-        s2 = torch.nn.functional.interpolate((l2[:1] + l2[1:].flip(-1)) / 2, size=s1.shape[-2:], mode="bilinear", align_corners=False)
+        s2 = torch.nn.functional.interpolate((l2[:1] + l2[1:].flip(-1)) / 2, size=s1.shape[-2:], mode="bilinear",
+                                             align_corners=False)
     torch.testing.assert_close(fused, (s1 + s2) / 2)
     assert resize_long_side(torch.zeros(1, 3, 375, 500), 512).shape[-2:] == (384, 512)
 
@@ -126,7 +127,8 @@ def test_import_reference_checkpoint_cli(tmp_path, reference_clip_path, referenc
     from weclip_infer.checkpoint import main
 
     out = tmp_path / "imported"
-    assert main([str(reference_dir / "weclip_decoder_random.pth"), "--clip", str(reference_clip_path), "--out", str(out)]) == 0
+    assert main([str(reference_dir / "weclip_decoder_random.pth"), "--clip", str(reference_clip_path),
+                 "--out", str(out)]) == 0
     model = load_checkpoint(out, clip_weights=str(reference_clip_path), device="cpu")
     x = torch.from_numpy(reference["inputs/train320/x"])
     with torch.no_grad():

@@ -93,7 +93,8 @@ def _jpeg_data_shortfall(data: bytes) -> str | None:
             if not comps or h == 0 or w == 0:
                 return None
             hmax, vmax = max(c[0] for c in comps) or 1, max(c[1] for c in comps) or 1
-            blocks = sum(_ceil_div(_ceil_div(w * hs, hmax), 8) * _ceil_div(_ceil_div(h * vs, vmax), 8) for hs, vs in comps)
+            blocks = sum(_ceil_div(_ceil_div(w * hs, hmax), 8) * _ceil_div(_ceil_div(h * vs, vmax), 8)
+                         for hs, vs in comps)
             if 8 * n < 2 * blocks:
                 return (f"corrupt or truncated JPEG: the header declares {w}x{h} pixels ({blocks} blocks) but the "
                         f"file holds only {n} bytes, too few for that size")
@@ -123,7 +124,8 @@ def load_image(src: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS, name: str
         if arr.shape[0] < 1 or arr.shape[1] < 1:
             raise ImageDecodeError(label, f"empty image of shape {arr.shape}")
         if arr.shape[0] * arr.shape[1] > max_pixels:
-            raise ImageDecodeError(label, f"image has {arr.shape[0] * arr.shape[1]} pixels, more than the limit {max_pixels}")
+            raise ImageDecodeError(label, f"image has {arr.shape[0] * arr.shape[1]} pixels, "
+                                          f"more than the limit {max_pixels}")
         if arr.dtype != np.uint8:
             if np.issubdtype(arr.dtype, np.floating) and arr.max(initial=0) <= 1.0:
                 arr = arr * 255.0

@@ -27,12 +27,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .normalization import mean_std
 from .imageio import DEFAULT_MAX_PIXELS, ImageSource, load_image
+from .normalization import mean_std
 from .tensor_ops import channel_argmax
 
-__all__ = ["CHECKPOINT_BACKENDS", "CRF_VERTICES_PER_PIXEL", "DEFAULT_CRF_MAX_PIXELS", "SegmentationResult", "Segmenter", "fuse_multiscale",
-           "labels_from_logits", "pad_to_patch", "resize_long_side"]
+__all__ = ["CHECKPOINT_BACKENDS", "CRF_VERTICES_PER_PIXEL", "DEFAULT_CRF_MAX_PIXELS", "SegmentationResult",
+           "Segmenter", "fuse_multiscale", "labels_from_logits", "pad_to_patch", "resize_long_side"]
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,8 @@ def fuse_multiscale(backend: Backend, x: torch.Tensor, scales: Sequence[float] =
         if s == ref_scale:
             grid = out.shape[-2:]
         outs.append(out)
-    fused = [o if o.shape[-2:] == grid else F.interpolate(o, size=grid, mode="bilinear", align_corners=False) for o in outs]
+    fused = [o if o.shape[-2:] == grid else F.interpolate(o, size=grid, mode="bilinear", align_corners=False)
+             for o in outs]
     return torch.stack(fused, 0).mean(0)
 
 
@@ -247,7 +248,6 @@ def _segments(i0: torch.Tensor, i1: torch.Tensor) -> tuple[np.ndarray, np.ndarra
 def _labels_by_cells(logits: torch.Tensor, rows_t: tuple, cols_t: tuple, allowed: Optional[torch.Tensor]) -> np.ndarray:
     """The label map of :func:`labels_from_logits`, interpolating only the grid cells whose four
     corners disagree on the class (see there)."""
-    C = logits.shape[0]
     r0, r1, rw0, rw1 = rows_t
     c0, c1, cw0, cw1 = cols_t
     H, W = r0.shape[0], c0.shape[0]
@@ -304,16 +304,17 @@ class _EvalModeSegment:
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
+        self.segment: Backend = model.segment  # type: ignore[assignment]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         modules = list(self.model.modules())
         training = [m.training for m in modules]
         if not any(training):
-            return self.model.segment(x)
+            return self.segment(x)
         try:
             for m in modules:
                 m.training = False
-            return self.model.segment(x)
+            return self.segment(x)
         finally:
             for m, t in zip(modules, training):
                 m.training = t
@@ -370,7 +371,8 @@ class Segmenter:
         else:
             self.device = select_device(device)
         self.model = model
-        self.backend = backend
+        assert backend is not None  # a model or a backend was checked above
+        self.backend: Backend = backend
         self.patch_size = int(patch_size if patch_size is not None else 16)
         self.class_names = list(class_names) if class_names is not None else None
         mean, std = mean_std(normalize if normalize is not None else "imagenet")
@@ -459,7 +461,8 @@ class Segmenter:
             c0, c1, cw0, cw1 = _linear_taps(W, w, "cpu")
 
             def rows(idx: torch.Tensor) -> torch.Tensor:  # h×W×3 normalised, then resized along the width
-                x = torch.from_numpy(arr[idx.numpy()]).float().sub_(self._mean.view(1, 1, 3)).div_(self._std.view(1, 1, 3))
+                x = torch.from_numpy(arr[idx.numpy()]).float()
+                x.sub_(self._mean.view(1, 1, 3)).div_(self._std.view(1, 1, 3))
                 return _lerp(x[:, c0], cw0[:, None], x[:, c1], cw1[:, None])
 
             small = _lerp(rows(r0), rw0[:, None, None], rows(r1), rw1[:, None, None])  # h×w×3
@@ -480,7 +483,8 @@ class Segmenter:
         scales = tuple(scales or self.scales)
         x = self.preprocess(image)
         x, (H, W) = pad_to_patch(x, scales, self.patch_size)
-        logits = fuse_multiscale(self.backend, x, scales, self.flip if flip is None else flip, self.patch_size, timings)[0]
+        flip = self.flip if flip is None else flip
+        logits = fuse_multiscale(self.backend, x, scales, flip, self.patch_size, timings)[0]
         Hp, Wp = x.shape[-2:]
         if (Hp, Wp) != (H, W):
             h, w = logits.shape[-2:]
@@ -547,7 +551,7 @@ class Segmenter:
             else:
                 f = math.sqrt(budget / (H0 * W0))
                 hc, wc = max(1, int(H0 * f)), max(1, int(W0 * f))
-                small = np.asarray(Image.fromarray(img).resize((wc, hc), Image.BILINEAR))
+                small = np.asarray(Image.fromarray(img).resize((wc, hc), Image.Resampling.BILINEAR))
                 with torch.inference_mode():
                     up = F.interpolate(logits.float()[None], size=(hc, wc), mode="bilinear", align_corners=False)[0]
                     if allowed is not None:

@@ -54,7 +54,8 @@ class PermutohedralLattice:
         # Elevate onto the hyperplane sum(x) = 0 of R^{d+1}, scaled so that the blur below has the
         # standard deviation of a unit Gaussian in feature space.
         inv_std = math.sqrt(2.0 / 3.0) * d1
-        scale = torch.tensor([inv_std / math.sqrt((i + 2) * (i + 1)) for i in range(d)], dtype=torch.float32, device=dev)
+        scale = torch.tensor([inv_std / math.sqrt((i + 2) * (i + 1)) for i in range(d)], dtype=torch.float32,
+                             device=dev)
         cf = f * scale
         rc = torch.cat([cf.flip(1).cumsum(1).flip(1), torch.zeros(N, 1, device=dev)], 1)  # rc[:, j] = sum_{k>=j} cf
         elevated = torch.empty(N, d1, device=dev)
@@ -346,7 +347,8 @@ def dense_crf_torch(images: Sequence[torch.Tensor], probs: Sequence[torch.Tensor
     for i, (im, p) in enumerate(zip(images, probs)):
         _check_pair(im, p, i)
         if p.shape[0] != C:
-            raise ValueError(f"dense_crf_torch: all probs need the same number of classes ({C}), probs {i} has {p.shape[0]}")
+            raise ValueError(f"dense_crf_torch: all probs need the same number of classes ({C}), "
+                             f"probs {i} has {p.shape[0]}")
     sizes = [tuple(p.shape[1:]) for p in probs]
     unary = torch.cat([p.to(dev).float().reshape(C, -1).t() for p in probs], 0).clamp_(1e-5, 1.0).log_()  # = -U, N×C
     bi_feats = torch.cat([pixel_features(h, w, bi_sxy, im.to(dev), bi_srgb) for (h, w), im in zip(sizes, images)], 0)
