@@ -39,7 +39,8 @@ def arrow(d: ImageDraw.ImageDraw, p0, p1, label: str = "", font=None, dashed: bo
         n = 14
         for k in range(0, n, 2):
             a, b = k / n, (k + 1) / n
-            d.line([(x0 + (x1 - x0) * a, y0 + (y1 - y0) * a), (x0 + (x1 - x0) * b, y0 + (y1 - y0) * b)], fill=INK, width=3)
+            d.line([(x0 + (x1 - x0) * a, y0 + (y1 - y0) * a), (x0 + (x1 - x0) * b, y0 + (y1 - y0) * b)],
+                   fill=INK, width=3)
     else:
         d.line([p0, p1], fill=INK, width=3)
     import math
@@ -59,22 +60,24 @@ def draw(out: Path) -> Path:
     ft, fb, fs = _font(20), _font(16), _font(14)
     d.text((20, 14), "WeCLIP: single-stage weakly supervised segmentation on a frozen CLIP", font=_font(24), fill=INK)
 
-    img_box = box(d, (20, 90, 180, 200), "image", ["+ image-level", "labels"], (245, 245, 245), ft, fb)
-    clip_box = box(d, (240, 70, 520, 220), "frozen CLIP image encoder",
-                   ["ViT-B/16 (spec §1)", "block features F_1..F_11", "attention maps A_l"], FROZEN, ft, fb)
-    text_box = box(d, (240, 300, 520, 410), "frozen CLIP text encoder",
+    box(d, (20, 90, 180, 200), "image", ["+ image-level", "labels"], (245, 245, 245), ft, fb)
+    box(d, (240, 70, 520, 220), "frozen CLIP image encoder",
+                   ["ViT-B/16", "block features F_1..F_11", "attention maps A_l"], FROZEN, ft, fb)
+    box(d, (240, 300, 520, 410), "frozen CLIP text encoder",
                    ["class + background prompts", "(cached, stored in checkpoints)"], FROZEN, ft, fb)
-    cam_box = box(d, (600, 300, 860, 410), "initial CAM",
-                  ["GradCAM on block 12 (§2)", "absent classes: zero"], ONLINE, ft, fb)
-    dec_box = box(d, (600, 60, 900, 230), "decoder (trained)",
-                  ["per-block MLP → fuse (§3)", "3 transformer layers", "→ segmentation logits S",
+    box(d, (600, 300, 860, 410), "initial CAM",
+                  ["GradCAM on block 12", "absent classes: zero"], ONLINE, ft, fb)
+    box(d, (600, 60, 900, 230), "decoder (trained)",
+                  ["per-block MLP → fuse", "3 transformer layers", "→ segmentation logits S",
                    "→ affinity A_f = σ(FᵀF)"], TRAINED, ft, fb)
-    rfm_box = box(d, (960, 240, 1240, 420), "RFM (§4)",
+    box(d, (960, 240, 1240, 420), "RFM",
                   ["candidate blocks G by A_f", "R = Ā ⊙ A_f, Sinkhorn,", "symmetrise, power α = 2,",
                    "box mask → refined CAM"], ONLINE, ft, fb)
-    par_box = box(d, (1280, 260, 1480, 400), "PAR (§5)", ["pixel-adaptive", "refinement", "→ pseudo labels"], ONLINE, ft, fb)
-    loss_box = box(d, (1000, 60, 1480, 180), "loss (§6)",
-                   ["balanced CE(S, pseudo labels)", "+ 0.1 × affinity loss(A_f, pseudo labels)"], (250, 250, 210), ft, fb)
+    box(d, (1280, 260, 1480, 400), "PAR", ["pixel-adaptive", "refinement", "→ pseudo labels"], ONLINE, ft,
+        fb)
+    box(d, (1000, 60, 1480, 180), "loss",
+                   ["balanced CE(S, pseudo labels)", "+ 0.1 × affinity loss(A_f, pseudo labels)"], (250, 250, 210),
+                   ft, fb)
 
     arrow(d, (180, 145), (240, 145))
     arrow(d, (520, 120), (600, 120), "features", fs)
@@ -99,7 +102,7 @@ def draw(out: Path) -> Path:
         d.rectangle((lx, ly, lx + 22, ly + 22), fill=fill, outline=INK)
         d.text((lx + 30, ly + 2), name, font=fs, fill=INK)
         lx += 250
-    d.text((W - 20, 600), "inference: image → CLIP → decoder → S (multi-scale + flip, optional DenseCRF, §8)",
+    d.text((W - 20, 600), "inference: image → CLIP → decoder → S (multi-scale + flip, optional DenseCRF)",
            font=fs, fill=INK, anchor="ra")
     out.parent.mkdir(parents=True, exist_ok=True)
     img.save(out)

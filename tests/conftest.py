@@ -91,9 +91,8 @@ def reference_clip_path() -> Path:
 def reference_model(reference_clip_path):
     from weclip_infer import import_reference_checkpoint
 
-    m = import_reference_checkpoint(FIXTURE_DIR / "weclip_decoder_random.pth",
-                                    {"backbone": {"clip_weights": str(reference_clip_path)}, "text": {"dataset": "voc"}},
-                                    device="cpu")
+    cfg = {"backbone": {"clip_weights": str(reference_clip_path)}, "text": {"dataset": "voc"}}
+    m = import_reference_checkpoint(FIXTURE_DIR / "weclip_decoder_random.pth", cfg, device="cpu")
     return m.eval()  # the fixture was computed with Dropout2d off
 
 

@@ -51,7 +51,8 @@ class DecoderAttention(nn.Module):
     def forward(self, x: torch.Tensor, need_weights: bool = False):
         B, N, D = x.shape
         nh = self.num_heads
-        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).reshape(B, N, 3, nh, D // nh).permute(2, 0, 3, 1, 4).unbind(0)
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias).reshape(B, N, 3, nh, D // nh)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         if need_weights:
             a = torch.softmax((q * (D // nh) ** -0.5) @ k.transpose(-2, -1), dim=-1)
             o, attn = a @ v, a.mean(1)
@@ -69,7 +70,8 @@ class DecoderLayer(nn.Module):
         self.attn = DecoderAttention(dim, num_heads)
         self.ln_2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(OrderedDict([
-            ("c_fc", nn.Linear(dim, dim * mlp_ratio)), ("gelu", QuickGELU()), ("c_proj", nn.Linear(dim * mlp_ratio, dim))]))
+            ("c_fc", nn.Linear(dim, dim * mlp_ratio)), ("gelu", QuickGELU()),
+            ("c_proj", nn.Linear(dim * mlp_ratio, dim))]))
 
     def forward(self, x: torch.Tensor, need_weights: bool = False):
         o, attn = self.attn(self.ln_1(x), need_weights)
