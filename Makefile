@@ -2,7 +2,7 @@
 # Also: `make test-fast` (the quick lane, no slow/serving tests), `make lint` (ruff + mypy), `make stop`.
 .PHONY: demo test test-fast lint venv stop
 
-EXTRAS ?= test,lint,crf,onnx,serve
+EXTRAS ?= test,lint,crf,onnx,serve,ray,triton
 
 venv:
 	@scripts/venv.sh $(EXTRAS)

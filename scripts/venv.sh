@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Create/update the project virtual environment (.venv) with the pinned torch pair.
-# Usage: scripts/venv.sh [extras]   (default extras: test,lint,crf,onnx,serve)
+# Usage: scripts/venv.sh [extras]   (default extras: test,lint,crf,onnx,serve,ray,triton)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-EXTRAS="${1:-test,lint,crf,onnx,serve}"
+EXTRAS="${1:-test,lint,crf,onnx,serve,ray,triton}"
 PY="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then
   echo "Creating .venv with $("$PY" --version) ..."
