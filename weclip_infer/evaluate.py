@@ -330,7 +330,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.model is not None:
             from .predictor import Segmenter
-            from .segment import segment_folder
+            from .batch.segmentation import segment_folder
 
             seg = Segmenter.from_pretrained(args.model)
             if args.class_names is None and seg.class_names and len(seg.class_names) == args.num_classes:
