@@ -12,6 +12,7 @@ dependencies (torch, ray, TorchServe) costs nothing and cannot hide behind an Im
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Set
 
@@ -271,3 +272,13 @@ def test_checker_follows_chains(tmp_path):
     files["predictor.py"] = "from .model import WeCLIP\nfrom .helper import f\n"
     found = violations(import_graph(_write(tmp_path, files)))
     assert any("weclip_infer.predictor → weclip_infer.helper → weclip_infer.serving" in v for v in found), found
+
+
+def test_every_module_is_on_the_architecture_page():
+    """The picture in docs/architecture.md names every module, so a new module gets a layer."""
+    doc = (PKG_DIR.parent / "docs" / "architecture.md").read_text(encoding="utf-8")
+    picture = doc.split("```", 2)[1]
+    words = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", picture))
+    missing = sorted(m for m in import_graph(PKG_DIR)
+                     if m != PKG and m.rsplit(".", 1)[-1] not in words | {"__main__"})
+    assert not missing, f"modules missing from the picture in docs/architecture.md: {missing}"
