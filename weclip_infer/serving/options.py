@@ -9,11 +9,18 @@ from typing import Any, Dict, List, Tuple, Union
 
 from .errors import RequestError
 
-__all__ = ["OUTPUTS", "OPTION_KEYS", "MAX_SCALES", "parse_options", "parse_bool", "parse_scales", "parse_labels"]
+__all__ = ["OUTPUTS", "MODES", "OPTION_KEYS", "MAX_SCALES", "MAX_LABELS", "MAX_LABEL_LENGTH", "parse_options",
+           "parse_bool", "parse_scales", "parse_labels"]
 
 OUTPUTS = ("png", "json", "overlay")
-OPTION_KEYS = ("output", "scales", "flip", "crf", "rle", "labels")
+#: ``decoder``: the trained decoder (``labels`` restricts it to those classes); ``tags``: masks from
+#: the given classes of the model (or zero-shot tags without ``labels``); ``open``: masks for
+#: free-text class names (see ``weclip_infer.annotate``).
+MODES = ("decoder", "tags", "open")
+OPTION_KEYS = ("output", "scales", "flip", "crf", "rle", "labels", "mode")
 MAX_SCALES = 8
+MAX_LABELS = 20  # class names per request: each costs a GradCAM backward (and a text encoding when new)
+MAX_LABEL_LENGTH = 80
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -75,11 +82,16 @@ def parse_labels(v: Any) -> List[Union[int, str]]:
         if isinstance(it, int):
             out.append(it)
         elif isinstance(it, str) and it:
+            if len(it) > MAX_LABEL_LENGTH or not it.isprintable():
+                raise RequestError(f"labels: each name at most {MAX_LABEL_LENGTH} printable characters, "
+                                   f"got {it[:20]!r}{'…' if len(it) > 20 else ''}")
             out.append(int(it) if it.isdigit() else it)
         elif it not in ("", None):
             raise RequestError(f"labels: expected class names or ids, got {v!r}")
     if not out:
         raise RequestError("labels: empty list")
+    if len(out) > MAX_LABELS:
+        raise RequestError(f"labels: at most {MAX_LABELS} names, got {len(out)}")
     return out
 
 
@@ -100,6 +112,11 @@ def parse_options(raw: Dict[str, Any]) -> Dict[str, Any]:
             opts[key] = parse_bool(key, v)
         elif key == "labels":
             opts["labels"] = parse_labels(v)
+        elif key == "mode":
+            m = _text(v)
+            if not isinstance(m, str) or m.lower() not in MODES:
+                raise RequestError(f"mode: expected one of {', '.join(MODES)}, got {m!r}")
+            opts["mode"] = m.lower()
     if opts["rle"] and opts["output"] != "json":
         raise RequestError("rle: only available with output=json")
     return opts

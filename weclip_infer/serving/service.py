@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,10 +97,34 @@ class SegmentationService:
         reuse_freed_memory(device=seg.device)  # per-request temporaries reused, not page-faulted in again
         svc = cls(seg, cfg["max_pixels"], network_batch=cfg["network_batch"])
         svc.serve_config = cfg
+        svc.model_dir = model_dir
         return svc
 
     serve_config: Dict[str, Any] = {}
     last_batch: Dict[str, float] = {}
+    model_dir: Optional[Path] = None
+    _annotator: Any = None
+    _annotator_lock = threading.Lock()
+
+    def annotator(self) -> Any:
+        """The :class:`~weclip_infer.annotate.Annotator` of the modes ``tags`` and ``open``, made on
+        first use from the served model (a checkpoint; exported graphs have no GradCAM path)."""
+        with self._annotator_lock:
+            if self._annotator is None:
+                from ..annotate import AnnotateLimits, Annotator
+
+                model = getattr(self.segmenter, "model", None)
+                if model is None:
+                    d = self.model_dir
+                    if d is None or (d / "manifest.json").is_file() or not (d / "config.json").is_file():
+                        raise ValueError("modes 'tags' and 'open' need a checkpoint model; this server runs an "
+                                         "exported graph")
+                    from ..checkpoint import load_checkpoint
+
+                    model = load_checkpoint(d, device=getattr(self.segmenter, "device", None))
+                limits = AnnotateLimits(max_pixels=min(self.max_pixels, AnnotateLimits.max_pixels))
+                self._annotator = Annotator(model, limits=limits)
+            return self._annotator
 
     # -- stages ------------------------------------------------------------------------------------
     def _decode(self, requests: Sequence[Tuple[Any, Mapping[str, Any]]]) -> List[_Item]:
@@ -127,6 +152,14 @@ class SegmentationService:
     def _predict(self, idx: int, item: _Item) -> None:
         o = item.opts
         try:
+            mode = o.get("mode", "decoder")
+            if mode != "decoder":  # masks from class names: bounded by the annotator's limits
+                if mode == "open" and not o.get("labels"):
+                    raise ValueError("mode=open needs the class names in 'labels'")
+                item.result = self.annotator().annotate(item.image, o.get("labels") or "auto", mode=mode,
+                                                        crf=o.get("crf"))
+                item.timings.update({k: v for k, v in item.result.timings.items() if k != "decode"})
+                return
             item.result = self.segmenter.predict(item.image, scales=o.get("scales"), flip=o.get("flip"),
                                                  crf=o.get("crf"), labels_hint=o.get("labels"))
             item.timings.update({k: v for k, v in item.result.timings.items() if k != "decode"})
