@@ -46,7 +46,7 @@ Backend = Callable[[torch.Tensor], torch.Tensor]
 DEFAULT_CRF_MAX_PIXELS = 500_000
 #: The torch CRF's content cap: lattice vertices allowed per pixel of ``crf_max_pixels`` (smooth
 #: photos need far below one; per-pixel noise needs about five).
-CRF_VERTICES_PER_PIXEL = 2.0
+CRF_VERTICES_PER_PIXEL = 1.0
 #: Up to this many elements (classes × pixels) the full-resolution logit map is built in one
 #: piece; above it, in bands of rows of about ``_BAND_ELEMENTS`` elements.
 _DENSE_MAP_ELEMENTS = 1 << 24
