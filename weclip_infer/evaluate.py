@@ -329,8 +329,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ap.error("--model and --images go together")
     try:
         if args.model is not None:
-            from .predictor import Segmenter
             from .batch.segmentation import segment_folder
+            from .predictor import Segmenter
 
             seg = Segmenter.from_pretrained(args.model)
             if args.class_names is None and seg.class_names and len(seg.class_names) == args.num_classes:
