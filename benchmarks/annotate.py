@@ -125,6 +125,56 @@ def eval_decoders(specs: list, world: str, n: int, out: Path, name: str, notes: 
     (out / f"{name}_training.md").write_text("\n".join(lines + [""] + notes + [""]))
 
 
+def serving_cost(model_dir: str, world: str, n: int, out: Path, name: str, threads: int) -> None:
+    """Request time of the server's modes, in-process (``SegmentationService.handle``, one request
+    at a time, PNG answers): ``decoder``, ``tags`` (given classes), ``open`` (free-text names,
+    embeddings cached) and ``open`` with the name cache emptied before each request (the cost of
+    encoding new names). Writes ``<name>_serving.{json,md}``."""
+    from weclip_infer.data import build_dataset
+    from weclip_infer.predictor import Segmenter
+    from weclip_infer.serving.service import SegmentationService
+
+    seg = Segmenter.from_pretrained(model_dir, device="cpu", backend="eager")
+    svc = SegmentationService(seg, max_pixels=4_000_000)
+    svc.model_dir = Path(model_dir)
+    names = seg.class_names[1:]
+    prompts = dict(zip(names, seg.model.cfg.text.class_prompts))
+    val = build_dataset("voc", world, "val", class_names=names)
+    samples = val.samples[:n]
+    payloads = [(Path(s.image).read_bytes(), [names[k] for k in np.flatnonzero(s.label)]) for s in samples]
+    svc.handle([({"body": payloads[0][0], "mode": "open", "labels": "red circle"}, {})])  # loads the text tower
+    modes = {
+        "decoder (default)": lambda b, c: {"body": b},
+        "tags (the image's classes)": lambda b, c: {"body": b, "mode": "tags", "labels": ",".join(c)},
+        "tags without labels (zero-shot tags)": lambda b, c: {"body": b, "mode": "tags"},
+        "open, names cached": lambda b, c: {"body": b, "mode": "open", "labels": ",".join(prompts[x] for x in c)},
+        "open, names encoded per request": lambda b, c: {"body": b, "mode": "open",
+                                                         "labels": ",".join(prompts[x] for x in c)},
+    }
+    rows = {}
+    for label, make in modes.items():
+        times = []
+        for body, classes in payloads:
+            if "per request" in label:
+                svc.annotator().text._cache.clear()
+            t = time.perf_counter()
+            (resp,) = svc.handle([(make(body, classes), {})])
+            times.append(time.perf_counter() - t)
+            assert resp.status == 200, resp.body
+        rows[label] = {"s_per_request_median": statistics.median(times), "s_per_request_min": min(times),
+                       "requests": len(times)}
+        print(f"{label}: {statistics.median(times):.3f} s", flush=True)
+    meta = {"threads": threads, "cpu": cpu_name(), "load_average": os.getloadavg(), "images": "demo-world val, 256x256"}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}_serving.json").write_text(json.dumps({"meta": meta, "modes": rows}, indent=2) + "\n")
+    lines = [f"Server modes in-process (one request at a time, PNG answer, {threads} threads, {cpu_name()}, "
+             f"load average {meta['load_average'][0]:.1f}); demo model, {len(payloads)} demo-world val images.", "",
+             "| mode | s / request (median) | min |", "|---|---|---|"]
+    lines += [f"| {k} | {v['s_per_request_median']:.3f} | {v['s_per_request_min']:.3f} |" for k, v in rows.items()]
+    (out / f"{name}_serving.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--world", default="data/demo_world")
@@ -142,6 +192,8 @@ def main() -> int:
     ap.add_argument("--decoder", action="append", default=[], metavar="LABEL=CKPT",
                     help="only evaluate trained checkpoints on the val split (repeatable)")
     ap.add_argument("--note", action="append", default=[], help="a line for the --decoder results (repeatable)")
+    ap.add_argument("--serving", type=int, default=0, metavar="N",
+                    help="only measure the server's modes in-process on N val images")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     from weclip_infer import Annotator, load_checkpoint
@@ -150,6 +202,9 @@ def main() -> int:
     from weclip_infer.imageio import load_image
     from weclip_infer.metrics import ConfusionMatrix
 
+    if a.serving:
+        serving_cost(a.model, a.world, a.serving, Path(a.out), a.name, a.threads)
+        return 0
     if a.decoder:
         eval_decoders(a.decoder, a.world, a.max_images, Path(a.out), a.name, a.note)
         return 0
@@ -213,8 +268,10 @@ def main() -> int:
         for label, r in rows.items():
             lines.append(f"| {label} | {100 * r['miou']:.1f} | {r['s_per_image_median']:.3f} | "
                          f"{r['s_per_image_min']:.3f} |")
-        lines += ["", f"Zero-shot tagging (one-vs-background score ≥ {threshold:g}, calibrated for the best tag F1 on "
-                  f"{tagging['calibration_images']} train-split images): precision {100 * tagging['precision']:.1f}%, "
+        how = (f"calibrated for the best tag F1 on {tagging['calibration_images']} train-split images" if grid
+               else "given")
+        lines += ["", f"Zero-shot tagging (one-vs-background score ≥ {threshold:g}, {how}): "
+                  f"precision {100 * tagging['precision']:.1f}%, "
                   f"recall {100 * tagging['recall']:.1f}%, exact tag set {100 * tagging['exact_tag_set_rate']:.1f}% of "
                   "val images.", ""]
         (out / f"{a.name}.md").write_text("\n".join(lines))
