@@ -75,7 +75,8 @@ def test_parse_mode_and_free_text_labels():
     assert o["mode"] == "open" and o["labels"] == ["a red kite", "sky, blue"]
     assert parse_options({"mode": b"TAGS"})["mode"] == "tags"
     assert "mode" not in parse_options({})  # decoder, as before
-    for bad in ({"mode": "segment"}, {"labels": ["x" * 81]}, {"labels": [f"n{i}" for i in range(21)]},
+    assert len(parse_options({"labels": [f"n{i}" for i in range(30)]})["labels"]) == 30  # decoder hints: no cap
+    for bad in ({"mode": "segment"}, {"labels": ["x" * 81]}, {"mode": "open", "labels": [f"n{i}" for i in range(21)]},
                 {"labels": ["bell\x07"]}):
         with pytest.raises(RequestError) as ei:
             parse_options(bad)

@@ -19,7 +19,7 @@ OUTPUTS = ("png", "json", "overlay")
 MODES = ("decoder", "tags", "open")
 OPTION_KEYS = ("output", "scales", "flip", "crf", "rle", "labels", "mode")
 MAX_SCALES = 8
-MAX_LABELS = 20  # class names per request: each costs a GradCAM backward (and a text encoding when new)
+MAX_LABELS = 20  # names per tags/open request: each costs a GradCAM backward (and a text encoding when new)
 MAX_LABEL_LENGTH = 80
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -90,8 +90,6 @@ def parse_labels(v: Any) -> List[Union[int, str]]:
             raise RequestError(f"labels: expected class names or ids, got {v!r}")
     if not out:
         raise RequestError("labels: empty list")
-    if len(out) > MAX_LABELS:
-        raise RequestError(f"labels: at most {MAX_LABELS} names, got {len(out)}")
     return out
 
 
@@ -117,6 +115,8 @@ def parse_options(raw: Dict[str, Any]) -> Dict[str, Any]:
             if not isinstance(m, str) or m.lower() not in MODES:
                 raise RequestError(f"mode: expected one of {', '.join(MODES)}, got {m!r}")
             opts["mode"] = m.lower()
+    if opts.get("mode", "decoder") != "decoder" and len(opts.get("labels", ())) > MAX_LABELS:
+        raise RequestError(f"labels: at most {MAX_LABELS} names with mode={opts['mode']}, got {len(opts['labels'])}")
     if opts["rle"] and opts["output"] != "json":
         raise RequestError("rle: only available with output=json")
     return opts
