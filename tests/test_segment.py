@@ -152,3 +152,22 @@ def test_crf_in_worker_process_equals_in_process(ckpt, tmp_path):
         for workers in (0, 1):
             got = np.array(Image.open(tmp_path / f"out{workers}" / f"{rel}.png"))
             assert np.array_equal(got, ref)
+
+
+def test_crf_above_the_pixel_budget_runs_in_process_at_reduced_size(ckpt, tmp_path):
+    from weclip_infer import Segmenter
+    """An image above the CRF budget never gets full-resolution probabilities shipped to the CRF
+    worker: it is refined in-process at the Segmenter's reduced size, like predict(crf=True)."""
+    from weclip_infer.batch.segmentation import segment_folder
+
+    src = tmp_path / "in"
+    src.mkdir()
+    rng = np.random.RandomState(3)
+    Image.fromarray((rng.rand(60, 80, 3) * 255).astype(np.uint8)).save(src / "big.png")
+    seg = Segmenter.from_pretrained(ckpt, device="cpu", long_side=64, crf_max_pixels=1200, crf_backend="torch")
+    r = segment_folder(seg, src, tmp_path / "out", workers=1, crf=True, progress=False)
+    assert r["failed"] == 0
+    got = np.asarray(Image.open(tmp_path / "out" / "big.png"))
+    ref = seg.predict(str(src / "big.png"), crf=True)
+    assert ref.crf_size is not None and ref.crf_size[0] * ref.crf_size[1] <= 1200
+    assert np.array_equal(got, ref.labels)

@@ -191,7 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "container quota - divided by the number of shards)")
     ap.add_argument("--overlay", action="store_true",
                     help="also write <name>_overlay.jpg, the mask blended over the image")
-    ap.add_argument("--crf", action="store_true", help="refine masks with DenseCRF (needs pydensecrf2; slower)")
+    ap.add_argument("--crf", action="store_true",
+                    help="refine masks with a dense CRF (torch mean field by default; slower); "
+                         "images above the CRF pixel budget are refined at a reduced size")
     ap.add_argument("--scales", type=_parse_scales, default=None, metavar="S1,S2,...",
                     help="image scales to average, e.g. 1,0.75 (default: the model's setting)")
     ap.add_argument("--no-flip", action="store_true", help="do not average with the horizontally flipped image")

@@ -46,17 +46,18 @@ def image_result(item: DecodedImage, res: Any, overlay_out: bool = False) -> Ima
 
 
 @contextlib.contextmanager
-def _crf_pool(enabled: bool) -> Iterator[Any]:
-    """One spawn-context worker process for DenseCRF (single-threaded C++), tied to this process."""
+def _crf_pool(enabled: bool, backend: str = "auto") -> Iterator[Any]:
+    """One spawn-context worker process for DenseCRF, tied to this process."""
     if not enabled:
         yield None
         return
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
-    from ..crf import _import_pydensecrf
+    from ..crf import _import_pydensecrf, resolve_crf_backend
 
-    _import_pydensecrf()  # fail now with the install hint, not inside a worker
+    if resolve_crf_backend(backend) == "densecrf":
+        _import_pydensecrf()  # fail now with the install hint, not inside a worker
     pool = ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn"), initializer=worker_initializer())
     try:
         yield pool
@@ -82,9 +83,14 @@ def segment_folder(segmenter, src: Union[str, os.PathLike], out: Union[str, os.P
     def result(item: DecodedImage, res) -> ImageResult:
         return image_result(item, res, overlay_out)
 
-    with _crf_pool(crf and workers > 0) as pool:
+    backend = getattr(segmenter, "crf_backend", "auto")
+    budget = getattr(segmenter, "crf_max_pixels", None)
+    with _crf_pool(crf and workers > 0, backend) as pool:
         def process(item: DecodedImage):
-            if pool is None:
+            h, w = item.image.shape[:2]
+            if pool is None or (budget is not None and h * w > budget):
+                # in-process: also every image above the CRF pixel budget, which the Segmenter
+                # refines at a reduced size (full-resolution probabilities are never built)
                 return result(item, segmenter.predict(item.image, crf=crf, scales=scales, flip=flip))
             res = segmenter.predict(item.image, crf=False, scales=scales, flip=flip, keep_probs=True)
             probs, res.probs = res.probs, None
@@ -94,7 +100,7 @@ def segment_folder(segmenter, src: Union[str, os.PathLike], out: Union[str, os.P
                 res.timings["total"] += res.timings["crf"]
                 return result(item, res)
 
-            return Deferred(pool.submit(crf_labels, item.image, probs), finish)
+            return Deferred(pool.submit(crf_labels, item.image, probs, backend), finish)
 
         return run_folder(src, out, process, done_name=mask_name,
                           output_names=(lambda n: [mask_name(n), overlay_name(n)]) if overlay_out else mask_name_list,

@@ -117,7 +117,11 @@ class _SegmentActor:
                 results.append(b"")
                 continue
             try:
-                if self.crf:  # DenseCRF runs in its own stage; the class probabilities travel with the row
+                if self.crf and img.shape[0] * img.shape[1] > self.seg.crf_max_pixels:
+                    # above the CRF pixel budget the Segmenter refines at a reduced size, here
+                    # (as the local engine does): full-resolution probabilities are never built
+                    res = self.seg.predict(img, crf=True, scales=self.scales, flip=self.flip)
+                elif self.crf:  # DenseCRF runs in its own stage; the class probabilities travel with the row
                     res = self.seg.predict(img, crf=False, scales=self.scales, flip=self.flip, keep_probs=True)
                 else:
                     res = self.seg.predict(img, crf=False, scales=self.scales, flip=self.flip)
