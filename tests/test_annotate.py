@@ -279,6 +279,8 @@ def test_cli_masks_train_custom_without_conversion(tmp_path, demo):
     # the outputs train --config custom as they are (fully supervised on the masks; a few iterations)
     from weclip_infer.train import main as train_main
 
+    (src / "broken.png").unlink()  # not in labels.csv (it failed): the training set would warn about it
+
     run = tmp_path / "run"
     rc = train_main(["--config", "custom", f"data.root={src}", f"data.labels_file={out / 'labels.csv'}",
                      f"data.class_names_file={out / 'classes.txt'}", f"data.masks_dir={out / 'SegmentationClass'}",

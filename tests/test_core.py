@@ -1,14 +1,12 @@
 """Unit tests of the core model against properties the spec states."""
 from __future__ import annotations
 
-import copy
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from weclip_infer.testing import tiny_config
 from weclip_infer import build_model
 from weclip_infer.backbone import run_block
 from weclip_infer.cam import box_mask, class_keys, initial_cam, initial_cam_per_class
@@ -16,6 +14,7 @@ from weclip_infer.config import ConfigError, RefineConfig, load_config
 from weclip_infer.decoder import WeCLIPDecoder, count_parameters
 from weclip_infer.par import par_kernel, pixel_adaptive_refine
 from weclip_infer.refine import refine_affinity, sinkhorn_transition
+from weclip_infer.testing import tiny_config
 
 
 def _images(model, b=2, size=64, seed=0):
@@ -40,7 +39,8 @@ def test_config_rejects_unknown_and_bad_values():
     with pytest.raises(ConfigError, match="text.class_names"):
         load_config({"text": {"dataset": "custom"}})
     coco = load_config({"text": {"dataset": "coco"}})
-    assert coco.refine.box_threshold == 0.7 and coco.refine.candidate_blocks == 10 and coco.refine.rfm_switch_iter == 40000
+    assert coco.refine.box_threshold == 0.7 and coco.refine.candidate_blocks == 10
+    assert coco.refine.rfm_switch_iter == 40000
     voc = load_config(None, overrides=["refine.rfm_switch_iter=9145"])
     assert voc.refine.rfm_switch_iter == 9145 and voc.refine.box_threshold == 0.4
 
