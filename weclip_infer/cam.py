@@ -15,7 +15,7 @@ batched formulations give the same gradients (``tests/test_core.py`` checks both
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -86,7 +86,7 @@ def initial_cam(backbone: FrozenCLIP, tokens_prev: torch.Tensor, hw: tuple[int, 
     empty = [b for b in range(B) if not keys[b]]
     if empty:  # images without classes still need block N's attention map
         with torch.no_grad():
-            _, a = run_block(blk, tokens_prev[empty], need_attn=True)
+            _, a = _block_with_attention(blk, tokens_prev[empty])
         res.attn_last[empty] = a
     if len(empty) < B:
         fill = _gradcam_per_image if batching == "image" else _gradcam_pairs
@@ -110,7 +110,7 @@ def _gradcam_per_image(res: CAMOutput, backbone: FrozenCLIP, blk, tokens_prev, h
         x = tokens_prev[b : b + 1]
         act, qkv = _hooked_activation(blk, x)
         with torch.enable_grad():
-            out, attn = run_block(blk, x, need_attn=True, qkv=qkv)
+            out, attn = _block_with_attention(blk, x, qkv=qkv)
             p = torch.softmax(scale * backbone.pooled_embedding(out) @ text.t(), dim=-1)  # 1×(K+n_bg)
             if k == 1:
                 (grad,) = torch.autograd.grad(p[0, 0], qkv)
@@ -121,6 +121,14 @@ def _gradcam_per_image(res: CAMOutput, backbone: FrozenCLIP, blk, tokens_prev, h
         res.cams[b] = minmax_normalize(torch.relu(alpha @ act[0, 1:].t()).reshape(k, h, w))
         res.probs[b] = p.detach().expand(k, -1).clone()
         res.attn_last[b] = attn.detach()[0]
+
+
+def _block_with_attention(blk, x: torch.Tensor, qkv: Optional[torch.Tensor] = None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``run_block`` with its head-averaged attention map (always returned when asked for)."""
+    out, attn = run_block(blk, x, need_attn=True, qkv=qkv)
+    assert attn is not None
+    return out, attn
 
 
 def _hooked_activation(blk, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,7 +174,7 @@ def _gradcam_pairs(res: CAMOutput, backbone: FrozenCLIP, blk, tokens_prev, hw, k
     text = F.normalize(torch.cat([tfg, text_bg.unsqueeze(0).expand(len(pairs), -1, -1)], dim=1), dim=-1, eps=1e-12)
     act, qkv = _hooked_activation(blk, x)
     with torch.enable_grad():
-        out, attn = run_block(blk, x, need_attn=True, qkv=qkv)
+        out, attn = _block_with_attention(blk, x, qkv=qkv)
         logits = scale * torch.einsum("ne,nke->nk", backbone.pooled_embedding(out), text)
         p = torch.softmax(logits.masked_fill(~valid, float("-inf")), dim=-1)
         (grad,) = torch.autograd.grad(p.gather(1, target[:, None]).sum(), qkv)
@@ -175,9 +183,9 @@ def _gradcam_pairs(res: CAMOutput, backbone: FrozenCLIP, blk, tokens_prev, hw, k
     p = p.detach()
     seen = set()
     for n, (b, j) in enumerate(pairs):
-        kb = len(keys[b])
+        nb = len(keys[b])
         res.cams[b][j] = cam[n]
-        res.probs[b][j] = torch.cat([p[n, :kb], p[n, kmax:]])
+        res.probs[b][j] = torch.cat([p[n, :nb], p[n, kmax:]])
         if b not in seen:
             seen.add(b)
             res.attn_last[b] = attn.detach()[n]
@@ -189,7 +197,7 @@ def initial_cam_per_class(backbone: FrozenCLIP, tokens_prev: torch.Tensor, hw: t
     Slow; kept to prove the batched ``initial_cam`` equal to it."""
     h, w = hw
     scale = float(backbone.logit_scale_exp) if logit_scale is None else float(logit_scale)
-    blk = backbone.blocks[backbone.num_blocks - 1]
+    blk: Any = backbone.blocks[backbone.num_blocks - 1]  # an open_clip block (untyped)
     out_cams = []
     for b, kb in enumerate(keys):
         text = F.normalize(torch.cat([text_fg[list(kb)], text_bg], 0), dim=-1)
