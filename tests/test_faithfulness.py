@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 
 from weclip_infer.cam import box_masks, minmax_normalize
-from weclip_infer.config import RefineConfig
 from weclip_infer.losses import affinity_labels, affinity_loss, segmentation_loss
 from weclip_infer.par import pixel_adaptive_refine, pseudo_labels_from_cams
 from weclip_infer.refine import apply_transition, refine_affinity, sinkhorn_transition
@@ -153,13 +152,16 @@ def test_losses_and_affinity_labels_from_reference_inputs(reference, case, rfm):
     np.testing.assert_array_equal(lab.numpy(), reference[f"{case}/aff_label"])
     logits = torch.from_numpy(reference[f"{case}/decoder/seg_logits"])
     seg = segmentation_loss(logits, pl, "balanced")
-    assert abs(float(seg) - float(reference[f"{case}/loss/seg"])) < 1e-4 * max(1.0, float(reference[f"{case}/loss/seg"]))
-    aff = affinity_loss(torch.from_numpy(reference[f"{case}/decoder/aff_pred"]), torch.from_numpy(reference[f"{case}/aff_label"]))
+    ref_seg = float(reference[f"{case}/loss/seg"])
+    assert abs(float(seg) - ref_seg) < 1e-4 * max(1.0, ref_seg)
+    aff = affinity_loss(torch.from_numpy(reference[f"{case}/decoder/aff_pred"]),
+                        torch.from_numpy(reference[f"{case}/aff_label"]))
     assert abs(float(aff) - float(reference[f"{case}/loss/aff"])) < 1e-5
     assert int((lab == 1).sum()) + 1 == int(reference[f"{case}/loss/aff_pos_count"])
     assert int((lab == 0).sum()) + 1 == int(reference[f"{case}/loss/aff_neg_count"])
     total = seg + 0.1 * aff
-    assert abs(float(total) - float(reference[f"{case}/loss/total"])) < 1e-4 * max(1.0, float(reference[f"{case}/loss/total"]))
+    ref_total = float(reference[f"{case}/loss/total"])
+    assert abs(float(total) - ref_total) < 1e-4 * max(1.0, ref_total)
 
 
 def test_radius_mask(reference):

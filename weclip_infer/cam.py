@@ -1,4 +1,4 @@
-"""Initial CAMs by GradCAM on the frozen last CLIP block (CLIP-ES style, spec §2) and box masks.
+"""Initial CAMs by GradCAM on the frozen last CLIP block (CLIP-ES style, docs/method.md §3) and box masks.
 
 The reference runs one forward + backward of block N per image and per present class. Two
 batched formulations give the same gradients (``tests/test_core.py`` checks both against
@@ -34,7 +34,7 @@ class CAMOutput:
 
     ``cams``: per image a ``K_i×h×w`` tensor in [0, 1] (ascending class order);
     ``keys``: per image the ``K_i`` 0-based foreground class ids;
-    ``attn_last``: ``B×L×L`` head-averaged attention of block N (spec §2.3 last item);
+    ``attn_last``: ``B×L×L`` head-averaged attention of block N (docs/method.md §3.3 last item);
     ``probs``: per image ``K_i×(K_i+n_bg)`` softmax scores of each GradCAM target's forward.
     """
 
@@ -45,12 +45,12 @@ class CAMOutput:
 
 
 def class_keys(cls_labels: torch.Tensor) -> list[list[int]]:
-    """``B×(C−1)`` multi-hot → per image the present 0-based class ids, ascending (§11.2 item 20)."""
+    """``B×(C−1)`` multi-hot → per image the present 0-based class ids, ascending (docs/method.md §12)."""
     return [torch.nonzero(row > 0.5).flatten().tolist() for row in cls_labels]
 
 
 def minmax_normalize(x: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
-    """``(x − min) / (max(x − min) + eps)`` over the last two dims (spec §2.3)."""
+    """``(x − min) / (max(x − min) + eps)`` over the last two dims (docs/method.md §3.3)."""
     flat = x.flatten(-2)
     mn = flat.min(dim=-1, keepdim=True).values
     flat = flat - mn
@@ -61,7 +61,7 @@ def minmax_normalize(x: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
 def initial_cam(backbone: FrozenCLIP, tokens_prev: torch.Tensor, hw: tuple[int, int], keys: Sequence[Sequence[int]],
                 text_fg: torch.Tensor, text_bg: torch.Tensor, logit_scale: Optional[float] = None,
                 batching: str = "auto") -> CAMOutput:
-    """GradCAM initial CAMs for every present class of every image (spec §2.2–§2.3).
+    """GradCAM initial CAMs for every present class of every image (docs/method.md §3.2–§6.2).
 
     ``tokens_prev``: ``B×L×D`` output of block N−1 (no grad needed); ``keys``: present classes
     per image; ``text_fg``: ``(C−1)×E``, ``text_bg``: ``n_bg×E`` L2-normalised text embeddings;
@@ -97,14 +97,14 @@ def initial_cam(backbone: FrozenCLIP, tokens_prev: torch.Tensor, hw: tuple[int, 
 def _gradcam_per_image(res: CAMOutput, backbone: FrozenCLIP, blk, tokens_prev, hw, keys, text_fg, text_bg, scale):
     """One block-N forward per image; the K backwards of its classes as one vectorised backward.
     (Per image rather than per group of images: the autograd graph of block N stays small, which
-    keeps the training step's peak memory down at the same speed, issue 9.)"""
+    keeps the training step's peak memory down at the same speed.)"""
     h, w = hw
     for b, kb in enumerate(keys):
         kb = list(kb)
         if not kb:
             continue
         k = len(kb)
-        # Text matrix [T_fg[keys_b]; T_bg] (§2.2): the same for every target class of image b, so
+        # Text matrix [T_fg[keys_b]; T_bg] (docs/method.md §3.2): the same for every target class of image b, so
         # one forward serves all of them.
         text = F.normalize(torch.cat([text_fg[kb], text_bg], dim=0), dim=-1, eps=1e-12)
         x = tokens_prev[b : b + 1]
@@ -132,7 +132,7 @@ def _block_with_attention(blk, x: torch.Tensor, qkv: Optional[torch.Tensor] = No
 
 
 def _hooked_activation(blk, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """GradCAM's hooked activation ``A = ln_1(x)`` (spec §2.3, ``B×L×D``) and its input projection
+    """GradCAM's hooked activation ``A = ln_1(x)`` (docs/method.md §3.3, ``B×L×D``) and its input projection
     ``A·W_inᵀ + b_in`` (``B×L×3D``), the latter as a leaf that requires grad.
 
     ``A`` enters block N only through that projection, so ``∂p/∂A_j = (∂p/∂qkv_j)·W_in``, and the
@@ -193,7 +193,7 @@ def _gradcam_pairs(res: CAMOutput, backbone: FrozenCLIP, blk, tokens_prev, hw, k
 
 def initial_cam_per_class(backbone: FrozenCLIP, tokens_prev: torch.Tensor, hw: tuple[int, int], keys, text_fg, text_bg,
                           logit_scale: Optional[float] = None) -> list:
-    """Reference formulation: one block-N forward + backward per image and class (spec §2.3).
+    """Reference formulation: one block-N forward + backward per image and class (docs/method.md §3.3).
     Slow; kept to prove the batched ``initial_cam`` equal to it."""
     h, w = hw
     scale = float(backbone.logit_scale_exp) if logit_scale is None else float(logit_scale)
@@ -217,12 +217,12 @@ def initial_cam_per_class(backbone: FrozenCLIP, tokens_prev: torch.Tensor, hw: t
 
 
 def box_mask(cam: torch.Tensor | np.ndarray, threshold: float) -> np.ndarray:
-    """CLIP-ES box-mask indicator of one CAM (spec §2.4): ``h×w`` float32 in {0, 1}.
+    """CLIP-ES box-mask indicator of one CAM (docs/method.md §3.4): ``h×w`` float32 in {0, 1}.
 
     ``s = uint8(floor(255·cam))``; foreground ``s > int(θ·max(s))``; one rectangle per
     8-connected component (OpenCV contours trace 8-connected components; hole contours lie
     inside their component's rectangle, so they add nothing); rectangle ends are exclusive and
-    clipped to ``w−1``/``h−1`` (§11.2 item 6).
+    clipped to ``w−1``/``h−1`` (docs/method.md §12).
     """
     c = cam.detach().float().cpu().numpy() if isinstance(cam, torch.Tensor) else np.asarray(cam)
     h, w = c.shape

@@ -123,8 +123,8 @@ class DecoderConfig:
     num_layers: int = 3  # Table 5 ablation
     num_heads: int = 0  # 0: dim // 32 (8 at dim 256), rounded down to a divisor of dim
     mlp_ratio: int = 4
-    dropout: float = 0.1  # Dropout2d after fusion (§3.3)
-    # §11.1: the code feeds blocks 1..N-1 (11 for ViT-B/16); the paper says all N blocks.
+    dropout: float = 0.1  # Dropout2d after fusion (docs/method.md §6.2)
+    # docs/method.md §12: the code feeds blocks 1..N-1 (11 for ViT-B/16); the paper says all N blocks.
     input_blocks: str = "code"  # "code" | "paper"
     # Fully supervised variant (paper §4.5, Table 7): no text, no RFM, no affinity loss.
     fully_supervised: bool = False
@@ -138,23 +138,24 @@ class RefineConfig:
     use_rfm: bool = True  # False: static refinement for the whole run
     # Dataset-dependent values (rfm_switch_iter, candidate_blocks, box_threshold) come from
     # DATASET_PRESETS; the defaults below are the VOC ones taken from that table.
-    rfm_switch_iter: int = _VOC.rfm_switch_iter  # §4.1, §11.2 item 1 (the reference VOC run switched at ~9,145)
-    count_eval_forwards: bool = False  # §11.2 item 1: the reference counter also counts val forwards
+    rfm_switch_iter: int = _VOC.rfm_switch_iter  # docs/method.md §4.5, §12 (the reference VOC run switched at ~9,145)
+    count_eval_forwards: bool = False  # docs/method.md §12: the reference counter also counts val forwards
     # Block counts follow the backbone depth unless set (0 or null = follow it): candidates are the last half of
     # the blocks on VOC (6 of 12), the last 5/6 on COCO (10 of 12); static refinement averages
     # the last two thirds (8 of 12). Paper: 7 candidates (blocks 6..12).
     candidate_blocks: int = 0
     static_blocks: int = 0
-    layer_score: str = "signed"  # §4.2 step 1: "signed" (code) | "abs" (paper)
-    layer_filter: str = "le"  # §4.2 step 2: "le" (code) | "lt" (paper)
+    layer_score: str = "signed"  # docs/method.md §4.2 step 1: "signed" (code) | "abs" (paper)
+    layer_filter: str = "le"  # docs/method.md §4.2 step 2: "le" (code) | "lt" (paper)
     # Table 6 ablations of the refining map: all = G·A_s ⊙ A_f; af = A_f; as = mean A_s (all
     # maps); g_as = G-filtered A_s; af_as = mean(A_s) ⊙ A_f.
     refine_map: str = "all"
-    box_threshold: float = _VOC.box_threshold  # §2.4: 0.4 VOC, 0.7 COCO
-    sinkhorn_iters: int = 3  # §4.3
-    power: int = 2  # §4.3 α
-    cam_logit_scale: Optional[float] = None  # §2.2 (None: the CLIP's own exp(logit_scale), 100 for OpenAI)
-    bg_power: float = 1.0  # §2.5 background exponent
+    box_threshold: float = _VOC.box_threshold  # docs/method.md §3.4: 0.4 VOC, 0.7 COCO
+    sinkhorn_iters: int = 3  # docs/method.md §4.3
+    power: int = 2  # docs/method.md §4.3 α
+    # docs/method.md §3.2 (None: the CLIP's own exp(logit_scale), 100 for OpenAI)
+    cam_logit_scale: Optional[float] = None
+    bg_power: float = 1.0  # docs/method.md §5.1 background exponent
 
 
 @dataclass
@@ -171,8 +172,8 @@ class PARConfig:
 class LossConfig:
     """Losses."""
 
-    seg: str = "balanced"  # "balanced" (code, §6.1) | "ce" (paper)
-    aff: str = "linear"  # "linear" (code, §6.2) | "bce" (paper Eq. 10)
+    seg: str = "balanced"  # "balanced" (code, docs/method.md §7.1) | "ce" (paper)
+    aff: str = "linear"  # "linear" (code, docs/method.md §7.2) | "bce" (paper Eq. 10)
     aff_weight: float = 0.1
     aff_radius: int = 8
 

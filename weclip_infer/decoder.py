@@ -1,8 +1,8 @@
-"""The light decoder on frozen CLIP features (spec §3).
+"""The light decoder on frozen CLIP features (docs/method.md §6).
 
 Per-block MLPs (D→dim→dim) → concat → 1×1 fusion conv → Dropout2d = ``F_u`` → pre-LN
 transformer layers (QuickGELU, no positional encoding) → 1×1 classifier. The affinity map
-``A_f = sigmoid(F_uᵀ F_u)`` comes from ``F_u`` before the transformer (spec §3.6).
+``A_f = sigmoid(F_uᵀ F_u)`` comes from ``F_u`` before the transformer (docs/method.md §6.4).
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ __all__ = ["BlockMLP", "DecoderAttention", "DecoderLayer", "WeCLIPDecoder", "cou
 
 
 class BlockMLP(nn.Module):
-    """``Linear(D→dim) → ReLU → Linear(dim→dim)`` on the tokens of one CLIP block (spec §3.2)."""
+    """``Linear(D→dim) → ReLU → Linear(dim→dim)`` on the tokens of one CLIP block (docs/method.md §6.2)."""
 
     def __init__(self, in_dim: int, dim: int):
         super().__init__()
@@ -34,7 +34,7 @@ class QuickGELU(nn.Module):
 
 
 class DecoderAttention(nn.Module):
-    """Multi-head self-attention with a packed ``in_proj`` (names as in the reference, §9.1).
+    """Multi-head self-attention with a packed ``in_proj`` (names as in the reference, docs/method.md §15.2).
 
     ``need_weights`` returns the head-averaged softmax map ``B×N×N``; otherwise SDPA is used
     (export-friendly: the token count stays dynamic)."""
@@ -45,7 +45,7 @@ class DecoderAttention(nn.Module):
         self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim))
         self.out_proj = nn.Linear(dim, dim)
-        nn.init.xavier_uniform_(self.in_proj_weight)  # spec §3.4 initialisation
+        nn.init.xavier_uniform_(self.in_proj_weight)  # docs/method.md §6.3 initialisation
         nn.init.zeros_(self.out_proj.bias)
 
     def forward(self, x: torch.Tensor, need_weights: bool = False):
@@ -62,7 +62,7 @@ class DecoderAttention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-LN residual block ``x + attn(ln_1(x))``, ``x + mlp(ln_2(x))`` (spec §3.4)."""
+    """Pre-LN residual block ``x + attn(ln_1(x))``, ``x + mlp(ln_2(x))`` (docs/method.md §6.3)."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: int = 4):
         super().__init__()
@@ -80,7 +80,7 @@ class DecoderLayer(nn.Module):
 
 
 class WeCLIPDecoder(nn.Module):
-    """Decoder of spec §3 for ``num_inputs`` CLIP blocks of width ``in_dim``.
+    """Decoder of docs/method.md §6 for ``num_inputs`` CLIP blocks of width ``in_dim``.
 
     ``forward(features)`` with ``features`` a list of ``B×L×D`` block outputs (CLS first) and the
     patch grid ``(h, w)`` → ``(logits B×C×h×w, F_u B×dim×h×w)``; ``affinity(F_u)`` → ``B×hw×hw``.
@@ -97,7 +97,7 @@ class WeCLIPDecoder(nn.Module):
         self.classifier = nn.Conv2d(dim, num_classes, kernel_size=1)
 
     def fuse_features(self, features: Sequence[torch.Tensor], hw: tuple[int, int]) -> torch.Tensor:
-        """Per-block MLPs + concat + fusion conv + Dropout2d → ``F_u`` ``B×dim×h×w`` (§3.2–§3.3)."""
+        """Per-block MLPs + concat + fusion conv + Dropout2d → ``F_u`` ``B×dim×h×w`` (docs/method.md §6.2)."""
         if len(features) != self.num_inputs:
             raise ValueError(f"decoder expects {self.num_inputs} feature maps, got {len(features)}")
         h, w = hw
@@ -121,7 +121,7 @@ class WeCLIPDecoder(nn.Module):
 
     @staticmethod
     def affinity(fu: torch.Tensor) -> torch.Tensor:
-        """``A_f = sigmoid(F_uᵀ F_u)`` with raw dot products (spec §3.6): ``B×hw×hw``."""
+        """``A_f = sigmoid(F_uᵀ F_u)`` with raw dot products (docs/method.md §6.4): ``B×hw×hw``."""
         f = fu.flatten(2)
         return torch.sigmoid(f.transpose(1, 2) @ f)
 

@@ -1,4 +1,4 @@
-"""WeCLIP losses (spec §6): balanced segmentation CE and the affinity loss."""
+"""WeCLIP losses (docs/method.md §7): balanced segmentation CE and the affinity loss."""
 from __future__ import annotations
 
 from functools import lru_cache
@@ -14,7 +14,7 @@ IGNORE = 255
 def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str = "balanced") -> torch.Tensor:
     """``logits`` ``B×C×h×w`` (upsampled bilinearly to the label size here), ``labels`` ``B×H×W``.
 
-    ``balanced`` (code, §6.1): ``0.5·(CE over bg pixels + CE over fg pixels)``, each averaged over
+    ``balanced`` (code, docs/method.md §7.1): ``0.5·(CE over bg pixels + CE over fg pixels)``, each averaged over
     its own pixels; an empty term is skipped (the reference would return NaN). ``ce``: plain CE
     averaged over the non-ignored pixels. Both are one weighted per-pixel CE, computed by
     ``upsampled_cross_entropy`` (equal to ``F.interpolate`` + ``F.cross_entropy``, fewer passes
@@ -103,12 +103,12 @@ def _radius_mask_cpu(h: int, w: int, radius: int) -> torch.Tensor:
 
 
 def radius_mask(h: int, w: int, radius: int = 8, device=None) -> torch.Tensor:
-    """``hw×hw`` bool: True where two patches are within Chebyshev distance ``radius`` (§6.2)."""
+    """``hw×hw`` bool: True where two patches are within Chebyshev distance ``radius`` (docs/method.md §7.2)."""
     return _radius_mask_cpu(h, w, radius).to(device)
 
 
 def affinity_labels(pseudo: torch.Tensor, hw: tuple[int, int], radius: int = 8) -> torch.Tensor:
-    """Pair labels from pseudo labels (spec §6.2, §11.2 item 11).
+    """Pair labels from pseudo labels (docs/method.md §7.2, §12).
 
     ``pseudo`` ``B×H×W`` → nearest-downsampled to ``h×w`` (top-left pixel of each patch) →
     ``B×hw×hw`` uint8: 1 same label, 0 different, 255 outside the radius window or ignored.
@@ -125,7 +125,7 @@ def affinity_labels(pseudo: torch.Tensor, hw: tuple[int, int], radius: int = 8) 
 
 
 def affinity_loss(aff: torch.Tensor, labels: torch.Tensor, kind: str = "linear") -> torch.Tensor:
-    """Affinity loss on ``A_f`` (``B×hw×hw``, after sigmoid) against ``labels`` (§6.2).
+    """Affinity loss on ``A_f`` (``B×hw×hw``, after sigmoid) against ``labels`` (docs/method.md §7.2).
 
     ``linear`` (code): ``0.5·Σ_pos(1−A_f)/(N_pos+1) + 0.5·Σ_neg A_f/(N_neg+1)``, sums over the
     whole batch. ``bce`` (paper Eq. 10): the same balance with log terms.

@@ -1,4 +1,4 @@
-"""The WeCLIP model: frozen CLIP + decoder + online pseudo labels (spec §0).
+"""The WeCLIP model: frozen CLIP + decoder + online pseudo labels (docs/method.md §1).
 
 One module serves training (``forward`` with labels → losses), inference (``segment`` →
 logits; also what export traces), inspection (``intermediates`` → every named intermediate)
@@ -52,7 +52,7 @@ def _stage(owner: "WeCLIP", name: str) -> Iterator[None]:
 
 
 class WeCLIP(nn.Module):
-    """WeCLIP (spec §0). Build with ``build_model``.
+    """WeCLIP (docs/method.md §1). Build with ``build_model``.
 
     Attributes: ``backbone`` (``FrozenCLIP``), ``decoder`` (``WeCLIPDecoder``, the only trainable
     part), ``classes`` (``ClassSpec``), buffers ``text_fg`` ``(C−1)×E`` and ``text_bg`` ``n_bg×E``.
@@ -70,7 +70,7 @@ class WeCLIP(nn.Module):
         self.backbone = backbone
         self.classes = classes
         n = backbone.num_blocks
-        self.feature_blocks = n - 1 if cfg.decoder.input_blocks == "code" else n  # §3.1 / §11.1
+        self.feature_blocks = n - 1 if cfg.decoder.input_blocks == "code" else n  # docs/method.md §6.1, §12
         d = cfg.decoder
         self.decoder = WeCLIPDecoder(self.feature_blocks, backbone.width, classes.num_classes, d.dim, d.num_layers,
                                      d.num_heads, d.mlp_ratio, d.dropout)
@@ -79,7 +79,7 @@ class WeCLIP(nn.Module):
         mean, std = mean_std(cfg.backbone.normalize)
         self.register_buffer("pixel_mean", torch.tensor(mean).reshape(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(std).reshape(1, 3, 1, 1), persistent=False)
-        self.iter_num = 0  # forward counter of the RFM switch (§4.1)
+        self.iter_num = 0  # forward counter of the RFM switch (docs/method.md §4.5)
         self.timings: Optional[dict] = None  # set to {} to collect per-stage seconds (benchmarks)
         r = cfg.refine
         self._attn_blocks = n if r.refine_map == "as" else min(n, max(r.static_blocks, r.candidate_blocks))
@@ -92,7 +92,7 @@ class WeCLIP(nn.Module):
         return self.classes.num_classes
 
     def normalize(self, images_uint8: torch.Tensor) -> torch.Tensor:
-        """``B×3×H×W`` 0..255 RGB → normalised input (spec §1.2)."""
+        """``B×3×H×W`` 0..255 RGB → normalised input (docs/method.md §2.2)."""
         return (images_uint8.float() - self.pixel_mean) / self.pixel_std
 
     def _features(self, images: torch.Tensor, attn_blocks: int, pooled: bool = False):
@@ -101,7 +101,7 @@ class WeCLIP(nn.Module):
 
         ``pooled`` (training): the kept outputs are written into two buffers allocated up front,
         so each block's temporaries reuse the same freed memory instead of fragmenting the heap
-        around the kept tensors (peak RSS of a CPU training step, issue 9). The inference and
+        around the kept tensors (peak RSS of a CPU training step). The inference and
         export path keeps plain per-block tensors (traceable with dynamic shapes).
         """
         bb = self.backbone
@@ -197,7 +197,7 @@ class WeCLIP(nn.Module):
                               box_mask=boxes, use_rfm=refinement == "rfm", transition=trans, cam_refined=refined)
                 if refinement != "none":
                     record.update(refine_map=rmap, layer_scores=scores, layer_keep=keep)
-                # the static refinement as well, for comparison (§4.1)
+                # the static refinement as well, for comparison (docs/method.md §4.5)
                 st = sinkhorn_transition(static_refine_map(maps, r.static_blocks), r.sinkhorn_iters, r.power)
                 record["cam_static"] = [apply_transition(st[b], cam.cams[b], boxes[b]) for b in range(len(keys))]
         return refined
@@ -218,7 +218,7 @@ class WeCLIP(nn.Module):
         return labels
 
     def _pseudo_labels(self, images, feats, attns, hw, aff, keys, refinement: str, record: Optional[dict] = None):
-        """Spec §2, §4, §5 (Appendix A) for a batch. Returns ``B×H×W`` int64 pseudo labels.
+        """The pseudo labels of docs/method.md §3–§5 for a batch. Returns ``B×H×W`` int64 pseudo labels.
 
         Always computed in fp32, also inside an AMP autocast region (``train.amp``): GradCAM,
         Sinkhorn and PAR are the label path, not the trained path, and stay exact.
@@ -288,7 +288,7 @@ class WeCLIP(nn.Module):
 
     def intermediates(self, images: torch.Tensor, cls_labels: torch.Tensor, use_rfm: Optional[bool] = None) -> dict:
         """Every named intermediate of one training forward (no parameter update; the forward
-        counter is not advanced). ``images`` ``B×3×H×W`` normalised (spec §1.2), ``cls_labels``
+        counter is not advanced). ``images`` ``B×3×H×W`` normalised (docs/method.md §2.2), ``cls_labels``
         ``B×(C−1)`` multi-hot. ``use_rfm``: None → regime implied by the counter.
 
         Keys (``h=H//p``, ``w=W//p``, ``hw=h·w``, ``L=1+hw``; per-image lists where ``K_i`` differs):

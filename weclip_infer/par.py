@@ -1,4 +1,4 @@
-"""Pixel-adaptive refinement (PAR, from AFA) and online pseudo labels (spec §5).
+"""Pixel-adaptive refinement (PAR, from AFA) and online pseudo labels (docs/method.md §5).
 
 Vectorised over the whole batch and all classes: images with fewer classes are padded with
 all-zero channels, which stay zero under PAR (it is linear in the CAMs) and are excluded from
@@ -18,7 +18,7 @@ from .tensor_ops import channel_argmax
 __all__ = ["NEIGHBOUR_OFFSETS", "par_kernel", "pixel_adaptive_refine", "upsample_cams", "cam_stack",
            "pseudo_labels_from_cams"]
 
-# (dy, dx) of the 8 neighbours in the order of spec §5.2.
+# (dy, dx) of the 8 neighbours in the order of docs/method.md §5.2.
 NEIGHBOUR_OFFSETS = [(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)]
 
 
@@ -37,7 +37,7 @@ def _neighbours(x: torch.Tensor, dilations: Sequence[int]) -> list[torch.Tensor]
 
 
 def par_kernel(image: torch.Tensor, dilations: Sequence[int], w1: float = 0.3, w2: float = 0.01) -> torch.Tensor:
-    """PAR affinity kernel from the (normalised) guide image (spec §5.2).
+    """PAR affinity kernel from the (normalised) guide image (docs/method.md §5.2).
 
     ``image``: ``B×3×H×W`` → ``B×n×H×W`` with ``n = 8·len(dilations)``; rows sum to ``1 + w2``.
     """
@@ -99,7 +99,7 @@ def pixel_adaptive_refine(image: torch.Tensor, cams: torch.Tensor, dilations: Se
 
 def upsample_cams(cams: Sequence[torch.Tensor], size: Sequence[int]) -> list[torch.Tensor]:
     """Per image ``K_i×h×w`` CAMs → ``K_i×H×W``: min-max normalised, then bilinear
-    (``align_corners=False``) to ``size`` (spec §5.1 steps 1–2)."""
+    (``align_corners=False``) to ``size`` (docs/method.md §5.1 steps 1–2)."""
     H, W = int(size[0]), int(size[1])
     return [F.interpolate(minmax_normalize(c)[None], size=(H, W), mode="bilinear", align_corners=False)[0]
             if c.shape[0] else c.new_zeros(0, H, W) for c in cams]
@@ -107,7 +107,7 @@ def upsample_cams(cams: Sequence[torch.Tensor], size: Sequence[int]) -> list[tor
 
 def cam_stack(cams_hr: Sequence[torch.Tensor], bg_power: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Per image ``K_i×H×W`` CAMs → padded ``B×(1+Kmax)×H×W`` stack ``[bg; CAM_1..CAM_K]`` with
-    ``bg = (1 − max_k CAM_k)^bg_power`` (spec §5.1) and a ``B×(1+Kmax)`` validity mask."""
+    ``bg = (1 − max_k CAM_k)^bg_power`` (docs/method.md §5.1) and a ``B×(1+Kmax)`` validity mask."""
     B = len(cams_hr)
     H, W = cams_hr[0].shape[-2:]
     kmax = max(c.shape[0] for c in cams_hr)
@@ -124,7 +124,7 @@ def cam_stack(cams_hr: Sequence[torch.Tensor], bg_power: float = 1.0) -> tuple[t
 
 
 def pseudo_labels_from_cams(cams: torch.Tensor, valid: torch.Tensor, keys: Sequence[Sequence[int]]) -> torch.Tensor:
-    """``M_p = valid_key[argmax_c cams]`` (spec §5.2): ``B×(1+Kmax)×H×W`` → ``B×H×W`` int64
+    """``M_p = valid_key[argmax_c cams]`` (docs/method.md §5.2): ``B×(1+Kmax)×H×W`` → ``B×H×W`` int64
     with values in {0} ∪ {c_k + 1}; padded channels never win."""
     masked = cams.masked_fill(~valid[:, :, None, None], float("-inf"))
     idx = channel_argmax(masked, dim=1)

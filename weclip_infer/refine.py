@@ -1,4 +1,4 @@
-"""CAM refinement: the static CLIP-ES refinement and WeCLIP's RFM (spec §4).
+"""CAM refinement: the static CLIP-ES refinement and WeCLIP's RFM (docs/method.md §4).
 
 All maps are ``B×hw×hw`` with the CLS row/column removed; everything is detached.
 """
@@ -20,17 +20,18 @@ __all__ = [
 
 
 def patch_attention(attn: Sequence[torch.Tensor]) -> torch.Tensor:
-    """List of ``B×L×L`` maps (CLS first) → ``B×n×hw×hw`` with CLS row/column dropped (§11.2 item 5)."""
+    """List of ``B×L×L`` maps (CLS first) → ``B×n×hw×hw`` with CLS row/column dropped (docs/method.md §12)."""
     return torch.stack([a[:, 1:, 1:] for a in attn], dim=1)
 
 
 def static_refine_map(maps: torch.Tensor, last: int = 8) -> torch.Tensor:
-    """CLIP-ES static refinement (spec §4.1): mean of the last ``last`` maps. ``B×n×hw×hw`` → ``B×hw×hw``."""
+    """CLIP-ES static refinement (docs/method.md §4.5): mean of the last ``last`` maps. ``B×n×hw×hw`` → ``B×hw×hw``."""
     return maps[:, -last:].mean(dim=1)
 
 
-def refine_affinity(maps: torch.Tensor, aff: torch.Tensor, cfg: RefineConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """WeCLIP's refining map R (spec §4.2) and its Table-6 ablations.
+def refine_affinity(maps: torch.Tensor, aff: torch.Tensor, cfg: RefineConfig
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """WeCLIP's refining map R (docs/method.md §4.2) and its Table-6 ablations.
 
     ``maps``: ``B×n×hw×hw`` all CLIP attention maps (blocks 1..N); ``aff``: ``B×hw×hw`` decoder
     affinity ``A_f`` (detached here). Returns ``(R, scores, keep)`` with ``scores``/``keep``
@@ -41,7 +42,7 @@ def refine_affinity(maps: torch.Tensor, aff: torch.Tensor, cfg: RefineConfig) ->
     diff = aff.unsqueeze(1) - cand
     if cfg.layer_score == "abs":  # paper: Σ|A_f − A_s^l|
         diff = diff.abs()
-    scores = diff.sum(dim=(-2, -1))  # code: signed Σ(A_f − A_s^l) (§11.1)
+    scores = diff.sum(dim=(-2, -1))  # code: signed Σ(A_f − A_s^l) (docs/method.md §12)
     tau = scores.mean(dim=1, keepdim=True)
     keep = (scores <= tau) if cfg.layer_filter == "le" else (scores < tau)
     keep = keep.to(maps.dtype)
@@ -63,7 +64,7 @@ def refine_affinity(maps: torch.Tensor, aff: torch.Tensor, cfg: RefineConfig) ->
 
 
 def sinkhorn_transition(m: torch.Tensor, iters: int = 3, power: int = 2) -> torch.Tensor:
-    """Spec §4.3: ``iters`` × (column-normalise, row-normalise), symmetrise, matrix power.
+    """docs/method.md §4.3: ``iters`` × (column-normalise, row-normalise), symmetrise, matrix power.
 
     ``B×hw×hw`` → ``B×hw×hw``. No epsilon (entries are strictly positive)."""
     t = m
@@ -78,7 +79,7 @@ def sinkhorn_transition(m: torch.Tensor, iters: int = 3, power: int = 2) -> torc
 
 
 def apply_transition(trans: torch.Tensor, cams: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-    """Refined CAMs ``(T ⊙ B_k) @ vec(M_k)`` for all classes at once (spec §4.4).
+    """Refined CAMs ``(T ⊙ B_k) @ vec(M_k)`` for all classes at once (docs/method.md §4.4).
 
     ``trans``: ``hw×hw``; ``cams``, ``boxes``: ``K×h×w``. Masking the columns of T with the box
     equals masking the CAM vector: ``(T ⊙ 1bᵀ) v = T (b ⊙ v)``. Returns ``K×h×w``.

@@ -87,6 +87,7 @@ def segment_folder(segmenter, src: Union[str, os.PathLike], out: Union[str, os.P
     budget = getattr(segmenter, "crf_max_pixels", None)
     with _crf_pool(crf and workers > 0, backend) as pool:
         def process(item: DecodedImage):
+            assert item.image is not None  # decoded inputs only reach process()
             h, w = item.image.shape[:2]
             if pool is None or (budget is not None and h * w > budget):
                 # in-process: also every image above the CRF pixel budget, which the Segmenter
