@@ -128,3 +128,33 @@ def test_every_config_key_is_documented():
     assert len(keys) > 50
     missing = [k for k in keys if f"`{k}`" not in text]
     assert not missing, f"config keys not documented in docs/method.md: {missing}"
+
+
+def section_numbers(md: Path) -> Set[str]:
+    """Numbers of the numbered headings of a page: ``## 4. Refinement`` → ``4``, ``### 4.2 RFM`` → ``4.2``."""
+    out: Set[str] = set()
+    for line in md.read_text(encoding="utf-8").splitlines():
+        m = re.match(r"^#{2,6}\s+(\d+(?:\.\d+)*)\.?\s", line)
+        if m:
+            out.add(m.group(1))
+    return out
+
+
+def test_every_method_section_number_cited_exists():
+    """``docs/method.md §4.5`` (and ``§6.1, §12`` after it on the same line) names a numbered heading."""
+    numbers = section_numbers(DOCS / "method.md")
+    assert {"4", "4.5", "12"} <= numbers
+    broken, seen = [], 0
+    sources = [*REPO.joinpath("weclip_infer").rglob("*.py"), *REPO.joinpath("weclip_infer").rglob("*.yaml"),
+               *DOCS.glob("*.md"), REPO / "README.md"]
+    for src in sources:
+        for i, line in enumerate(src.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+            if "method.md" not in line:
+                continue
+            tail = line.split("method.md", 1)[1]
+            for num in re.findall(r"§\s*(\d+(?:\.\d+)*)", tail):
+                seen += 1
+                if num.rstrip(".") not in numbers:
+                    broken.append(f"{src.relative_to(REPO)}:{i}: §{num}")
+    assert seen, "no section citations found: the scan is broken"
+    assert not broken, "citations of sections that docs/method.md does not have:\n  " + "\n  ".join(broken)
