@@ -31,6 +31,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from .batch.cli import add_run_options, setup_cli_logging
+
 __all__ = ["annotate_folder", "write_dataset_files", "main", "MASKS_SUBDIR"]
 
 log = logging.getLogger(__name__)
@@ -157,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="network input long side in pixels (default: the model's; 0: the image size)")
     ap.add_argument("--tag-threshold", type=float, default=None,
                     help="--auto-tags: score threshold in (0, 1) (default: 0.9, calibrated on the demo world)")
-    ap.add_argument("--crf", action="store_true", help="DenseCRF on the refined maps (needs pydensecrf2)")
+    ap.add_argument("--crf", action="store_true", help="dense CRF on the refined maps")
     ap.add_argument("--resume", action="store_true", help="skip images whose mask exists")
     ap.add_argument("--workers", type=int, default=2, help="decoding processes (default: %(default)s)")
     ap.add_argument("--device", default=None, help="cpu, cuda or auto (default)")
@@ -165,16 +167,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="PyTorch threads (default: PyTorch's choice)")
     ap.add_argument("--max-pixels", type=int, default=None, help="refuse larger images (default: 4,000,000)")
     ap.add_argument("--max-names", type=int, default=None, help="most class names per image (default: 20)")
-    ap.add_argument("--quiet", action="store_true", help="no progress bar and no informational messages")
-    ap.add_argument("--debug", action="store_true", help="print the full traceback of an error")
+    add_run_options(ap)
     return ap
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``weclip-annotate``; returns the exit code (see ``--help``)."""
     a = build_parser().parse_args(argv)
-    if not a.quiet and not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(message)s")
+    setup_cli_logging(a.quiet)
 
     def body() -> int:
         from dataclasses import replace
@@ -220,11 +220,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             for i in range(0, len(classes), limits.max_names):  # names valid for this mode (clear error up front)
                 ann.resolve(classes[i: i + limits.max_names], mode)
             labels = _read_labels(a.images, a.labels, classes)
-        if a.crf:
-            from .crf import INSTALL_HINT, crf_available
-
-            if not crf_available():
-                raise RuntimeError(INSTALL_HINT)
         summary = annotate_folder(ann, a.images, a.out, classes=classes, labels=labels, mode=mode, listing=listing,
                                   resume=a.resume, workers=a.workers, max_pixels=limits.max_pixels,
                                   progress=not a.quiet)

@@ -28,7 +28,7 @@ from typing import Any, Mapping, Optional, Union
 
 import torch
 
-from .config import MAX_CONFIG_BYTES, ConfigError, WeCLIPConfig, load_config, parse_config_text, to_dict
+from .config import ConfigError, WeCLIPConfig, load_config, parse_config_text, read_config_text, to_dict
 from .io_utils import atomic_path, write_json_atomic
 
 __all__ = [
@@ -131,13 +131,7 @@ def read_checkpoint_meta(directory: Union[str, os.PathLike]) -> dict:
     if not cfg_file.is_file() or not weights.is_file():
         raise CheckpointError(f"{d}: not a weclip_infer checkpoint (needs config.json and model.safetensors)")
     try:
-        if cfg_file.stat().st_size > MAX_CONFIG_BYTES:
-            raise CheckpointError(f"{cfg_file}: larger than {MAX_CONFIG_BYTES} bytes; not a checkpoint config")
-        text = cfg_file.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{cfg_file}: cannot read: {e}") from None
-    try:
-        meta = parse_config_text(text, str(cfg_file), json_only=True)
+        meta = parse_config_text(read_config_text(cfg_file), str(cfg_file), json_only=True)
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
     if not isinstance(meta, dict):

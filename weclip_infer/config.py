@@ -448,18 +448,22 @@ def parse_config_text(text: str, source: str, *, json_only: bool = False) -> Any
     return data
 
 
+def read_config_text(p: Path) -> str:
+    """The text of a config file, refused (``ConfigError``) above ``MAX_CONFIG_BYTES`` or unreadable."""
+    try:
+        if p.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{p}: larger than {MAX_CONFIG_BYTES} bytes; not a config file")
+        return p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{p}: cannot read: {e}") from None
+
+
 def read_config_file(path: Union[str, "os.PathLike[str]"]) -> dict:
     """A YAML/JSON config file as a dict (empty file: ``{}``); the one reader of config files."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
-    try:
-        if p.stat().st_size > MAX_CONFIG_BYTES:
-            raise ConfigError(f"{p}: larger than {MAX_CONFIG_BYTES} bytes")
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{p}: cannot read: {e}") from None
-    data = parse_config_text(text, str(p)) or {}
+    data = parse_config_text(read_config_text(p), str(p)) or {}
     if not isinstance(data, Mapping):
         raise ConfigError(f"{p}: expected a mapping at the top level, got {type(data).__name__}")
     return dict(data)

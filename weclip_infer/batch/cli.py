@@ -112,24 +112,35 @@ def _parse_scales(s: Optional[str]):
         raise argparse.ArgumentTypeError(f"comma-separated numbers expected, got {s!r}") from None
 
 
-def _positive_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"a whole number expected, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: a whole number ``>= minimum``."""
+
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"a whole number expected, got {s!r}") from None
+        if v < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {v}")
+        return v
+
+    return parse
 
 
-def _non_negative_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"a whole number expected, got {s!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-    return v
+_positive_int = _int_at_least(1)
+_non_negative_int = _int_at_least(0)
+
+
+def add_run_options(ap: argparse.ArgumentParser) -> None:
+    """``--quiet`` and ``--debug``, the same for every folder command."""
+    ap.add_argument("--quiet", action="store_true", help="no progress bar and no informational messages")
+    ap.add_argument("--debug", action="store_true", help="print the full traceback of an error")
+
+
+def setup_cli_logging(quiet: bool) -> None:
+    """Informational messages on stderr unless ``--quiet`` (or the application configured logging)."""
+    if not quiet and not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
 
 
 DESCRIPTION = """\
@@ -210,16 +221,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="model copies (actors, each with --threads CPUs, default 1; default: 1)")
     ray.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per actor (default: 0)")
     ray.add_argument("--batch-size", type=_positive_int, default=4, help="images per actor call (default: 4)")
-    ap.add_argument("--quiet", action="store_true", help="no progress bar and no informational messages")
-    ap.add_argument("--debug", action="store_true", help="print the full traceback of an error")
+    add_run_options(ap)
     return ap
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``weclip-segment``; returns the exit code (see ``--help``)."""
     a = build_parser().parse_args(argv)
-    if not a.quiet and not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(message)s")
+    setup_cli_logging(a.quiet)
 
     def body() -> int:
         from ..threads import apply_threads, plan_threads
