@@ -34,7 +34,7 @@ class CAMOutput:
 
     ``cams``: per image a ``K_i×h×w`` tensor in [0, 1] (ascending class order);
     ``keys``: per image the ``K_i`` 0-based foreground class ids;
-    ``attn_last``: ``B×L×L`` head-averaged attention of block N (docs/method.md §3.3 last item);
+    ``attn_last``: ``B×L×L`` head-averaged attention of block N (docs/method.md §2.4);
     ``probs``: per image ``K_i×(K_i+n_bg)`` softmax scores of each GradCAM target's forward.
     """
 
@@ -45,7 +45,7 @@ class CAMOutput:
 
 
 def class_keys(cls_labels: torch.Tensor) -> list[list[int]]:
-    """``B×(C−1)`` multi-hot → per image the present 0-based class ids, ascending (docs/method.md §12)."""
+    """``B×(C−1)`` multi-hot → per image the present 0-based class ids, ascending (docs/method.md §3.1)."""
     return [torch.nonzero(row > 0.5).flatten().tolist() for row in cls_labels]
 
 
@@ -61,7 +61,7 @@ def minmax_normalize(x: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
 def initial_cam(backbone: FrozenCLIP, tokens_prev: torch.Tensor, hw: tuple[int, int], keys: Sequence[Sequence[int]],
                 text_fg: torch.Tensor, text_bg: torch.Tensor, logit_scale: Optional[float] = None,
                 batching: str = "auto") -> CAMOutput:
-    """GradCAM initial CAMs for every present class of every image (docs/method.md §3.2–§6.2).
+    """GradCAM initial CAMs for every present class of every image (docs/method.md §3.2–§3.3).
 
     ``tokens_prev``: ``B×L×D`` output of block N−1 (no grad needed); ``keys``: present classes
     per image; ``text_fg``: ``(C−1)×E``, ``text_bg``: ``n_bg×E`` L2-normalised text embeddings;
@@ -222,7 +222,7 @@ def box_mask(cam: torch.Tensor | np.ndarray, threshold: float) -> np.ndarray:
     ``s = uint8(floor(255·cam))``; foreground ``s > int(θ·max(s))``; one rectangle per
     8-connected component (OpenCV contours trace 8-connected components; hole contours lie
     inside their component's rectangle, so they add nothing); rectangle ends are exclusive and
-    clipped to ``w−1``/``h−1`` (docs/method.md §12).
+    clipped to ``w−1``/``h−1`` (docs/method.md §3.4).
     """
     c = cam.detach().float().cpu().numpy() if isinstance(cam, torch.Tensor) else np.asarray(cam)
     h, w = c.shape

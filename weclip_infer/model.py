@@ -197,7 +197,7 @@ class WeCLIP(nn.Module):
                               box_mask=boxes, use_rfm=refinement == "rfm", transition=trans, cam_refined=refined)
                 if refinement != "none":
                     record.update(refine_map=rmap, layer_scores=scores, layer_keep=keep)
-                # the static refinement as well, for comparison (docs/method.md §4.5)
+                # the static refinement as well, for comparison (docs/method.md §4.1)
                 st = sinkhorn_transition(static_refine_map(maps, r.static_blocks), r.sinkhorn_iters, r.power)
                 record["cam_static"] = [apply_transition(st[b], cam.cams[b], boxes[b]) for b in range(len(keys))]
         return refined

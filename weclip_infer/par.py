@@ -99,7 +99,7 @@ def pixel_adaptive_refine(image: torch.Tensor, cams: torch.Tensor, dilations: Se
 
 def upsample_cams(cams: Sequence[torch.Tensor], size: Sequence[int]) -> list[torch.Tensor]:
     """Per image ``K_i×h×w`` CAMs → ``K_i×H×W``: min-max normalised, then bilinear
-    (``align_corners=False``) to ``size`` (docs/method.md §5.1 steps 1–2)."""
+    (``align_corners=False``) to ``size`` (docs/method.md §5.1)."""
     H, W = int(size[0]), int(size[1])
     return [F.interpolate(minmax_normalize(c)[None], size=(H, W), mode="bilinear", align_corners=False)[0]
             if c.shape[0] else c.new_zeros(0, H, W) for c in cams]

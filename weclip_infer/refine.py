@@ -20,12 +20,12 @@ __all__ = [
 
 
 def patch_attention(attn: Sequence[torch.Tensor]) -> torch.Tensor:
-    """List of ``B×L×L`` maps (CLS first) → ``B×n×hw×hw`` with CLS row/column dropped (docs/method.md §12)."""
+    """List of ``B×L×L`` maps (CLS first) → ``B×n×hw×hw`` with CLS row/column dropped (docs/method.md §4)."""
     return torch.stack([a[:, 1:, 1:] for a in attn], dim=1)
 
 
 def static_refine_map(maps: torch.Tensor, last: int = 8) -> torch.Tensor:
-    """CLIP-ES static refinement (docs/method.md §4.5): mean of the last ``last`` maps. ``B×n×hw×hw`` → ``B×hw×hw``."""
+    """CLIP-ES static refinement (docs/method.md §4.1): mean of the last ``last`` maps. ``B×n×hw×hw`` → ``B×hw×hw``."""
     return maps[:, -last:].mean(dim=1)
 
 
