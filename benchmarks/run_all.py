@@ -112,7 +112,10 @@ def bench_peaks(args) -> dict:
         ort_version = ort.__version__
     except ImportError:
         ort_version = None
+    from weclip_infer.hardware import fast_fp32_matmul_available
+
     return {"cpu": cpu_features().as_dict(), "inference_path": inference_path(args.device),
+            "fast_fp32": fast_fp32_matmul_available()[0],
             "torch": torch.__version__, "onnxruntime": ort_version, "matmul_gflops": matmul_peaks()}
 
 
@@ -230,6 +233,64 @@ def bench_folder(args) -> dict:
     return out
 
 
+def render_md(result: dict) -> str:
+    """The markdown table of a ``run_all`` result (also for re-rendering a stored JSON)."""
+    peaks = {"cpu": result["cpu"], "onnxruntime": result["onnxruntime"], "matmul_gflops": result["matmul_gflops"],
+             "inference_path": result["inference_path"]}
+    train, infer, folder = result["train_batch4_320"], result["infer_375x500"], result["folder"]
+    threads, repeats, date, device = result["threads"], result["repeats"], result["date"], result["device"]
+    # the eager path's frozen CLIP uses oneDNN's split-bf16 fp32 kernels where they are exact enough
+    fast_fp32 = result.get("fast_fp32", result["cpu"]["isa"] in ("avx512_bf16", "amx"))
+    mm = peaks["matmul_gflops"]
+    lines = [f"Machine {result['machine']} ({peaks['cpu']['model']}, {peaks['cpu']['arch']}, "
+             f"ISA {peaks['cpu']['isa']}, {result['cpus']} CPUs), device {device}, {threads} threads, "
+             f"torch {result['torch']}, "
+             f"onnxruntime {peaks['onnxruntime']}, median of {repeats} after warm-up, {date}", "",
+             "Same-run matmul peaks (1604×768 @ 768×3072), GFLOP/s: "
+             + ", ".join(f"{k} {v:.0f}" for k, v in mm.items()), "",
+             f"Inference path chosen for checkpoints here: {peaks['inference_path'][0]} "
+             f"({peaks['inference_path'][1]})", "",
+             "| training iteration (batch 4, 320², 2 classes/image, RFM) | seconds |", "|---|---|"]
+    for k, v in train["stages_s"].items():
+        lines.append(f"| {k} | {v:.3f} |")
+    lines.append(f"| **total** (authors' code {AUTHORS['train_step_s']} s; target ≤ {TARGETS['train_step_s']} s) "
+                 f"| **{train['total_s']:.3f}** |")
+    lines.append(f"| peak RSS (authors' {AUTHORS['train_peak_rss_gb']} GB; target ≤ {TARGETS['train_peak_rss_gb']} GB) "
+                 f"| {train['peak_rss_gb']:.2f} GB |")
+    paths = infer["paths"]
+    eager_peak = mm.get("torch_fp32_bf16_flag") if fast_fp32 else mm.get("torch_fp32")
+    peak_of = {"eager": eager_peak, "onnxruntime": mm.get("ort_fp32"),
+               "checkpoint (auto)": (mm.get("ort_fp32") if infer.get("checkpoint_auto_backend") == "onnx"
+                                     else eager_peak)}
+    lines += ["", "| inference, 375×500 JPEG, scales {1, 0.75} + flip (s; % of the path's matmul peak) | "
+              + " | ".join(paths) + " |", "|---|" + "---|" * len(paths)]
+    stages = sorted({st for v in paths.values() for st in v})
+    for st in stages:
+        cells = []
+        for k in paths:
+            t = paths[k].get(st, float("nan"))
+            cell = f"{t:.3f}"
+            flop = infer["network_gflop"].get(st)
+            if flop and peak_of.get(k) and t == t:
+                cell += f" ({100 * flop / t / peak_of[k]:.0f}%)"
+            cells.append(cell)
+        lines.append(f"| {st} | " + " | ".join(cells) + " |")
+    if "checkpoint_first_load_s" in infer:
+        lines.append(f"\nCheckpoint directory, processor-chosen path ({infer['checkpoint_auto_backend']}): first load "
+                     f"{infer['checkpoint_first_load_s']:.1f} s (includes the one-time export when ONNX Runtime is "
+                     f"chosen), cached load {infer['checkpoint_cached_load_s']:.1f} s.")
+    if "crf_s" in infer:
+        lines.append(f"\nDenseCRF on 375×500, 21 labels, 10 iterations: {infer['crf_s']:.3f} s on a demo-world scene "
+                     f"(authors' {AUTHORS['crf_s']} s on a VOC image); {infer['crf_noise_s']:.3f} s on per-pixel noise "
+                     "(worst case for the bilateral lattice)")
+    lines.append(f"\nInference target ≤ {TARGETS['infer_375x500_s']} s (authors' code {AUTHORS['infer_375x500_s']} s).")
+    lines.append(f"\nBatch segmentation, {folder['images']} demo-world JPEGs ({folder['image_size']}, "
+                 f"{folder['model']}, decode and CRF in worker processes): "
+                 f"{folder['no_crf']['images_per_s']:.2f} images/s without CRF"
+                 + (f", {folder['crf']['images_per_s']:.2f} images/s with CRF" if "crf" in folder else ""))
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
@@ -239,7 +300,11 @@ def main() -> int:
     ap.add_argument("--part", choices=["all", "peaks", "train", "infer", "folder"], default="all")
     ap.add_argument("--folder-images", type=int, default=200)
     ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--render", metavar="JSON", help="only print the markdown of a stored result")
     args = ap.parse_args()
+    if args.render:
+        print(render_md(json.loads(Path(args.render).read_text())))
+        return 0
     torch.set_num_threads(args.threads)
     if args.part == "peaks":
         print(json.dumps(bench_peaks(args)))
@@ -276,57 +341,11 @@ def main() -> int:
               "cpus": os.cpu_count(), "device": args.device, "threads": args.threads, "repeats": args.repeats,
               "torch": torch.__version__,
               "onnxruntime": peaks["onnxruntime"], "matmul_gflops": peaks["matmul_gflops"],
-              "inference_path": peaks["inference_path"],
+              "inference_path": peaks["inference_path"], "fast_fp32": peaks.get("fast_fp32"),
               "date": date, "load_avg_1min_at_end": load, "train_batch4_320": train, "infer_375x500": infer,
               "folder": folder,
               "authors_code": AUTHORS, "targets": TARGETS}
-    mm = peaks["matmul_gflops"]
-    lines = [f"Machine {result['machine']} ({peaks['cpu']['model']}, {peaks['cpu']['arch']}, "
-             f"ISA {peaks['cpu']['isa']}, {result['cpus']} CPUs), device {args.device}, {args.threads} threads, "
-             f"torch {torch.__version__}, "
-             f"onnxruntime {peaks['onnxruntime']}, median of {args.repeats} after warm-up, {date}", "",
-             "Same-run matmul peaks (1604×768 @ 768×3072), GFLOP/s: "
-             + ", ".join(f"{k} {v:.0f}" for k, v in mm.items()), "",
-             f"Inference path chosen for checkpoints here: {peaks['inference_path'][0]} "
-             f"({peaks['inference_path'][1]})", "",
-             "| training iteration (batch 4, 320², 2 classes/image, RFM) | seconds |", "|---|---|"]
-    for k, v in train["stages_s"].items():
-        lines.append(f"| {k} | {v:.3f} |")
-    lines.append(f"| **total** (authors' code {AUTHORS['train_step_s']} s; target ≤ {TARGETS['train_step_s']} s) "
-                 f"| **{train['total_s']:.3f}** |")
-    lines.append(f"| peak RSS (authors' {AUTHORS['train_peak_rss_gb']} GB; target ≤ {TARGETS['train_peak_rss_gb']} GB) "
-                 f"| {train['peak_rss_gb']:.2f} GB |")
-    paths = infer["paths"]
-    peak_of = {"eager": mm.get("torch_fp32"), "onnxruntime": mm.get("ort_fp32"),
-               "checkpoint (auto)": (mm.get("ort_fp32") if infer.get("checkpoint_auto_backend") == "onnx"
-                                     else mm.get("torch_fp32"))}
-    lines += ["", "| inference, 375×500 JPEG, scales {1, 0.75} + flip (s; % of the path's matmul peak) | "
-              + " | ".join(paths) + " |", "|---|" + "---|" * len(paths)]
-    stages = sorted({st for v in paths.values() for st in v})
-    for st in stages:
-        cells = []
-        for k in paths:
-            t = paths[k].get(st, float("nan"))
-            cell = f"{t:.3f}"
-            flop = infer["network_gflop"].get(st)
-            if flop and peak_of.get(k) and t == t:
-                cell += f" ({100 * flop / t / peak_of[k]:.0f}%)"
-            cells.append(cell)
-        lines.append(f"| {st} | " + " | ".join(cells) + " |")
-    if "checkpoint_first_load_s" in infer:
-        lines.append(f"\nCheckpoint directory, processor-chosen path ({infer['checkpoint_auto_backend']}): first load "
-                     f"{infer['checkpoint_first_load_s']:.1f} s (includes the one-time export when ONNX Runtime is "
-                     f"chosen), cached load {infer['checkpoint_cached_load_s']:.1f} s.")
-    if "crf_s" in infer:
-        lines.append(f"\nDenseCRF on 375×500, 21 labels, 10 iterations: {infer['crf_s']:.3f} s on a demo-world scene "
-                     f"(authors' {AUTHORS['crf_s']} s on a VOC image); {infer['crf_noise_s']:.3f} s on per-pixel noise "
-                     "(worst case for the bilateral lattice)")
-    lines.append(f"\nInference target ≤ {TARGETS['infer_375x500_s']} s (authors' code {AUTHORS['infer_375x500_s']} s).")
-    lines.append(f"\nBatch segmentation, {folder['images']} demo-world JPEGs ({folder['image_size']}, "
-                 f"{folder['model']}, decode and CRF in worker processes): "
-                 f"{folder['no_crf']['images_per_s']:.2f} images/s without CRF"
-                 + (f", {folder['crf']['images_per_s']:.2f} images/s with CRF" if "crf" in folder else ""))
-    md = "\n".join(lines) + "\n"
+    md = render_md(result)
     print(md)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

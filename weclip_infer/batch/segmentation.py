@@ -7,6 +7,7 @@ and ``timings`` (seconds per stage, decoding included).
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from typing import Any, Iterator, Optional, Sequence, Union
 
@@ -45,6 +46,15 @@ def image_result(item: DecodedImage, res: Any, overlay_out: bool = False) -> Ima
                                "timings": {k: round(v, 5) for k, v in t.items()}})
 
 
+def _init_crf_worker(parent_pid: int) -> None:
+    """The CRF worker dies with its parent and computes on one thread: it runs beside the model,
+    which already uses the CPUs this process was given (more threads only contend)."""
+    import torch
+
+    worker_initializer(parent_pid)()
+    torch.set_num_threads(1)
+
+
 @contextlib.contextmanager
 def _crf_pool(enabled: bool, backend: str = "auto") -> Iterator[Any]:
     """One spawn-context worker process for DenseCRF, tied to this process."""
@@ -58,7 +68,8 @@ def _crf_pool(enabled: bool, backend: str = "auto") -> Iterator[Any]:
 
     if resolve_crf_backend(backend) == "densecrf":
         _import_pydensecrf()  # fail now with the install hint, not inside a worker
-    pool = ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn"), initializer=worker_initializer())
+    pool = ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn"),
+                               initializer=functools.partial(_init_crf_worker, os.getpid()))
     try:
         yield pool
     finally:
