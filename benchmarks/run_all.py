@@ -50,7 +50,8 @@ def bench_train(args) -> dict:
     from weclip_infer.memory import reuse_freed_memory
 
     dev = torch.device(args.device)
-    model = build_model({"backbone": {"clip_weights": "random"}, "text": {"dataset": "voc"}}, device=dev)
+    model = build_model({"backbone": {"clip_weights": "random", "precision": args.precision},
+                         "text": {"dataset": "voc"}}, device=dev)
     rss_built = rss_gb()
     reuse_freed_memory(device=dev)  # as the training loop does
     model.train()
@@ -300,6 +301,8 @@ def main() -> int:
     ap.add_argument("--part", choices=["all", "peaks", "train", "infer", "folder"], default="all")
     ap.add_argument("--folder-images", type=int, default=200)
     ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                    help="frozen-CLIP arithmetic of the training part (model.backbone.precision)")
     ap.add_argument("--render", metavar="JSON", help="only print the markdown of a stored result")
     args = ap.parse_args()
     if args.render:
