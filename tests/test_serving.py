@@ -634,3 +634,12 @@ def test_concurrent_load(server, segmenter):
                                   base=f"http://127.0.0.1:{server.ports['metrics']}")
     assert code == 200
     assert b"WeCLIPNetworkTime" in out and b"WeCLIPDecodeTime" in out
+
+
+def test_oversized_headers_are_413_in_process(segmenter):
+    """Both a header over our pixel limit and one past Pillow's own cap answer 413."""
+    from weclip_infer.serving import SegmentationService
+
+    svc = SegmentationService(segmenter, max_pixels=1_000_000)
+    out = svc.handle([({"body": _bomb_png(2000, 2000)}, {}), ({"body": _bomb_png()}, {})])
+    assert [r.status for r in out] == [413, 413], [r.body for r in out]

@@ -150,6 +150,8 @@ def load_image(src: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS, name: str
             img = Image.open(io.BytesIO(data))
         except UnidentifiedImageError:
             raise ImageDecodeError(label, "not a recognised image format") from None
+        except Image.DecompressionBombError as e:  # Pillow's own cap fired first: the header is far too large
+            raise ImageDecodeError(label, f"image size is more than the limit {max_pixels} pixels ({e})") from None
         except Exception as e:  # noqa: BLE001 - any decoder failure is a bad input
             raise ImageDecodeError(label, f"cannot open image: {e}") from None
     w, h = img.size
