@@ -261,6 +261,7 @@ def test_unwritable_output_fails_before_the_model_loads(tmp_path, monkeypatch, c
     assert "could not write" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_two_shards_at_once_into_one_folder(ckpt, tmp_path):
     """Both shards write into the same folder at the same time: every mask, one whole log line each."""
     import subprocess

@@ -21,6 +21,8 @@ from weclip_infer.crf import crf_available
 
 N_IMAGES = 40
 
+pytestmark = pytest.mark.slow  # real processes and signals, ~25 s in all
+
 
 @pytest.fixture(scope="module")
 def ckpt(shared_tiny_model, tmp_path_factory):

@@ -68,6 +68,8 @@ def demo_env(tmp_path, monkeypatch):
     q.stop(wd)  # never leave a server behind, whatever failed
 
 
+@pytest.mark.serve
+@pytest.mark.slow
 def test_demo_reuses_its_server_refreshes_keys_and_stops_only_itself(demo_env, tmp_path, capsys):
     wd, cfg = demo_env
     ports = listen_ports(read_properties(cfg))

@@ -74,6 +74,7 @@ def test_shard_and_list_file(tmp_path):
         shard(items, "3/2")
 
 
+@pytest.mark.slow
 def test_kill_then_resume_matches_uninterrupted_run(ckpt, tmp_path):
     src = tmp_path / "in"
     _write_good(src, 24, size=(200, 260))

@@ -272,6 +272,7 @@ def test_cli_print_config_and_errors(world, tmp_path, capsys):
     assert "train.nope" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_gloo(world, tmp_path):
     out = tmp_path / "ddp"
     p = tmp_path / "ddp.yaml"
