@@ -3,33 +3,20 @@
 from __future__ import annotations
 
 import base64
-import io
 import json
 import shutil
 
 import numpy as np
 import pytest
-from PIL import Image
 
 pytest.importorskip("ts", reason="torchserve not installed (pip install -e '.[serve]'; `make test` does)")
+from http_corpus import decode_png, img_bytes  # noqa: E402
+
 from weclip_infer.serving import RequestError, parse_options  # noqa: E402
 from weclip_infer.serving.torchserve import WeCLIPHandler  # noqa: E402
 
 MODEL = "weclip"
 SERVE_CONFIG = {"num_threads": 1, "max_pixels": 4_000_000, "backend": "eager"}
-
-
-def _img(h, w, seed=0) -> bytes:
-    rng = np.random.RandomState(seed)
-    arr = (rng.rand(h, w, 3) * 255).astype(np.uint8)
-    arr[: h // 2, : w // 2] = (200, 30, 30)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _decode_png(body: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(body))).astype(np.int64)
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +73,7 @@ def test_parse_mode_and_free_text_labels():
 def test_handler_modes_in_process(handler, model_dir):
     from weclip_infer import Annotator
 
-    img = _img(48, 64, 1)
+    img = img_bytes(48, 64, 1, "PNG")
     data = [
         {"body": bytearray(img)},                                                      # decoder (default)
         {"body": bytearray(img), "mode": b"tags", "labels": b"red box"},               # tags
@@ -100,13 +87,13 @@ def test_handler_modes_in_process(handler, model_dir):
     out, codes = _run(handler, data)
     assert codes == [200, 200, 200, 200, 400, 400, 400]
     ann = Annotator.from_pretrained(model_dir, device="cpu")
-    tags = _decode_png(out[1])
+    tags = decode_png(out[1])
     np.testing.assert_array_equal(tags, ann.annotate(img, ["red box"]).labels)
     assert set(np.unique(tags).tolist()) <= {0, 1}
     js = json.loads(out[2])
     assert set(js["classes"]) <= {"background", "a red kite", "grey sky"}
     assert set(js["scores"]) == {"background", "a red kite", "grey sky"}
-    np.testing.assert_array_equal(_decode_png(out[3]), ann.annotate(img, "auto").labels)
+    np.testing.assert_array_equal(decode_png(out[3]), ann.annotate(img, "auto").labels)
     assert "names" in json.loads(out[4])["error"]
     assert "kite" in json.loads(out[5])["error"]
     assert "at most" in json.loads(out[6])["error"]

@@ -339,15 +339,9 @@ def test_large_image_preprocess_reads_only_the_rows_it_needs(tiny_model, monkeyp
 def test_header_beyond_pillows_own_cap_is_a_size_error():
     """A header far past every limit (Pillow refuses it itself) reads as "more than the limit",
     which the servers answer with 413 like any other oversized image."""
-    import struct
-    import zlib
+    from http_corpus import bomb_png
 
     from weclip_infer.imageio import ImageDecodeError, load_image
 
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
-
-    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0))
-           + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b""))
     with pytest.raises(ImageDecodeError, match="more than the limit"):
-        load_image(png)
+        load_image(bomb_png(20000, 20000))

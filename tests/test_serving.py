@@ -14,14 +14,11 @@ import json
 import os
 import shutil
 import socket
-import struct
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
-import uuid
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -30,6 +27,8 @@ import pytest
 from PIL import Image
 
 pytest.importorskip("ts", reason="torchserve not installed (pip install -e '.[serve]'; `make test` does)")
+from http_corpus import BAD_REQUESTS, bomb_png, decode_png, img_bytes, multipart  # noqa: E402
+
 from weclip_infer.serving import RequestError, parse_options, rle_decode, rle_encode  # noqa: E402
 from weclip_infer.serving.torchserve import WeCLIPHandler  # noqa: E402
 
@@ -39,52 +38,10 @@ BATCH_SIZE, BATCH_DELAY_MS = 4, 20  # the test server's TorchServe batching
 
 
 # ---- helpers ---------------------------------------------------------------------------------------
-def _img(h, w, seed=0, fmt="JPEG") -> bytes:
-    rng = np.random.RandomState(seed)
-    arr = (rng.rand(h, w, 3) * 255).astype(np.uint8)
-    arr[: h // 2, : w // 2] = (200, 30, 30)  # some structure
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format=fmt)
-    return buf.getvalue()
-
-
-def _png_chunk(tag: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
-
-
-def _bomb_png(w=20000, h=20000) -> bytes:
-    """A tiny PNG whose header declares ``w×h`` pixels (a decompression-bomb header)."""
-    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    idat = zlib.compress(b"\x00" * 16)
-    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
-
-
-def _multipart(fields: dict) -> tuple:
-    boundary = uuid.uuid4().hex
-    out = io.BytesIO()
-    for name, value in fields.items():
-        out.write(f"--{boundary}\r\n".encode())
-        if isinstance(value, bytes):
-            out.write(f'Content-Disposition: form-data; name="{name}"; filename="{name}.img"\r\n'.encode())
-            out.write(b"Content-Type: application/octet-stream\r\n\r\n")
-            out.write(value)
-        else:
-            out.write(f'Content-Disposition: form-data; name="{name}"\r\n\r\n{value}'.encode())
-        out.write(b"\r\n")
-    out.write(f"--{boundary}--\r\n".encode())
-    return out.getvalue(), f"multipart/form-data; boundary={boundary}"
-
-
 def _port_open(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.settimeout(0.5)
         return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-def _decode_png(body: bytes) -> np.ndarray:
-    im = Image.open(io.BytesIO(body))
-    assert im.mode == "P"
-    return np.asarray(im).astype(np.int64)
 
 
 @pytest.fixture(scope="session")
@@ -150,7 +107,7 @@ def test_handler_mixed_batch_in_process(model_dir, segmenter, tmp_path):
     ctx = Context(MODEL, str(d), None, 4, None, "0.12.0")
     h = WeCLIPHandler()
     h.initialize(ctx)
-    imgs = [_img(40, 56, 1), _img(70, 33, 2, "PNG")]
+    imgs = [img_bytes(40, 56, 1), img_bytes(70, 33, 2, "PNG")]
     data = [{"body": bytearray(imgs[0])}, {"body": bytearray(b"not an image")},
             {"data": bytearray(imgs[1]), "output": bytearray(b"json"), "rle": b"true"},
             {"body": {"image": base64.b64encode(imgs[0]).decode(), "scales": [1.0], "flip": False}}]
@@ -161,14 +118,14 @@ def test_handler_mixed_batch_in_process(model_dir, segmenter, tmp_path):
     assert codes == [200, 400, 200, 200]
     assert [ctx.get_response_content_type(i) for i in range(4)] == ["image/png", "application/json",
                                                                   "application/json", "image/png"]
-    assert np.array_equal(_decode_png(out[0]), segmenter.predict(imgs[0]).labels)
+    assert np.array_equal(decode_png(out[0]), segmenter.predict(imgs[0]).labels)
     assert "not a recognised image" in json.loads(out[1])["error"]
     js = json.loads(out[2])
     ref = segmenter.predict(imgs[1]).labels
     assert js["size"] == list(ref.shape)
     for name, counts in js["rle"].items():
         assert np.array_equal(rle_decode(counts, ref.shape), ref == segmenter.class_names.index(name))
-    assert np.array_equal(_decode_png(out[3]), segmenter.predict(imgs[0], scales=(1.0,), flip=False).labels)
+    assert np.array_equal(decode_png(out[3]), segmenter.predict(imgs[0], scales=(1.0,), flip=False).labels)
 
 
 def _handler(model_dir, tmp_path, **serve_config):
@@ -210,8 +167,8 @@ def test_same_size_images_run_as_one_batch_per_scale(model_dir, segmenter, tmp_p
     h, _ = _handler(model_dir, tmp_path)
     net = h.service.network
     spy = net.backend = _Spy(net.backend)
-    same = [_img(48, 64, seed=s) for s in range(4)] + [_img(96, 128, seed=7, fmt="PNG")]  # same network size
-    other = _img(70, 33, seed=8)
+    same = [img_bytes(48, 64, seed=s) for s in range(4)] + [img_bytes(96, 128, seed=7, fmt="PNG")]  # same network size
+    other = img_bytes(70, 33, seed=8)
     data = [{"body": bytearray(b)} for b in same[:2]] + [{"body": bytearray(b"not an image")}] + \
         [{"body": bytearray(b)} for b in same[2:]] + [{"body": bytearray(other)}] + \
         [{"body": bytearray(same[0]), "scales": b"1"}]
@@ -219,8 +176,8 @@ def test_same_size_images_run_as_one_batch_per_scale(model_dir, segmenter, tmp_p
     assert codes == [200, 200, 400, 200, 200, 200, 200, 200]
     good = [0, 1, 3, 4, 5, 6]
     for i, img in zip(good, same[:2] + same[2:] + [other]):
-        assert np.array_equal(_decode_png(out[i]), segmenter.predict(img).labels), i
-    assert np.array_equal(_decode_png(out[7]), segmenter.predict(same[0], scales=(1.0,)).labels)
+        assert np.array_equal(decode_png(out[i]), segmenter.predict(img).labels), i
+    assert np.array_equal(decode_png(out[7]), segmenter.predict(same[0], scales=(1.0,)).labels)
     # scale 1: the six same-size inputs (x2 flip) in one call, the other size in its own;
     # scale 0.75: five same-size inputs in one call, the other size in its own
     assert sorted(s[0] for s in spy.shapes) == [2, 2, 10, 12], spy.shapes
@@ -243,8 +200,8 @@ def test_serve_config_reaches_the_segmenter(model_dir, tmp_path):
 def test_batch_failures_stay_with_their_request(model_dir, segmenter, tmp_path):
     h, _ = _handler(model_dir, tmp_path, network_batch=4)
     net = h.service.network
-    imgs = [_img(48, 64, seed=s) for s in range(3)]
-    poison = _img(40, 120, seed=9)  # its own network size: its calls always fail
+    imgs = [img_bytes(48, 64, seed=s) for s in range(3)]
+    poison = img_bytes(40, 120, seed=9)  # its own network size: its calls always fail
     probe = net.backend = _Spy(net.backend)
     _run(h, [{"body": bytearray(poison)}])
     poison_hw = probe.shapes[0][-2:]  # the network input size of the poison image
@@ -257,7 +214,7 @@ def test_batch_failures_stay_with_their_request(model_dir, segmenter, tmp_path):
     assert codes == [200, 200, 500, 200]
     assert "simulated network failure" in json.loads(out[2])["error"]
     for i, img in zip([0, 1, 3], imgs):
-        assert np.array_equal(_decode_png(out[i]), segmenter.predict(img).labels)
+        assert np.array_equal(decode_png(out[i]), segmenter.predict(img).labels)
     assert max(s[0] for s in spy.shapes) == 4  # batches were tried, capped by network_batch
 
 
@@ -418,23 +375,23 @@ def test_ping_and_metrics(server):
 
 @pytest.mark.parametrize("shape,fmt", [((70, 90), "JPEG"), ((33, 50), "PNG"), ((128, 40), "JPEG")])
 def test_png_equals_in_process(server, segmenter, shape, fmt):
-    img = _img(*shape, seed=shape[0], fmt=fmt)
+    img = img_bytes(*shape, seed=shape[0], fmt=fmt)
     code, ctype, body = server.predict(img)
     assert code == 200, body
     assert ctype.startswith("image/png")
-    got = _decode_png(body)
+    got = decode_png(body)
     assert got.shape == shape
     assert np.array_equal(got, segmenter.predict(img).labels)
     # options as headers (the /predictions endpoint drops query strings in TorchServe 0.12)
     code, _, body = server.predict(img, {"X-WeCLIP-Scales": "1", "X-WeCLIP-Flip": "false"})
     assert code == 200, body
-    assert np.array_equal(_decode_png(body), segmenter.predict(img, scales=(1.0,), flip=False).labels)
+    assert np.array_equal(decode_png(body), segmenter.predict(img, scales=(1.0,), flip=False).labels)
 
 
 def test_multipart_and_json_with_rle(server, segmenter):
-    img = _img(60, 45, seed=3)
+    img = img_bytes(60, 45, seed=3)
     ref = segmenter.predict(img)
-    body, ctype = _multipart({"data": img, "output": "json", "rle": "true"})
+    body, ctype = multipart({"data": img, "output": "json", "rle": "true"})
     code, rtype, out = server.request(f"/predictions/{MODEL}", body, {"Content-Type": ctype})
     assert code == 200, out
     assert rtype.startswith("application/json")
@@ -455,14 +412,14 @@ def test_multipart_and_json_with_rle(server, segmenter):
     jb = json.dumps({"image": base64.b64encode(img).decode(), "output": "json"}).encode()
     code, _, out = server.request(f"/predictions/{MODEL}", jb, {"Content-Type": "application/json"})
     assert code == 200 and json.loads(out)["pixel_counts"] == ref.areas()
-    body, ctype = _multipart({"file": img})
+    body, ctype = multipart({"file": img})
     code, _, out = server.request(f"/predictions/{MODEL}", body, {"Content-Type": ctype})
-    assert code == 200 and np.array_equal(_decode_png(out), ref.labels)
+    assert code == 200 and np.array_equal(decode_png(out), ref.labels)
 
 
 def test_query_string_options(server, segmenter):
     """Query parameters reach the handler on the legacy /<model>/predict and /invocations routes."""
-    img = _img(50, 50, seed=4)
+    img = img_bytes(50, 50, seed=4)
     code, ctype, out = server.predict(img, path=f"/{MODEL}/predict?output=json&scales=1&flip=false")
     assert code == 200, out
     assert json.loads(out)["pixel_counts"] == segmenter.predict(img, scales=(1.0,), flip=False).areas()
@@ -471,23 +428,13 @@ def test_query_string_options(server, segmenter):
 
 
 def test_overlay_is_jpeg(server):
-    code, ctype, out = server.predict(_img(64, 48, seed=5), {"X-WeCLIP-Output": "overlay"})
+    code, ctype, out = server.predict(img_bytes(64, 48, seed=5), {"X-WeCLIP-Output": "overlay"})
     assert code == 200, out
     assert ctype.startswith("image/jpeg") and out[:2] == b"\xff\xd8"
     assert Image.open(io.BytesIO(out)).size == (48, 64)
 
 
-BAD = {
-    "random_bytes": (np.random.RandomState(0).bytes(3000), {}, "not a recognised image"),
-    "truncated_jpeg": (_img(80, 80)[:300], {}, "image"),
-    "zero_bytes": (b"", {}, ""),
-    "bomb_header": (_bomb_png(), {}, "limit"),
-    "output_gif": (_img(32, 32), {"X-WeCLIP-Output": "gif"}, "output"),
-    "scales_abc": (_img(32, 32), {"X-WeCLIP-Scales": "abc"}, "scales"),
-    "flip_maybe": (_img(32, 32), {"X-WeCLIP-Flip": "maybe"}, "flip"),
-    "unknown_label": (_img(32, 32), {"X-WeCLIP-Labels": "unicorn"}, "unicorn"),
-    "rle_with_png": (_img(32, 32), {"X-WeCLIP-Rle": "true"}, "rle"),
-}
+BAD = BAD_REQUESTS
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
@@ -501,7 +448,7 @@ def test_bad_inputs_are_4xx_and_worker_survives(server, case):
         assert needle in err, err
     else:
         assert json.loads(out)
-    code, _, out = server.predict(_img(40, 40, seed=9))
+    code, _, out = server.predict(img_bytes(40, 40, seed=9))
     assert code == 200, out
 
 
@@ -519,7 +466,7 @@ def _invalid_key(code, body) -> bool:
 
 def test_token_failures_are_400_invalid_key(server):
     """docs/serving.md, "Authentication": what TorchServe answers without the right key."""
-    img = _img(32, 32)
+    img = img_bytes(32, 32)
     assert _invalid_key(*server.predict(img, token=None)[::2])  # no token
     assert _invalid_key(*server.predict(img, token="wrong-token")[::2])  # wrong token
     assert _invalid_key(*server.predict(img, token="management")[::2])  # management key on the inference API
@@ -543,7 +490,7 @@ def test_health_checks(server):
 
 def test_token_api_refreshes_the_inference_key(server):
     """``GET /token?type=inference`` (management port, API key) replaces the inference key in key_file.json."""
-    img = _img(32, 32)
+    img = img_bytes(32, 32)
     old = server.keys["inference"]["key"]
     code, _, body = server.request("/token?type=inference", method="GET", token="management", base=server.mgmt)
     assert _invalid_key(code, body)  # the token API takes the API key only
@@ -564,7 +511,7 @@ def _curl(*args: str) -> tuple:
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")
 def test_content_types_as_documented(server, segmenter, tmp_path):
     """The curl lines of docs/serving.md, "Sending an image": each works; the form-encoded raw body is a 500."""
-    img = _img(48, 64, seed=11)
+    img = img_bytes(48, 64, seed=11)
     ref = segmenter.predict(img).labels
     f = tmp_path / "img.jpg"
     f.write_bytes(img)
@@ -581,11 +528,11 @@ def test_content_types_as_documented(server, segmenter, tmp_path):
     for name, args in ok.items():
         code, body = _curl(*auth, *args, url)
         assert code == 200, (name, body[:300])
-        assert np.array_equal(_decode_png(body), ref), name
+        assert np.array_equal(decode_png(body), ref), name
     js = tmp_path / "body.json"
     js.write_text(json.dumps({"image": base64.b64encode(img).decode()}))
     code, body = _curl(*auth, "-H", "Content-Type: application/json", "--data-binary", f"@{js}", url)
-    assert code == 200 and np.array_equal(_decode_png(body), ref)
+    assert code == 200 and np.array_equal(decode_png(body), ref)
     # curl's default type for --data-binary is application/x-www-form-urlencoded: TorchServe's own
     # form decoder fails on binary data before the handler runs
     code, body = _curl(*auth, "--data-binary", f"@{f}", url)
@@ -610,7 +557,7 @@ def test_batching_settings_read_back(server):
 def test_concurrent_load(server, segmenter):
     """200 requests, 8 in flight (batches of up to 4 mixing sizes and one bad input per 25)."""
     sizes = [(40, 40), (64, 32), (30, 70), (50, 50)]
-    imgs = {s: _img(*s, seed=s[0] + s[1]) for s in sizes}
+    imgs = {s: img_bytes(*s, seed=s[0] + s[1]) for s in sizes}
     refs = {s: segmenter.predict(imgs[s]).labels for s in sizes}
 
     def one(i):
@@ -621,7 +568,7 @@ def test_concurrent_load(server, segmenter):
         code, _, out = server.predict(imgs[s])
         if code != 200:
             return f"{i}: HTTP {code} {out[:200]!r}"
-        return "ok" if np.array_equal(_decode_png(out), refs[s]) else f"{i}: mask differs"
+        return "ok" if np.array_equal(decode_png(out), refs[s]) else f"{i}: mask differs"
 
     t0 = time.time()
     with ThreadPoolExecutor(8) as ex:
@@ -641,5 +588,5 @@ def test_oversized_headers_are_413_in_process(segmenter):
     from weclip_infer.serving import SegmentationService
 
     svc = SegmentationService(segmenter, max_pixels=1_000_000)
-    out = svc.handle([({"body": _bomb_png(2000, 2000)}, {}), ({"body": _bomb_png()}, {})])
+    out = svc.handle([({"body": bomb_png(2000, 2000)}, {}), ({"body": bomb_png()}, {})])
     assert [r.status for r in out] == [413, 413], [r.body for r in out]
