@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -28,13 +27,10 @@ DEMO_MODEL = HERE.parent / "weclip_infer" / "assets" / "demo_model"
 
 
 def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+    """The processor model, as the library reads it (weclip_infer.hardware)."""
+    from weclip_infer.hardware import cpu_features
+
+    return cpu_features().model
 
 
 def calibrate(ann, ds, n: int) -> tuple[float, list]:

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -48,13 +47,10 @@ DEMO_MODEL = ROOT / "weclip_infer" / "assets" / "demo_model"
 
 
 def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+    """The processor model, as the library reads it (weclip_infer.hardware)."""
+    from weclip_infer.hardware import cpu_features
+
+    return cpu_features().model
 
 
 def yaml_list(items: list) -> str:

@@ -30,13 +30,10 @@ HERE = Path(__file__).resolve().parent
 
 
 def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    """The processor model, as the library reads it (weclip_infer.hardware)."""
+    from weclip_infer.hardware import cpu_features
+
+    return cpu_features().model
 
 
 def machine_info(threads: int) -> dict:
