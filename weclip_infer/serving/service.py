@@ -60,9 +60,13 @@ class _Item:
 class SegmentationService:
     """Requests in, responses out, around one ``Segmenter`` (see the module docstring)."""
 
-    def __init__(self, segmenter: Any, max_pixels: int, network_batch: int = DEFAULT_NETWORK_BATCH):
+    def __init__(self, segmenter: Any, max_pixels: int, network_batch: int = DEFAULT_NETWORK_BATCH,
+                 serve_config: Optional[Dict[str, Any]] = None, model_dir: Optional[Path] = None):
         self.segmenter = segmenter
         self.max_pixels = int(max_pixels)
+        self.serve_config: Dict[str, Any] = dict(serve_config or {})
+        self.model_dir = model_dir
+        self.last_batch: Dict[str, float] = {}
         # every predict() of this segmenter goes through the batching wrapper (a pass-through
         # outside a batch); network_batch caps the images of one backend call
         backend = segmenter.backend
@@ -95,14 +99,7 @@ class SegmentationService:
         logger.info("WeCLIP model loaded from %s (device %s) in %.2f s", model_dir, seg.device,
                     time.perf_counter() - t0)
         reuse_freed_memory(device=seg.device)  # per-request temporaries reused, not page-faulted in again
-        svc = cls(seg, cfg["max_pixels"], network_batch=cfg["network_batch"])
-        svc.serve_config = cfg
-        svc.model_dir = model_dir
-        return svc
-
-    serve_config: Dict[str, Any] = {}
-    last_batch: Dict[str, float] = {}
-    model_dir: Optional[Path] = None
+        return cls(seg, cfg["max_pixels"], network_batch=cfg["network_batch"], serve_config=cfg, model_dir=model_dir)
     _annotator: Any = None
     _annotator_lock = threading.Lock()
 
