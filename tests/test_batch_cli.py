@@ -73,6 +73,18 @@ def test_every_option_has_help_and_the_examples_run(tmp_path, monkeypatch, capsy
         "p0.jpg.png", "p0.png", "p1.jpg.png", "p1.png", "photos/p0.png"]
 
 
+def test_precision_option_reaches_the_network(ckpt, tmp_path):
+    src = tmp_path / "in"
+    _img(src / "a.png", seed=3)
+    assert _run(ckpt, src, "--out", tmp_path / "fp32") == 0
+    assert _run(ckpt, src, "--out", tmp_path / "bf16", "--precision", "bf16") == 0
+    a = np.array(Image.open(tmp_path / "fp32" / "a.png"))
+    b = np.array(Image.open(tmp_path / "bf16" / "a.png"))
+    assert a.shape == b.shape and (a == b).mean() > 0.9
+    with pytest.raises(SystemExit):
+        _run(ckpt, src, "--out", tmp_path / "x", "--precision", "fp16")
+
+
 def test_same_name_inputs_are_refused_before_writing(ckpt, tmp_path, capsys):
     src, out = tmp_path / "in", tmp_path / "out"
     _img(src / "a.jpg", seed=1)

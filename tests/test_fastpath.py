@@ -30,6 +30,8 @@ def test_inference_path_choice():
     assert inference_path("cpu", avx2, ort_available=True)[0] == "eager"
     assert inference_path("cuda:0", avx512, ort_available=True)[0] == "eager"
     assert "AVX2" in inference_path("cpu", avx2, ort_available=True)[1]
+    # bf16 inference runs eager everywhere: the exported graphs are fp32
+    assert inference_path("cpu", avx512, ort_available=True, precision="bf16")[0] == "eager"
 
 
 def test_matmul_peaks_small():
@@ -74,7 +76,10 @@ def test_checkpoint_on_cached_onnx_equals_eager(tiny_model, tmp_path, monkeypatc
         Segmenter.from_pretrained(ck, backend="torchscript")
 
 
-def test_bf16_frozen_clip_is_close_and_leaves_no_global_state():
+def test_bf16_precision_keys_are_close_and_leave_no_global_state():
+    """``backbone.precision`` is the frozen CLIP of the training step (and the label path);
+    ``inference.precision`` is the inference forward (CLIP + decoder). Each changes only its own
+    path, stays close to fp32, returns fp32 tensors and leaves no global state behind."""
     from weclip_infer import build_model
     from weclip_infer.testing import tiny_config
 
@@ -85,13 +90,54 @@ def test_bf16_frozen_clip_is_close_and_leaves_no_global_state():
     x = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(1))
     flag = torch.backends.mkldnn.matmul.fp32_precision
     with torch.no_grad():
-        a, b = m32.segment(x), m16.segment(x)
+        a = m32.segment(x)
+        assert torch.equal(m16.segment(x), a)  # backbone.precision leaves inference alone
+        b = m32.segment(x, precision="bf16")
+        m32.cfg.inference.precision = "bf16"
+        assert torch.equal(m32.segment(x), b)  # the config key is the default of the argument
+        m32.cfg.inference.precision = "fp32"
+        with pytest.raises(ValueError, match="precision"):
+            m32.segment(x, precision="fp16")
     assert b.dtype == torch.float32
     assert 0 < float((a - b).abs().max() / a.abs().max()) < 5e-2  # bf16 differs, but only slightly
+    # the training step's frozen features follow backbone.precision; its attention maps stay fp32
+    f32, at32, _ = m32._features(x, attn_blocks=2, pooled=True)
+    f16, at16, _ = m16._features(x, attn_blocks=2, pooled=True)
+    assert f16[0].dtype == at16[0].dtype == torch.float32
+    assert not torch.equal(f16[-1], f32[-1])
+    assert float((f16[-1] - f32[-1]).abs().max() / f32[-1].abs().max()) < 5e-2
+    assert float((at16[-1] - at32[-1]).abs().max()) < 2e-2  # softmax maps, entries in [0, 1]
+    torch.testing.assert_close(at16[-1].sum(-1), torch.ones_like(at16[-1][..., 0]), atol=2e-2, rtol=0)
     out = m16.train()(x, torch.tensor([[1.0, 0, 1], [0, 1, 0]]))
     assert torch.isfinite(out["loss"])
     assert torch.backends.mkldnn.matmul.fp32_precision == flag
     assert not torch.is_autocast_enabled("cpu")
+
+
+def test_segmenter_precision_option(tiny_model, tmp_path, monkeypatch):
+    """``Segmenter(precision=...)`` runs the network in bf16 without touching the caller's model;
+    checkpoints with bf16 run eager on ``auto``; exported graphs refuse bf16."""
+    from weclip_infer import Segmenter, save_checkpoint
+
+    img = (np.random.RandomState(0).rand(70, 90, 3) * 255).astype(np.uint8)
+    a = Segmenter(tiny_model, long_side=64).predict(img)
+    seg16 = Segmenter(tiny_model, long_side=64, precision="bf16")
+    b = seg16.predict(img)
+    assert seg16.precision == "bf16" and tiny_model.cfg.inference.precision == "fp32"
+    assert not torch.equal(a.logits, b.logits) and (a.labels == b.labels).mean() > 0.9
+    with pytest.raises(ValueError, match="precision"):
+        Segmenter(tiny_model, precision="half")
+    with pytest.raises(ValueError, match="eager model"):
+        Segmenter(backend=lambda x: x, precision="bf16")
+    ck = save_checkpoint(tiny_model, tmp_path / "ck", include_backbone=True)
+    monkeypatch.delenv("WECLIP_BACKEND", raising=False)
+    monkeypatch.setenv("WECLIP_CACHE_DIR", str(tmp_path / "cache"))
+    loaded = Segmenter.from_pretrained(ck, precision="bf16", long_side=64)
+    assert loaded.model is not None and loaded.precision == "bf16"  # eager, whatever the processor
+    torch.testing.assert_close(loaded.predict(img).logits, b.logits)
+    with pytest.raises(ValueError, match="ONNX Runtime path is fp32"):
+        Segmenter.from_pretrained(ck, backend="onnx", precision="bf16")
+    assert not (tmp_path / "cache").exists()  # refused before any export
 
 
 def test_fp32_fast_matmul_keeps_fp32_accuracy_and_restores_the_flag():

@@ -192,7 +192,9 @@ def test_serve_config_reaches_the_segmenter(model_dir, tmp_path):
     h, _ = _handler(model_dir, tmp_path, crf_backend="torch", crf_max_pixels=12345, network_batch=6)
     seg = h.service.segmenter
     assert (seg.crf_backend, seg.crf_max_pixels, h.service.network.max_rows) == ("torch", 12345, 6)
-    for bad in ({"crf_backend": "fast"}, {"crf_max_pixels": 0}, {"network_batch": True}):
+    h16, _ = _handler(model_dir, tmp_path / "bf16", precision="bf16")
+    assert h16.service.segmenter.precision == "bf16" and h16.service.segmenter.model is not None
+    for bad in ({"crf_backend": "fast"}, {"crf_max_pixels": 0}, {"network_batch": True}, {"precision": "fp16"}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             validate_serve_config(bad)
 

@@ -46,7 +46,10 @@ __all__ = [
     "backbone_shape",
     "resolve_backbone_defaults",
     "model_config_from_dict",
+    "PRECISIONS",
 ]
+
+PRECISIONS = ("fp32", "bf16")  # backbone.precision, inference.precision
 
 
 class ConfigError(ValueError):
@@ -97,9 +100,11 @@ class BackboneConfig:
     # Normalisation of input images: the authors' code uses ImageNet statistics.
     normalize: str = "imagenet"  # "imagenet" (code) | "clip" (paper/CLIP-ES)
     seed: int = 0  # only used for clip_weights == "random"
-    # Arithmetic of the frozen CLIP blocks (no gradient): "fp32" (exact to fp32 rounding; on CPUs
-    # with native bf16 it may use oneDNN's split-bf16 fp32 kernels, checked to be as accurate at
-    # start-up) or "bf16" (bfloat16 autocast: about 3x faster on such CPUs, ~1e-2 relative error).
+    # Arithmetic of the frozen CLIP blocks in training and in the pseudo-label path (no gradient):
+    # "fp32" (exact to fp32 rounding; on CPUs with native bf16 it may use oneDNN's split-bf16 fp32
+    # kernels, checked to be as accurate at start-up) or "bf16" (bfloat16: about 2x faster on such
+    # CPUs, ~1e-2 relative error). GradCAM and PAR stay fp32 either way. Inference has its own
+    # key, inference.precision.
     precision: str = "fp32"
 
 
@@ -186,6 +191,9 @@ class InferenceConfig:
     scales: list = field(default_factory=lambda: [1.0, 0.75])
     flip: bool = True
     crf: bool = False
+    # Arithmetic of the inference forward (WeCLIP.segment: frozen CLIP + decoder): "fp32" or
+    # "bf16" (eager PyTorch only; exported graphs are fp32). docs/method.md §9.
+    precision: str = "fp32"
 
 
 @dataclass
@@ -203,7 +211,8 @@ class WeCLIPConfig:
     def validate(self) -> "WeCLIPConfig":
         _check_choice("backbone.normalize", self.backbone.normalize, ("imagenet", "clip"))
         _check_choice("backbone.patch_stem", self.backbone.patch_stem, ("linear", "conv"))
-        _check_choice("backbone.precision", self.backbone.precision, ("fp32", "bf16"))
+        _check_choice("backbone.precision", self.backbone.precision, PRECISIONS)
+        _check_choice("inference.precision", self.inference.precision, PRECISIONS)
         _check_choice("text.dataset", self.text.dataset, ("voc", "coco", "custom"))
         if self.text.dataset == "custom" and not self.text.class_names:
             raise ConfigError("text.class_names: required when text.dataset is 'custom' (or give the data's "

@@ -90,13 +90,16 @@ def _ort_available() -> bool:
 
 
 def inference_path(device: str = "cpu", features: Optional[CpuFeatures] = None,
-                   ort_available: Optional[bool] = None) -> Tuple[str, str]:
-    """``(backend, reason)`` for running a checkpoint's network on ``device``.
+                   ort_available: Optional[bool] = None, precision: str = "fp32") -> Tuple[str, str]:
+    """``(backend, reason)`` for running a checkpoint's network on ``device`` at ``precision``.
 
-    ``onnx`` (ONNX Runtime on a cached export) on CPUs with AVX-512, where its fp32 kernels are
-    about twice as fast as eager PyTorch; ``eager`` on CUDA and on AVX2-only CPUs, where the two
-    tie and eager avoids the one-time export.
+    ``onnx`` (ONNX Runtime on a cached export) for fp32 on CPUs with AVX-512, where its fp32
+    kernels are about twice as fast as eager PyTorch; ``eager`` for bf16 (the exported graphs
+    are fp32), on CUDA, and on AVX2-only CPUs, where the two tie and eager avoids the one-time
+    export.
     """
+    if precision != "fp32":
+        return "eager", f"{precision} inference: eager PyTorch (the exported graphs are fp32)"
     if str(device).startswith("cuda"):
         return "eager", "CUDA device: eager PyTorch"
     feats = features or cpu_features()

@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from .backbone import FrozenCLIP, load_clip, run_block
 from .cam import box_masks, class_keys, initial_cam
-from .config import WeCLIPConfig, load_config
+from .config import PRECISIONS, WeCLIPConfig, load_config
 from .decoder import WeCLIPDecoder, count_parameters
 from .device import select_device  # re-exported: the owner is weclip_infer.device
 from .hardware import frozen_clip_arithmetic
@@ -95,9 +95,13 @@ class WeCLIP(nn.Module):
         """``B×3×H×W`` 0..255 RGB → normalised input (docs/method.md §2.2)."""
         return (images_uint8.float() - self.pixel_mean) / self.pixel_std
 
-    def _features(self, images: torch.Tensor, attn_blocks: int, pooled: bool = False):
+    def _features(self, images: torch.Tensor, attn_blocks: int, pooled: bool = False,
+                  precision: Optional[str] = None, keep_dtype: bool = False):
         """Frozen CLIP blocks without grad. Returns ``(feats, attn, hw)``; ``attn`` covers the
         last ``attn_blocks`` of blocks ``1..N−1`` (block N's map comes from GradCAM).
+
+        ``precision``: ``fp32`` or ``bf16`` (default ``backbone.precision``); bf16 outputs are
+        returned as fp32 unless ``keep_dtype`` (the bf16 inference forward keeps them).
 
         ``pooled`` (training): the kept outputs are written into two buffers allocated up front,
         so each block's temporaries reuse the same freed memory instead of fragmenting the heap
@@ -108,7 +112,10 @@ class WeCLIP(nn.Module):
         n_run = max(self.feature_blocks, bb.num_blocks - 1)
         first_attn = bb.num_blocks - attn_blocks  # 0-based index of the first block whose map is needed
         tracing = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
-        precision = "fp32" if tracing else self.cfg.backbone.precision  # exported graphs stay fp32
+        if precision is None:
+            precision = self.cfg.backbone.precision
+        if tracing:
+            precision = "fp32"  # exported graphs stay fp32
         with torch.no_grad(), frozen_clip_arithmetic(precision, images.device.type):
             p = bb.patch_size
             hw = (images.shape[-2] // p, images.shape[-1] // p)
@@ -130,16 +137,28 @@ class WeCLIP(nn.Module):
                 feats.append(t)
                 if a is not None:
                     attns.append(a)
-        if precision == "bf16" and not pooled:  # the decoder and the label path take fp32
+        if precision == "bf16" and not pooled and not keep_dtype:  # the decoder and the label path take fp32
             feats, attns = [f.float() for f in feats], [a.float() for a in attns]
         return feats, attns, hw
 
-    def segment(self, images: torch.Tensor) -> torch.Tensor:
+    def segment(self, images: torch.Tensor, precision: Optional[str] = None) -> torch.Tensor:
         """Inference forward shared by the predictor, training eval and export.
 
-        ``images`` ``B×3×H×W`` normalised → logits ``B×C×(H//p)×(W//p)``.
+        ``images`` ``B×3×H×W`` normalised → fp32 logits ``B×C×(H//p)×(W//p)``. ``precision``:
+        ``fp32`` or ``bf16`` for the frozen CLIP and the decoder (default
+        ``inference.precision``); traced or exported graphs are always fp32.
         """
-        feats, _, hw = self._features(images, attn_blocks=0)
+        if precision is None:
+            precision = self.cfg.inference.precision
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+            precision = "fp32"
+        feats, _, hw = self._features(images, attn_blocks=0, precision=precision, keep_dtype=True)
+        if precision == "bf16":
+            with torch.autocast(device_type=images.device.type, dtype=torch.bfloat16):
+                logits, _ = self.decoder(feats[: self.feature_blocks], hw)
+            return logits.float()
         logits, _ = self.decoder(feats[: self.feature_blocks], hw)
         return logits
 
@@ -177,7 +196,10 @@ class WeCLIP(nn.Module):
         r = self.cfg.refine
         fg = self.text_fg if text_fg is None else text_fg
         bg = self.text_bg if text_bg is None else text_bg
-        with _stage(self, "gradcam"):
+        # GradCAM keeps fp32 accuracy in every precision mode (its gradients are ill-conditioned in
+        # half precision, docs/method.md §3.3); on CPUs with native bf16 that is oneDNN's split-bf16
+        # fp32 kernels, checked against float64 at start-up.
+        with _stage(self, "gradcam"), frozen_clip_arithmetic("fp32", tokens_prev.device.type):
             cam = initial_cam(self.backbone, tokens_prev, hw, keys, fg, bg, r.cam_logit_scale)
         with _stage(self, "refine"):
             maps = patch_attention(list(attns) + [cam.attn_last])  # B×n×hw×hw, last block last

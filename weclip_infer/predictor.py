@@ -302,9 +302,13 @@ class _EvalModeSegment:
     """``model.segment`` in eval mode without changing the caller's model: each call records the
     train/eval flag of every submodule, switches to eval, and puts the flags back afterwards."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, precision: str):
         self.model = model
-        self.segment: Backend = model.segment  # type: ignore[assignment]
+        self.precision = precision
+        self._segment = model.segment
+
+    def segment(self, x: torch.Tensor) -> torch.Tensor:
+        return self._segment(x, precision=self.precision)  # type: ignore[operator]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         modules = list(self.model.modules())
@@ -326,7 +330,8 @@ class Segmenter:
     ``Segmenter(model)`` wraps an eager ``WeCLIP``; ``Segmenter.from_pretrained(path)`` loads one
     of our checkpoint directories, an exported bundle (``manifest.json``: TorchScript or ONNX) or
     an unpacked ``.mar``. Options (defaults from the model config): ``scales``, ``flip``,
-    ``crf``, ``long_side``; ``crf_backend`` (``auto`` = the torch CRF on the model's device,
+    ``crf``, ``long_side``, ``precision`` (``fp32`` or ``bf16`` arithmetic of the network;
+    bf16 needs an eager model); ``crf_backend`` (``auto`` = the torch CRF on the model's device,
     ``torch``, or ``densecrf`` = pydensecrf) and ``crf_max_pixels`` (the largest image refined at
     full resolution); ``max_pixels`` (largest image decoded); ``device`` auto-selects CUDA.
 
@@ -341,7 +346,8 @@ class Segmenter:
                  scales: Optional[Sequence[float]] = None, flip: Optional[bool] = None, crf: Optional[bool] = None,
                  long_side: Optional[int] = None, normalize: Optional[str] = None, patch_size: Optional[int] = None,
                  device=None, max_pixels: int = DEFAULT_MAX_PIXELS, crf_backend: str = "auto",
-                 crf_max_pixels: int = DEFAULT_CRF_MAX_PIXELS):
+                 crf_max_pixels: int = DEFAULT_CRF_MAX_PIXELS, precision: Optional[str] = None):
+        from .config import PRECISIONS
         from .model import select_device
 
         if model is None and backend is None:
@@ -353,6 +359,12 @@ class Segmenter:
         self.flip = bool(flip if flip is not None else (inf.flip if inf else True))
         self.crf = bool(crf if crf is not None else (inf.crf if inf else False))
         self.long_side = int(long_side if long_side is not None else (inf.long_side if inf else 512))
+        self.precision = str(precision if precision is not None else (inf.precision if inf else "fp32"))
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        if model is None and self.precision != "fp32":
+            raise ValueError("precision='bf16' needs an eager model (a checkpoint directory); exported graphs run "
+                             "in fp32")
         if model is not None:
             own = {"normalize": model.cfg.backbone.normalize, "patch_size": int(model.backbone.patch_size),
                    "class_names": ["background", *model.classes.names]}
@@ -367,7 +379,7 @@ class Segmenter:
             self.device = current if device is None else select_device(device)
             if self.device != current:
                 model = copy.deepcopy(model).to(self.device)  # the caller's model stays where it is
-            backend = _EvalModeSegment(model)
+            backend = _EvalModeSegment(model, self.precision)
         else:
             self.device = select_device(device)
         self.model = model
@@ -402,7 +414,8 @@ class Segmenter:
         ``eager`` (PyTorch), ``onnx`` (ONNX Runtime on an export cached by content, see
         :mod:`weclip_infer.onnx_cache`) or ``auto``, which picks by processor
         (:func:`weclip_infer.hardware.inference_path`; the environment variable ``WECLIP_BACKEND``
-        overrides it) and logs the choice.
+        overrides it) and logs the choice. ``precision="bf16"`` (or a checkpoint whose
+        ``inference.precision`` is bf16) runs eager: the exported graphs are fp32.
         """
         p = Path(path)
         if (p / "manifest.json").is_file():
@@ -418,17 +431,26 @@ class Segmenter:
         if backend not in CHECKPOINT_BACKENDS:
             raise ValueError(f"backend {backend!r} needs an export bundle (manifest.json); for a checkpoint "
                              f"directory use one of {CHECKPOINT_BACKENDS}")
+        precision = options.get("precision")
+        if precision is None:
+            from .checkpoint import read_checkpoint_meta
+
+            inf_cfg = read_checkpoint_meta(p)["config"].get("inference")
+            precision = inf_cfg.get("precision", "fp32") if isinstance(inf_cfg, dict) else "fp32"
         if backend == "auto":
             from .hardware import inference_path
             from .model import select_device
 
-            backend, reason = inference_path(str(select_device(device)))
+            backend, reason = inference_path(str(select_device(device)), precision=str(precision))
             override = os.environ.get("WECLIP_BACKEND", "").strip().lower()
             if override:
                 if override not in ("eager", "onnx"):
                     raise ValueError(f"WECLIP_BACKEND: must be 'eager' or 'onnx', got {override!r}")
                 backend, reason = override, f"set by WECLIP_BACKEND={override}"
             log.info("inference path for %s: %s (%s)", p, backend, reason)
+        if backend == "onnx" and precision != "fp32":
+            raise ValueError(f"precision={precision!r} runs in eager PyTorch; the ONNX Runtime path is fp32 "
+                             "(use backend='eager' or 'auto')")
         if backend == "onnx":
             from .onnx_cache import cached_onnx_bundle
 

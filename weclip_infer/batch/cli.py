@@ -207,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "images above the CRF pixel budget are refined at a reduced size")
     ap.add_argument("--scales", type=_parse_scales, default=None, metavar="S1,S2,...",
                     help="image scales to average, e.g. 1,0.75 (default: the model's setting)")
+    ap.add_argument("--precision", default=None, choices=["fp32", "bf16"],
+                    help="network arithmetic (default: the model's inference.precision, fp32); bf16 is about "
+                         "1.5x faster on CPUs with AVX512_BF16/AMX and on GPUs, and runs eager PyTorch")
     ap.add_argument("--no-flip", action="store_true", help="do not average with the horizontally flipped image")
     ap.add_argument("--max-pixels", type=_positive_int, default=DEFAULT_MAX_PIXELS,
                     help="refuse images with more pixels than this (default: %(default)s)")
@@ -254,14 +257,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 shard_spec=a.shard, overlay_out=a.overlay, crf=a.crf or None, scales=a.scales,
                 flip=False if a.no_flip else None, max_pixels=a.max_pixels, progress=not a.quiet, address=a.address,
                 num_actors=a.num_actors, gpus_per_actor=a.gpus_per_actor, cpus_per_actor=a.threads or 1,
-                batch_size=a.batch_size)
+                batch_size=a.batch_size, precision=a.precision)
             print_summary(summary)
             return exit_code(summary)
         from ..memory import reuse_freed_memory
         from ..predictor import Segmenter
         from ..quickstart import DEMO_MODEL_DIR
 
-        kw = {} if a.backend in ("auto", "eager") else {"backend": a.backend}
+        kw: dict = {} if a.backend in ("auto", "eager") else {"backend": a.backend}
+        if a.precision is not None:
+            kw["precision"] = a.precision
         seg = Segmenter.from_pretrained(a.model or str(DEMO_MODEL_DIR), device=a.device, **kw)
         reuse_freed_memory(device=seg.device)  # per-image temporaries reused, not page-faulted in again
         if a.crf:

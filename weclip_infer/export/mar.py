@@ -120,6 +120,8 @@ def main(argv: Optional[list] = None) -> int:
                     help="CRF implementation (default: auto)")
     ap.add_argument("--crf-max-pixels", type=int, default=None,
                     help="CRF pixel budget: larger images are refined at a reduced size")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default=None,
+                    help="network arithmetic (default: the model's; bf16 needs a checkpoint directory)")
     ap.add_argument("--network-batch", type=int, default=None,
                     help="most same-size images of a TorchServe batch run as one network pass")
     ap.add_argument("--handler", default=None, help="handler file (default: the one shipped in weclip_infer.serving)")
@@ -128,7 +130,7 @@ def main(argv: Optional[list] = None) -> int:
     if target.exists() and not a.overwrite:
         print(f"error: {target} exists; pass --overwrite to replace it", file=sys.stderr)
         return 2
-    keys = ("backend", "max_pixels", "flip", "crf", "crf_backend", "crf_max_pixels", "network_batch")
+    keys = ("backend", "max_pixels", "flip", "crf", "crf_backend", "crf_max_pixels", "network_batch", "precision")
     sc: dict = {k: getattr(a, k) for k in keys if getattr(a, k) is not None}
     if a.scales is not None:
         try:

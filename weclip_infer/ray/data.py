@@ -93,7 +93,7 @@ class _SegmentActor:
     """One model per actor; segments the rows of a batch one by one (images differ in size)."""
 
     def __init__(self, model: Optional[str], backend: str, device: Optional[str], scales, flip, crf: Optional[bool],
-                 threads: int):
+                 threads: int, precision: Optional[str] = None):
         import torch
 
         from ..memory import reuse_freed_memory
@@ -101,7 +101,9 @@ class _SegmentActor:
         from ..quickstart import DEMO_MODEL_DIR
 
         torch.set_num_threads(max(1, int(threads)))
-        kw = {} if backend in ("auto", "eager") else {"backend": backend}
+        kw: Dict[str, Any] = {} if backend in ("auto", "eager") else {"backend": backend}
+        if precision is not None:
+            kw["precision"] = precision
         self.seg = Segmenter.from_pretrained(model or str(DEMO_MODEL_DIR), device=device, **kw)
         reuse_freed_memory(device=self.seg.device)
         self.scales, self.flip = scales, flip
@@ -230,7 +232,7 @@ def _check_cluster_fits(num_actors: int, gpus_per_actor: float, cpus_per_actor: 
 
 def _pipeline(ds, *, model: Optional[str], backend: str, device: Optional[str], num_actors: int,
               gpus_per_actor: float, cpus_per_actor: float, batch_size: int, crf: Optional[bool], scales, flip,
-              max_pixels: int):
+              max_pixels: int, precision: Optional[str] = None):
     _check_resources(num_actors, gpus_per_actor, cpus_per_actor, batch_size)
     _check_cluster_fits(num_actors, gpus_per_actor, cpus_per_actor)
     columns = set(ds.columns() or [])
@@ -242,7 +244,8 @@ def _pipeline(ds, *, model: Optional[str], backend: str, device: Optional[str], 
     model = _resolve_model(model)
     ds = ds.map_batches(
         _SegmentActor, fn_constructor_kwargs={"model": model, "backend": backend, "device": device, "scales": scales,
-                                              "flip": flip, "crf": crf, "threads": max(1, int(cpus_per_actor))},
+                                              "flip": flip, "crf": crf, "threads": max(1, int(cpus_per_actor)),
+                                              "precision": precision},
         compute=_actor_pool(num_actors), num_cpus=cpus_per_actor, num_gpus=gpus_per_actor or None,
         batch_size=batch_size, batch_format="numpy")
     if crf is not False:  # None: the model's default decides, row by row
@@ -270,18 +273,21 @@ def _actor_pool(n: int):
 def segment_dataset(ds, model: Optional[Union[str, os.PathLike]] = None, *, backend: str = "auto",
                     device: Optional[str] = None, num_actors: int = 1, gpus_per_actor: float = 0.0,
                     cpus_per_actor: float = 1.0, batch_size: int = 4, crf: Optional[bool] = None, scales=None,
-                    flip: Optional[bool] = None, max_pixels: int = DEFAULT_MAX_PIXELS, keep_image: bool = False):
+                    flip: Optional[bool] = None, max_pixels: int = DEFAULT_MAX_PIXELS, keep_image: bool = False,
+                    precision: Optional[str] = None):
     """Segment the rows of a ``ray.data.Dataset`` (lazy: nothing runs until the result is consumed).
 
     Rows need ``path`` (a file readable on every node) or ``image`` (H×W×3 uint8); other columns
     are kept. Added: ``mask`` (H×W uint8 class indices; 0×0 when the row failed), ``classes``
     (names present), ``timings`` (JSON text, seconds per stage) and ``error`` (empty when fine).
     ``model``: checkpoint folder or export bundle (default: the embedded demo model), loaded once
-    per actor. ``keep_image`` keeps the decoded image column.
+    per actor. ``keep_image`` keeps the decoded image column. ``precision``: ``fp32`` or ``bf16``
+    (default: the model's ``inference.precision``).
     """
     ds = _pipeline(ds, model=None if model is None else str(model), backend=backend, device=device,
                    num_actors=num_actors, gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor,
-                   batch_size=batch_size, crf=crf, scales=scales, flip=flip, max_pixels=max_pixels)
+                   batch_size=batch_size, crf=crf, scales=scales, flip=flip, max_pixels=max_pixels,
+                   precision=precision)
     return ds.map_batches(_finish_batch, fn_kwargs={"keep_image": keep_image}, batch_size=batch_size,
                           batch_format="numpy")
 
@@ -327,7 +333,7 @@ def segment_folder_ray(src: Union[str, os.PathLike], out: Union[str, os.PathLike
                        max_pixels: int = DEFAULT_MAX_PIXELS, keep_ext: bool = False, listing=None,
                        progress: bool = True, fsync_log: bool = True, address: Optional[str] = None,
                        num_actors: int = 1, gpus_per_actor: float = 0.0, cpus_per_actor: float = 1.0,
-                       batch_size: int = 4, num_cpus: Optional[int] = None) -> dict:
+                       batch_size: int = 4, num_cpus: Optional[int] = None, precision: Optional[str] = None) -> dict:
     """``weclip-segment --engine ray``: the local engine's ``segment_folder`` with the work on Ray.
 
     Same outputs (byte for byte), names, ``results.jsonl`` fields, summary, bad-file report and
@@ -352,7 +358,7 @@ def segment_folder_ray(src: Union[str, os.PathLike], out: Union[str, os.PathLike
             return _ray_source(todo, overlay_out=overlay_out, model=None if model is None else str(model),
                                backend=backend, device=device, num_actors=num_actors, gpus_per_actor=gpus_per_actor,
                                cpus_per_actor=cpus_per_actor, batch_size=batch_size, crf=crf, scales=scales, flip=flip,
-                               max_pixels=max_pixels)
+                               max_pixels=max_pixels, precision=precision)
 
         def process(item: DecodedImage):
             return item.result  # type: ignore[attr-defined]  # a RayItem: computed on the cluster

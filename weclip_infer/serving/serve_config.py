@@ -4,7 +4,8 @@ Keys: ``backend`` (``auto``|``torchscript``|``onnx``|``eager``), ``max_pixels`` 
 library's decode limit), default ``scales`` / ``flip`` / ``crf``, ``long_side``, ``num_threads``
 ``network_batch`` (most images in one network call when the server batches requests; a
 flipped copy counts as one; default 16), ``crf_backend`` (``auto``|``torch``|``densecrf``) and
-``crf_max_pixels`` (images above it are refined at a reduced size); unset keys keep the library's
+``crf_max_pixels`` (images above it are refined at a reduced size) and ``precision``
+(``fp32``|``bf16``, the network's arithmetic; bf16 needs a checkpoint directory); unset keys keep the library's
 defaults. Both the archive builder and every server read it through
 :func:`read_serve_config` / :func:`validate_serve_config`.
 """
@@ -25,7 +26,7 @@ SERVE_CONFIG = "serve_config.json"
 BACKENDS = ("auto", "torchscript", "onnx", "eager")
 DEFAULT_NETWORK_BATCH = 16  # images per network call when requests are batched (a flipped copy counts)
 SERVE_KEYS = ("backend", "max_pixels", "scales", "flip", "crf", "long_side", "num_threads", "network_batch",
-              "crf_backend", "crf_max_pixels")
+              "crf_backend", "crf_max_pixels", "precision")
 
 
 def validate_serve_config(cfg: Mapping[str, Any]) -> Dict[str, Any]:
@@ -47,6 +48,11 @@ def validate_serve_config(cfg: Mapping[str, Any]) -> Dict[str, Any]:
         if crf_backend not in CRF_BACKENDS:
             raise ValueError(f"{SERVE_CONFIG}: crf_backend must be one of {CRF_BACKENDS}, got {crf_backend!r}")
         out["crf_backend"] = crf_backend
+    if out.get("precision") is not None:
+        from ..config import PRECISIONS
+
+        if out["precision"] not in PRECISIONS:
+            raise ValueError(f"{SERVE_CONFIG}: precision must be one of {PRECISIONS}, got {out['precision']!r}")
     for key, default in (("max_pixels", DEFAULT_MAX_PIXELS), ("long_side", None), ("num_threads", None),
                          ("network_batch", DEFAULT_NETWORK_BATCH), ("crf_max_pixels", None)):
         v = out.get(key, default)

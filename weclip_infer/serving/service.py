@@ -91,8 +91,8 @@ class SegmentationService:
         check_backend_for_model(backend, model_dir)
         if cfg.get("num_threads"):
             torch.set_num_threads(int(cfg["num_threads"]))
-        options = {k: cfg[k] for k in ("scales", "flip", "crf", "long_side", "crf_backend", "crf_max_pixels")
-                   if cfg.get(k) is not None}
+        keys = ("scales", "flip", "crf", "long_side", "crf_backend", "crf_max_pixels", "precision")
+        options = {k: cfg[k] for k in keys if cfg.get(k) is not None}
         t0 = time.perf_counter()
         seg = Segmenter.from_pretrained(model_dir, device=device, backend=backend,
                                         max_pixels=cfg["max_pixels"], **options)
