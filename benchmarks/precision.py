@@ -157,9 +157,11 @@ def main() -> int:
         f"fp32 path here: {res['fast_fp32']}.", "",
         f"Demo world val ({d['val_images']} images, shipped demo model), mIoU %:", "",
         "| | fp32 | bf16 | agreement |", "|---|---|---|---|",
-        f"| decoder, multi-scale + flip (inference.precision) | {100 * d['decoder_miou_fp32']:.2f} | {100 * d['decoder_miou_bf16']:.2f} | "
+        "| decoder, multi-scale + flip (inference.precision) | "
+        f"{100 * d['decoder_miou_fp32']:.2f} | {100 * d['decoder_miou_bf16']:.2f} | "
         f"{100 * d['decoder_pixel_agreement']:.2f}% of pixels |",
-        f"| pseudo labels (RFM + PAR, image-level labels given; backbone.precision) | {100 * d['pseudo_label_miou_fp32']:.2f} | "
+        "| pseudo labels (RFM + PAR, image-level labels given; backbone.precision) | "
+        f"{100 * d['pseudo_label_miou_fp32']:.2f} | "
         f"{100 * d['pseudo_label_miou_bf16']:.2f} | {100 * d['pseudo_label_agreement']:.2f}% of pixels |", "",
         f"bf16 changes the decoder's mIoU by {d['decoder_miou_delta_points']:+.2f} points.", "",
         "Full-size random ViT-B/16, batch 4, 320², against fp32 with the default kernels:", "",

@@ -262,7 +262,8 @@ def render_md(result: dict) -> str:
     lines += ["| training iteration (batch 4, 320², 2 classes/image, RFM), s | " + " | ".join(runs) + " |",
               "|---|" + "---|" * len(runs)]
     for k in train["stages_s"]:
-        lines.append(f"| {k} | " + " | ".join(f"{r['stages_s'].get(k, float('nan')):.3f}" for r in runs.values()) + " |")
+        cells = [f"{r['stages_s'].get(k, float('nan')):.3f}" for r in runs.values()]
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
     lines.append(f"| **total** (authors' code {AUTHORS['train_step_s']} s; target ≤ {TARGETS['train_step_s']} s) | "
                  + " | ".join(f"**{r['total_s']:.3f}**" for r in runs.values()) + " |")
     lines.append(f"| peak RSS (authors' {AUTHORS['train_peak_rss_gb']} GB; target ≤ {TARGETS['train_peak_rss_gb']} GB) | "
