@@ -159,3 +159,27 @@ def test_fp32_fast_matmul_keeps_fp32_accuracy_and_restores_the_flag():
         with frozen_clip_arithmetic("fp32", "cpu"):
             raise RuntimeError("boom")
     assert torch.backends.mkldnn.matmul.fp32_precision == before
+
+
+def test_attention_paths_agree():
+    """The one attention helper: SDPA (fp32, no map), explicit products (fp32 with a map) and
+    the explicit bf16 path give the same result to their precision; maps are fp32 and sum to 1."""
+    from weclip_infer.tensor_ops import attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 37, 16, generator=g) for _ in range(3))
+    ref = torch.softmax(q @ k.transpose(-2, -1) / 4.0, dim=-1)
+    out, none = attention(q, k, v)
+    assert none is None
+    torch.testing.assert_close(out, ref @ v, rtol=1e-5, atol=1e-5)
+    out_m, amap = attention(q, k, v, need_map=True)
+    torch.testing.assert_close(out_m, ref @ v, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(amap, ref.mean(1))
+    out16, map16 = attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), need_map=True)
+    assert out16.dtype == torch.bfloat16 and map16 is not None and map16.dtype == torch.float32
+    assert float((out16.float() - ref @ v).abs().max()) < 3e-2
+    assert float((map16 - ref.mean(1)).abs().max()) < 1e-2
+    torch.testing.assert_close(map16.sum(-1), torch.ones(2, 37), atol=1e-2, rtol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as inside a bf16 region: the map stays bf16-computed
+        out_ac, _ = attention(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    assert out_ac.dtype == torch.bfloat16

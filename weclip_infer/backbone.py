@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import BackboneConfig, ConfigError
+from .tensor_ops import attention
 
 __all__ = [
     "WeightsUnavailableError",
@@ -124,22 +125,7 @@ def _block_attention(blk: nn.Module, x: Optional[torch.Tensor], need_attn: bool,
     nh = mha.num_heads
     hd = D // nh
     q, k, v = qkv.reshape(B, L, 3, nh, hd).permute(2, 0, 3, 1, 4).unbind(0)  # each B×nh×L×hd
-    if q.dtype == torch.bfloat16:
-        # bf16 (backbone.precision): explicit products with a bf16 softmax (it accumulates in
-        # fp32 internally). On CPU this runs at about twice the speed of SDPA's fused kernel,
-        # whose bf16 path is no faster than its fp32 one; autocast would also promote the
-        # softmax, and with it the L×L maps, to fp32.
-        with torch.autocast(device_type=q.device.type, enabled=False):
-            attn = torch.softmax((q * (hd ** -0.5)) @ k.transpose(-2, -1), dim=-1)  # B×nh×L×L
-            out = attn @ v
-            attn_avg = attn.mean(dim=1, dtype=torch.float32) if need_attn else None
-    elif need_attn:
-        attn = torch.softmax((q * (hd ** -0.5)) @ k.transpose(-2, -1), dim=-1)  # B×nh×L×L
-        out = attn @ v
-        attn_avg = attn.mean(dim=1)
-    else:
-        out = F.scaled_dot_product_attention(q, k, v)
-        attn_avg = None
+    out, attn_avg = attention(q, k, v, need_map=need_attn)
     out = out.transpose(1, 2).reshape(B, L, D)
     out = F.linear(out, mha.out_proj.weight, mha.out_proj.bias)
     return out, attn_avg

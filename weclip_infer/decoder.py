@@ -13,6 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .tensor_ops import attention
+
 __all__ = ["BlockMLP", "DecoderAttention", "DecoderLayer", "WeCLIPDecoder", "count_parameters"]
 
 
@@ -53,11 +55,7 @@ class DecoderAttention(nn.Module):
         nh = self.num_heads
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias).reshape(B, N, 3, nh, D // nh)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        if need_weights:
-            a = torch.softmax((q * (D // nh) ** -0.5) @ k.transpose(-2, -1), dim=-1)
-            o, attn = a @ v, a.mean(1)
-        else:
-            o, attn = F.scaled_dot_product_attention(q, k, v), None
+        o, attn = attention(q, k, v, need_map=need_weights)
         return self.out_proj(o.transpose(1, 2).reshape(B, N, D)), attn
 
 
