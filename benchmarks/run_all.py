@@ -50,6 +50,7 @@ def med(xs):
 def bench_train(args) -> dict:
     """Runs in its own process so that its peak RSS is the training process's peak."""
     from weclip_infer import build_model
+    from weclip_infer.hardware import fp32_matmul
     from weclip_infer.memory import reuse_freed_memory
 
     dev = torch.device(args.device)
@@ -68,18 +69,19 @@ def bench_train(args) -> dict:
     totals = []
     for rep in range(args.repeats + 1):
         model.timings = {"_sync": dev.type == "cuda"}
-        t0 = time.perf_counter()
-        out = model(x, cls, use_rfm=True)
-        t1 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        t2 = time.perf_counter()
-        opt.step()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        t3 = time.perf_counter()
+        with fp32_matmul(dev.type):  # as the training loop's step
+            t0 = time.perf_counter()
+            out = model(x, cls, use_rfm=True)
+            t1 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            t2 = time.perf_counter()
+            opt.step()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            t3 = time.perf_counter()
         if rep == 0:
             continue
         tm = {k: v for k, v in model.timings.items() if not k.startswith("_")}
@@ -140,10 +142,11 @@ def bench_infer(args) -> dict:
     backends = {"eager": Segmenter(model), "eager bf16": Segmenter(model, precision="bf16")}
     tmp = None
     out: dict = {}
-    # network FLOPs per scale of this image (long side 512: 384×512, and 0.75 of it), for fractions of peak
-    x1 = torch.zeros(1, 3, 384, 512, device=dev)
+    # network FLOPs per scale of this image (long side 512: 384×512, and 0.75 of it), for fractions
+    # of peak; with flip each scale runs as a batch of two (the image and its mirror)
+    x1 = torch.zeros(2, 3, 384, 512, device=dev)
     out["network_gflop"] = {"network@1": network_flops(model, x1) / 1e9,
-                            "network@0.75": network_flops(model, torch.zeros(1, 3, 288, 384, device=dev)) / 1e9}
+                            "network@0.75": network_flops(model, torch.zeros(2, 3, 288, 384, device=dev)) / 1e9}
     if not args.skip_onnx:
         try:
             from weclip_infer.checkpoint import save_checkpoint

@@ -2,6 +2,8 @@
 Runtime export that a checkpoint directory runs on where ONNX Runtime is faster."""
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -183,3 +185,26 @@ def test_attention_paths_agree():
     with torch.autocast("cpu", dtype=torch.bfloat16):  # as inside a bf16 region: the map stays bf16-computed
         out_ac, _ = attention(q.bfloat16(), k.bfloat16(), v.bfloat16())
     assert out_ac.dtype == torch.bfloat16
+
+
+def test_training_step_under_fp32_matmul_matches_plain_fp32():
+    """The training loop runs each step in ``fp32_matmul``: gradients stay at fp32 accuracy
+    (equal where the CPU has no split-bf16 kernels) and the global flag is restored."""
+    from weclip_infer import build_model
+    from weclip_infer.hardware import fp32_matmul
+    from weclip_infer.testing import tiny_config
+
+    torch.manual_seed(0)
+    model = build_model(tiny_config(), device="cpu").train()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    cls = torch.tensor([[1.0, 0, 1], [0, 1, 0]])
+    grads = []
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    for fast in (False, True):
+        model.decoder.zero_grad(set_to_none=True)
+        torch.manual_seed(1)  # the same dropout mask
+        with fp32_matmul("cpu") if fast else contextlib.nullcontext():
+            model(x, cls, use_rfm=False)["loss"].backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.decoder.parameters() if p.grad is not None]))
+    assert torch.backends.mkldnn.matmul.fp32_precision == before
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)

@@ -205,18 +205,11 @@ def fast_fp32_matmul_available() -> Tuple[bool, str]:
 
 
 @contextlib.contextmanager
-def frozen_clip_arithmetic(precision: str, device_type: str) -> Iterator[str]:
-    """Context for running the frozen CLIP blocks: yields the path used, restores global state.
-
-    ``bf16``: bfloat16 autocast. ``fp32`` on CPU: oneDNN's fp32-accurate fast matmul where
-    :func:`fast_fp32_matmul_available` says so, else the default kernels.
+def fp32_matmul(device_type: str) -> Iterator[str]:
+    """Context for fp32 work: on CPU, oneDNN's fp32-accurate fast matmul where
+    :func:`fast_fp32_matmul_available` says so, else the default kernels. Yields the path used
+    and restores the global setting. The training step (forward, backward, optimiser) runs in it.
     """
-    import torch
-
-    if precision == "bf16":
-        with torch.autocast(device_type=device_type, dtype=torch.bfloat16):
-            yield "bf16 autocast"
-        return
     if device_type != "cpu" or not fast_fp32_matmul_available()[0]:
         yield "fp32"
         return
@@ -227,3 +220,19 @@ def frozen_clip_arithmetic(precision: str, device_type: str) -> Iterator[str]:
         yield "fp32 (oneDNN split-bf16)"
     finally:
         prec.fp32_precision = old
+
+
+@contextlib.contextmanager
+def frozen_clip_arithmetic(precision: str, device_type: str) -> Iterator[str]:
+    """Context for running the frozen CLIP blocks: yields the path used, restores global state.
+
+    ``bf16``: bfloat16 autocast. ``fp32``: :func:`fp32_matmul`.
+    """
+    import torch
+
+    if precision == "bf16":
+        with torch.autocast(device_type=device_type, dtype=torch.bfloat16):
+            yield "bf16 autocast"
+        return
+    with fp32_matmul(device_type) as path:
+        yield path

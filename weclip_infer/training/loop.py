@@ -46,6 +46,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from weclip_infer.config import ConfigError
+from weclip_infer.hardware import fp32_matmul
 from weclip_infer.io_utils import atomic_path, write_json_atomic
 from weclip_infer.memory import reuse_freed_memory
 
@@ -467,19 +468,21 @@ def _step(net, optimizer, scaler, batch: dict, it: int, lr: float, dev: torch.de
     cls = batch["cls_label"].to(dev, non_blocking=True)
     masks = batch["mask"].to(dev, non_blocking=True)
     set_lr(optimizer, lr)
-    with autocast():
-        outd = net(images, cls_labels=cls, masks=masks if fully else None)
-    loss = outd["loss"]
-    if not torch.isfinite(loss.detach()).all():
-        raise FloatingPointError(f"non-finite loss at iteration {it + 1}: {float(loss):.4g}")
-    optimizer.zero_grad(set_to_none=True)
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        loss.backward()
-        optimizer.step()
+    # fp32 products at fp32 accuracy, on oneDNN's faster split-bf16 kernels where the CPU has them
+    with fp32_matmul(dev.type):
+        with autocast():
+            outd = net(images, cls_labels=cls, masks=masks if fully else None)
+        loss = outd["loss"]
+        if not torch.isfinite(loss.detach()).all():
+            raise FloatingPointError(f"non-finite loss at iteration {it + 1}: {float(loss):.4g}")
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
     return outd, masks
 
 
