@@ -166,7 +166,10 @@ def test_ort_session_providers_are_explicit_and_checked(tiny_bundle, monkeypatch
     from weclip_infer.bundle import ort_session
 
     out, _ = tiny_bundle
-    assert ort_session(out / "model.onnx", "cpu").get_providers() == ["CPUExecutionProvider"]
+    sess = ort_session(out / "model.onnx", "cpu")
+    assert sess.get_providers() == ["CPUExecutionProvider"]
+    # CPU sessions do not spin between runs (torch work shares the cores in between)
+    assert sess.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
     # a CUDA request needs the CUDA provider: never a silent CPU session
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
     with pytest.raises(BundleError, match="CUDAExecutionProvider"):

@@ -81,6 +81,10 @@ def ort_session(file: Union[str, os.PathLike], device: Union[str, torch.device] 
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.intra_op_num_threads = max(1, torch.get_num_threads())
+    if device.type == "cpu":
+        # Our pipeline alternates ONNX Runtime runs with torch pre/post-processing on the same
+        # cores: threads that spin after a run would take CPU from the torch work in between.
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     provider_options = [{"device_id": device.index or 0}, {}] if device.type == "cuda" else None
     sess = ort.InferenceSession(str(file), sess_options=so, providers=providers, provider_options=provider_options)
     granted = sess.get_providers()
