@@ -382,17 +382,9 @@ def main() -> int:
         print(render_md(json.loads(Path(args.render).read_text())))
         return 0
     torch.set_num_threads(args.threads)
-    if args.part == "peaks":
-        print(json.dumps(bench_peaks(args)))
-        return 0
-    if args.part == "train":
-        print(json.dumps(bench_train(args)))
-        return 0
-    if args.part == "infer":
-        print(json.dumps(bench_infer(args)))
-        return 0
-    if args.part == "folder":
-        print(json.dumps(bench_folder(args)))
+    parts = {"peaks": bench_peaks, "train": bench_train, "infer": bench_infer, "folder": bench_folder}
+    if args.part in parts:  # one part, in this process: its JSON on the last line
+        print(json.dumps(parts[args.part](args)))
         return 0
     base = [sys.executable, __file__, "--threads", str(args.threads), "--repeats", str(args.repeats),
             "--device", args.device]
