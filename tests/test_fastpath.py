@@ -208,3 +208,12 @@ def test_training_step_under_fp32_matmul_matches_plain_fp32():
         grads.append(torch.cat([p.grad.flatten() for p in model.decoder.parameters() if p.grad is not None]))
     assert torch.backends.mkldnn.matmul.fp32_precision == before
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("key", ["backbone", "inference"])
+def test_precision_keys_are_validated(key):
+    from weclip_infer.config import ConfigError, load_config
+
+    assert load_config({key: {"precision": "bf16"}}).__getattribute__(key).precision == "bf16"
+    with pytest.raises(ConfigError, match=f"{key}.precision"):
+        load_config({key: {"precision": "fp16"}})
