@@ -217,3 +217,37 @@ def test_precision_keys_are_validated(key):
     assert load_config({key: {"precision": "bf16"}}).__getattribute__(key).precision == "bf16"
     with pytest.raises(ConfigError, match=f"{key}.precision"):
         load_config({key: {"precision": "fp16"}})
+
+
+def test_fp32_matmul_from_overlapping_threads_restores_the_flag():
+    """The oneDNN setting is process-wide: threads that enter and leave the context out of order
+    (a server answering requests in parallel) must leave it as they found it, and it stays set
+    while any of them is inside."""
+    import threading
+
+    from weclip_infer.hardware import fast_fp32_matmul_available, fp32_matmul
+
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    inside = threading.Barrier(2)
+    first_left = threading.Event()
+    seen: list = []
+
+    def first():
+        with fp32_matmul("cpu"):
+            inside.wait()
+        first_left.set()
+
+    def second():
+        with fp32_matmul("cpu"):
+            inside.wait()
+            first_left.wait(10)  # the first thread has left, this one is still inside
+            seen.append(torch.backends.mkldnn.matmul.fp32_precision)
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert seen == ["bf16" if fast_fp32_matmul_available()[0] else before]
+    assert torch.backends.mkldnn.matmul.fp32_precision == before
+    torch.get_float32_matmul_precision()  # no mixed-API state left behind

@@ -13,6 +13,7 @@ import contextlib
 import functools
 import logging
 import platform
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Dict, FrozenSet, Iterator, Optional, Tuple
@@ -171,6 +172,14 @@ def _matmul_precision_flag():
     return prec
 
 
+# oneDNN's matmul precision is one process-wide setting, while fp32_matmul may be entered from
+# several threads at once (a server answering requests in parallel): the first entrant saves and
+# sets it, the last one to leave puts the saved value back.
+_FLAG_LOCK = threading.Lock()
+_flag_users = 0
+_flag_saved: Optional[str] = None
+
+
 @functools.lru_cache(maxsize=1)
 def fast_fp32_matmul_available() -> Tuple[bool, str]:
     """Whether oneDNN's fp32 matmul with ``fp32_precision="bf16"`` keeps fp32 accuracy here.
@@ -192,12 +201,13 @@ def fast_fp32_matmul_available() -> Tuple[bool, str]:
     b = torch.randn(768, 256, generator=g, dtype=torch.float64)
 
     ref = a @ b
-    old = prec.fp32_precision
-    try:
-        prec.fp32_precision = "bf16"
-        got = torch.mm(a.float(), b.float()).double()
-    finally:
-        prec.fp32_precision = old
+    with _FLAG_LOCK:  # not while fp32_matmul is being entered or left in another thread
+        old = prec.fp32_precision
+        try:
+            prec.fp32_precision = "bf16"
+            got = torch.mm(a.float(), b.float()).double()
+        finally:
+            prec.fp32_precision = old
     rel = float((got - ref).abs().max() / ref.abs().max())
     if rel > 1e-5:
         return False, f"oneDNN bf16 matmul is plain bf16 here (relative error {rel:.1e})"
@@ -208,18 +218,26 @@ def fast_fp32_matmul_available() -> Tuple[bool, str]:
 def fp32_matmul(device_type: str) -> Iterator[str]:
     """Context for fp32 work: on CPU, oneDNN's fp32-accurate fast matmul where
     :func:`fast_fp32_matmul_available` says so, else the default kernels. Yields the path used
-    and restores the global setting. The training step (forward, backward, optimiser) runs in it.
+    and restores the global setting when the last thread inside leaves. The training step
+    (forward, backward, optimiser) runs in it.
     """
+    global _flag_users, _flag_saved
     if device_type != "cpu" or not fast_fp32_matmul_available()[0]:
         yield "fp32"
         return
     prec = _matmul_precision_flag()
-    old = prec.fp32_precision
-    prec.fp32_precision = "bf16"
+    with _FLAG_LOCK:
+        if _flag_users == 0:
+            _flag_saved = prec.fp32_precision
+            prec.fp32_precision = "bf16"
+        _flag_users += 1
     try:
         yield "fp32 (oneDNN split-bf16)"
     finally:
-        prec.fp32_precision = old
+        with _FLAG_LOCK:
+            _flag_users -= 1
+            if _flag_users == 0:
+                prec.fp32_precision = _flag_saved
 
 
 @contextlib.contextmanager
