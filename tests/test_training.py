@@ -177,6 +177,8 @@ def test_short_run_writes_loadable_checkpoint(world, tmp_path):
     assert (out / "eval" / "iter_4.md").is_file() and (out / "panels" / "iter_2.png").is_file()
     assert (out / "plots" / "loss.png").is_file() and (out / "plots" / "miou.png").is_file()
     assert (out / "config.yaml").is_file() and (out / "summary.json").is_file()
+    log = (out / "train.log").read_text()
+    assert "arithmetic: frozen CLIP fp32; GradCAM, PAR and the decoder fp32 (" in log  # the chosen path is logged
 
     model = load_checkpoint(ck, device="cpu")
     from weclip_infer.predictor import Segmenter

@@ -46,7 +46,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from weclip_infer.config import ConfigError
-from weclip_infer.hardware import fp32_matmul
+from weclip_infer.hardware import fast_fp32_matmul_available, fp32_matmul
 from weclip_infer.io_utils import atomic_path, write_json_atomic
 from weclip_infer.memory import reuse_freed_memory
 
@@ -520,6 +520,14 @@ def _log_start(cfg: FullConfig, model, train_ds, val_ds, info: DistInfo, ckpt: O
                 model.num_classes, f"{n_dec:,}", info.device, info.world_size, tcfg.batch_size, tcfg.lr,
                 tcfg.max_iters, tcfg.warmup_iters, f"; resuming from {ckpt} at iteration {start_iter}" if ckpt else "",
                 mode)
+    if info.device.type == "cpu":
+        fast, why = fast_fp32_matmul_available()
+        fp32_path = why if fast else f"default kernels: {why}"
+    else:
+        fp32_path = f"{info.device.type} defaults"
+    logger.info("arithmetic: frozen CLIP %s; GradCAM, PAR and the decoder fp32 (%s)%s",
+                cfg.model.backbone.precision, fp32_path,
+                f"; train.amp autocast {tcfg.amp_dtype} for the trained path" if tcfg.amp else "")
 
 
 def _log_window(window: list, progress: _Progress, start_iter: int, max_iters: int, lr: float, pm: float,
