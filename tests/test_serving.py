@@ -220,6 +220,52 @@ def test_batch_failures_stay_with_their_request(model_dir, segmenter, tmp_path):
     assert max(s[0] for s in spy.shapes) == 4  # batches were tried, capped by network_batch
 
 
+def test_crf_of_a_batch_runs_on_the_coordinating_thread(model_dir, segmenter, tmp_path, monkeypatch):
+    """The CRF of every request of a batch runs on the thread that handles the batch (torch's
+    intra-op pool stays warm there), and each answer equals the request sent alone."""
+    import threading
+
+    import weclip_infer.crf as crf_mod
+
+    h, _ = _handler(model_dir, tmp_path, crf_backend="torch")
+    ran_on = []
+    real = crf_mod.refine
+
+    def recording(*a, **k):
+        ran_on.append(threading.get_ident())
+        return real(*a, **k)
+
+    monkeypatch.setattr(crf_mod, "refine", recording)
+    imgs = [img_bytes(48, 64, seed=s) for s in range(3)]
+    out, codes = _run(h, [{"body": bytearray(b), "crf": b"true"} for b in imgs])
+    assert codes == [200, 200, 200]
+    assert ran_on == [threading.get_ident()] * 3
+    monkeypatch.setattr(crf_mod, "refine", real)
+    for b, o in zip(imgs, out):
+        assert np.array_equal(decode_png(o), segmenter.predict(b, crf=True).labels)
+
+
+def test_on_coordinator_hands_back_results_and_errors():
+    import threading
+
+    from weclip_infer.serving.batching import BatchedNetwork
+
+    net = BatchedNetwork(lambda x: x)
+    main = threading.get_ident()
+
+    def task(i):
+        def work():
+            if i == 1:
+                raise ValueError("boom")
+            return (i, threading.get_ident())
+        return lambda: net.on_coordinator(work)
+
+    res = net.run([task(i) for i in range(3)])
+    assert res[0] == (0, main) and res[2] == (2, main)
+    assert isinstance(res[1], ValueError) and "boom" in str(res[1])
+    assert net.on_coordinator(lambda: 7) == 7  # outside run: called in place
+
+
 # ---- end to end through TorchServe -----------------------------------------------------------------
 class Server:
     def __init__(self, root: Path, ports: dict, keys: dict, env: dict, ts_bin: str):

@@ -21,7 +21,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -397,6 +397,9 @@ class Segmenter:
         if crf_backend not in CRF_BACKENDS:
             raise ValueError(f"crf_backend must be one of {', '.join(CRF_BACKENDS)}, got {crf_backend!r}")
         self.crf_backend = crf_backend
+        # Runs each CRF refinement (a thunk); None runs it in place. A server that answers
+        # several requests from threads sets it to hand the work to one thread (serving.batching).
+        self.crf_runner: Optional[Callable[[Callable[[], Any]], Any]] = None
         self._validate(self.scales, self.flip, self.crf)
 
     @staticmethod
@@ -579,13 +582,15 @@ class Segmenter:
                     if allowed is not None:
                         up.masked_fill_(~allowed.to(up.device)[:, None, None], float("-inf"))
                     p = torch.softmax(up, dim=0)
-            try:
+            def run_crf(small=small, p=p):
                 with torch.inference_mode():
                     if backend == "torch":
                         small_t = torch.from_numpy(np.require(small, requirements=["C", "W"])).to(self.device)
-                        q = refine(small_t, p.to(self.device), backend, max_vertices=max_vertices)
-                    else:
-                        q = refine(small, p.cpu().numpy(), backend)
+                        return refine(small_t, p.to(self.device), backend, max_vertices=max_vertices)
+                    return refine(small, p.cpu().numpy(), backend)
+
+            try:
+                q = run_crf() if self.crf_runner is None else self.crf_runner(run_crf)
                 break
             except LatticeTooLargeError as e:  # shrink so that the vertex count fits, then retry
                 budget = max(1, int(hc * wc * 0.9 * max_vertices / e.vertices))

@@ -13,7 +13,11 @@ hint, argmax and CRF stay one code path for one image or many — but the networ
   the outputs are split back and the threads continue with fusion, argmax, ... on the model's
   device;
 * if a batched call fails, its inputs are retried one by one, so a bad input fails only its own
-  request.
+  request;
+* work handed over with :meth:`BatchedNetwork.on_coordinator` (the CRF) runs on the thread
+  that called :meth:`~BatchedNetwork.run`: on CPU, torch's intra-op thread pool belongs to the
+  calling thread, and running heavy torch work from ever new request threads costs about a
+  quarter of its speed (each thread's pool is cold and the idle pools of the others spin).
 
 The composition of every batch depends only on the requests (not on timing), and one request's
 response is the same as when it is sent alone.
@@ -41,10 +45,17 @@ _worker = threading.local()  # .session: the _Session a request thread belongs t
 @dataclass
 class _Call:
     order: int  # index of the request that made the call: batches are built in request order
-    x: torch.Tensor
-    out: Optional[torch.Tensor] = None
+    x: Optional[torch.Tensor]  # a network input, or None for a function call (fn)
+    out: Any = None
     error: Optional[BaseException] = None
     done: bool = False
+    fn: Optional[Callable[[], Any]] = None
+
+
+def _input(c: _Call) -> torch.Tensor:
+    """The network input of a network call (function calls have none)."""
+    assert c.x is not None, "not a network call"
+    return c.x
 
 
 @dataclass
@@ -77,7 +88,21 @@ class BatchedNetwork:
         session: Optional[_Session] = getattr(_worker, "session", None)
         if session is None:
             return self._forward(x)
-        call = _Call(getattr(_worker, "order", 0), x)
+        out = self._hand_over(session, _Call(getattr(_worker, "order", 0), x))
+        assert out is not None
+        return out
+
+    def on_coordinator(self, fn: Callable[[], Any]) -> Any:
+        """``fn()``, run on the thread that called :meth:`run` when called from one of its
+        request threads (each request's calls in order, after the round's network calls);
+        simply ``fn()`` anywhere else. Exceptions reach the caller."""
+        session: Optional[_Session] = getattr(_worker, "session", None)
+        if session is None:
+            return fn()
+        return self._hand_over(session, _Call(getattr(_worker, "order", 0), None, fn=fn))
+
+    @staticmethod
+    def _hand_over(session: _Session, call: _Call) -> Any:
         cv = session.cv
         session.pending.append(call)  # the caller holds cv (it is its turn)
         cv.notify_all()
@@ -85,7 +110,6 @@ class BatchedNetwork:
             cv.wait()
         if call.error is not None:
             raise call.error
-        assert call.out is not None
         return call.out
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -146,18 +170,29 @@ class BatchedNetwork:
         import torch
 
         groups: Dict[Tuple[Any, ...], List[_Call]] = {}
+        fns: List[_Call] = []
         for c in sorted(calls, key=lambda c: c.order):
-            groups.setdefault((tuple(c.x.shape[1:]), c.x.dtype, c.x.device), []).append(c)
+            if c.x is None:
+                fns.append(c)
+            else:
+                groups.setdefault((tuple(c.x.shape[1:]), c.x.dtype, c.x.device), []).append(c)
         with torch.inference_mode():
             for group in groups.values():
                 for chunk in self._chunks(group):
                     self._run_chunk(chunk)
+        for c in fns:
+            try:
+                assert c.fn is not None
+                c.out = c.fn()
+            except Exception as e:  # noqa: BLE001 - raised in the request's own thread
+                c.error = e
+            c.done = True
 
     def _chunks(self, group: List[_Call]) -> List[List[_Call]]:
         chunks: List[List[_Call]] = [[]]
         rows = 0
         for c in group:
-            n = int(c.x.shape[0])
+            n = int(_input(c).shape[0])
             if chunks[-1] and rows + n > self.max_rows:
                 chunks.append([])
                 rows = 0
@@ -172,8 +207,8 @@ class BatchedNetwork:
             self._run_alone(chunk[0])
             return
         try:
-            out = self._forward(torch.cat([c.x for c in chunk], 0))
-            parts = torch.split(out, [int(c.x.shape[0]) for c in chunk], 0)
+            out = self._forward(torch.cat([_input(c) for c in chunk], 0))
+            parts = torch.split(out, [int(_input(c).shape[0]) for c in chunk], 0)
         except Exception:  # noqa: BLE001 - retried one by one: only a failing input fails
             logger.warning("a batched network call of %d requests failed; running them one by one", len(chunk),
                            exc_info=True)
@@ -185,7 +220,7 @@ class BatchedNetwork:
 
     def _run_alone(self, c: _Call) -> None:
         try:
-            c.out = self._forward(c.x)
+            c.out = self._forward(_input(c))
         except Exception as e:  # noqa: BLE001 - raised in the request's own thread
             c.error = e
         c.done = True

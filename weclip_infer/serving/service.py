@@ -76,6 +76,8 @@ class SegmentationService:
         else:
             self.network = BatchedNetwork(backend, max_rows=int(network_batch))
             segmenter.backend = self.network
+        # and its CRF runs on the batch's coordinating thread (see serving.batching)
+        segmenter.crf_runner = self.network.on_coordinator
 
     @classmethod
     def from_model_dir(cls, model_dir: Union[str, Path], device: Union[str, None] = None) -> "SegmentationService":
