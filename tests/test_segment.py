@@ -125,6 +125,13 @@ def test_eval_cli_model_mode(ckpt, tmp_path):
     rc2 = eval_main(["--pred", str(tmp_path / "pred2"), "--gt", str(gt), "--num-classes", "4",
                      "--json", str(tmp_path / "m2.json")])
     assert rc2 == 0 and json.loads((tmp_path / "m2.json").read_text())["miou"] == res["miou"]
+    # the network in bf16: it runs and scores close to fp32 on these images
+    rc3 = eval_main(["--model", str(ckpt), "--images", str(src), "--pred", str(tmp_path / "pred3"), "--gt", str(gt),
+                     "--num-classes", "4", "--json", str(tmp_path / "m3.json"), "--single-scale",
+                     "--precision", "bf16"])
+    assert rc3 == 0 and abs(json.loads((tmp_path / "m3.json").read_text())["miou"] - res["miou"]) < 0.05
+    with pytest.raises(SystemExit):
+        eval_main(["--pred", str(tmp_path / "pred2"), "--gt", str(gt), "--precision", "bf16"])
 
 
 def test_crf_in_worker_process_equals_in_process(ckpt, tmp_path):

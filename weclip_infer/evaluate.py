@@ -314,6 +314,8 @@ def _build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--images", metavar="DIR", help="image folder for --model (names must match the GT names)")
     ap.add_argument("--crf", action="store_true", help="with --model: DenseCRF post-processing")
     ap.add_argument("--single-scale", action="store_true", help="with --model: scale 1.0 only, no flip")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default=None,
+                    help="with --model: network arithmetic (default: the model's inference.precision)")
     return ap
 
 
@@ -327,12 +329,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ap.error("--num-classes must be ≥ 1")
     if (args.model is None) != (args.images is None):
         ap.error("--model and --images go together")
+    if args.precision is not None and args.model is None:
+        ap.error("--precision needs --model")
     try:
         if args.model is not None:
             from .batch.segmentation import segment_folder
             from .predictor import Segmenter
 
-            seg = Segmenter.from_pretrained(args.model)
+            seg = Segmenter.from_pretrained(args.model, **({"precision": args.precision} if args.precision else {}))
             if args.class_names is None and seg.class_names and len(seg.class_names) == args.num_classes:
                 class_names_model = seg.class_names
             else:
