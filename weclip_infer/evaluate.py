@@ -336,7 +336,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from .batch.segmentation import segment_folder
             from .predictor import Segmenter
 
-            seg = Segmenter.from_pretrained(args.model, **({"precision": args.precision} if args.precision else {}))
+            seg = Segmenter.from_pretrained(args.model, precision=args.precision)
             if args.class_names is None and seg.class_names and len(seg.class_names) == args.num_classes:
                 class_names_model = seg.class_names
             else:

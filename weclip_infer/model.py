@@ -20,7 +20,7 @@ from .cam import box_masks, class_keys, initial_cam
 from .config import PRECISIONS, WeCLIPConfig, load_config
 from .decoder import WeCLIPDecoder, count_parameters
 from .device import select_device  # re-exported: the owner is weclip_infer.device
-from .hardware import frozen_clip_arithmetic
+from .hardware import fp32_matmul, frozen_clip_arithmetic
 from .losses import affinity_labels, affinity_loss, segmentation_loss
 from .memory import trim_heap
 from .normalization import mean_std
@@ -199,7 +199,7 @@ class WeCLIP(nn.Module):
         # GradCAM keeps fp32 accuracy in every precision mode (its gradients are ill-conditioned in
         # half precision, docs/method.md §3.3); on CPUs with native bf16 that is oneDNN's split-bf16
         # fp32 kernels, checked against float64 at start-up.
-        with _stage(self, "gradcam"), frozen_clip_arithmetic("fp32", tokens_prev.device.type):
+        with _stage(self, "gradcam"), fp32_matmul(tokens_prev.device.type):
             cam = initial_cam(self.backbone, tokens_prev, hw, keys, fg, bg, r.cam_logit_scale)
         with _stage(self, "refine"):
             maps = patch_attention(list(attns) + [cam.attn_last])  # B×n×hw×hw, last block last

@@ -435,7 +435,8 @@ class Segmenter:
             raise ValueError(f"backend {backend!r} needs an export bundle (manifest.json); for a checkpoint "
                              f"directory use one of {CHECKPOINT_BACKENDS}")
         precision = options.get("precision")
-        if precision is None:
+        # auto and onnx depend on the checkpoint's own inference.precision; eager runs either
+        if precision is None and backend != "eager":
             from .checkpoint import read_checkpoint_meta
 
             inf_cfg = read_checkpoint_meta(p)["config"].get("inference")

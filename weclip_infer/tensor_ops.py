@@ -1,6 +1,7 @@
 """Small tensor helpers shared by the label and prediction paths."""
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -29,12 +30,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, need_map: bool 
     autocast region would promote the softmax, and with it the ``L×L`` maps, to fp32. The bf16
     map is averaged in fp32.
     """
-    scale = q.shape[-1] ** -0.5
-    if q.dtype == torch.bfloat16 and q.device.type == "cpu":
-        with torch.autocast(device_type="cpu", enabled=False):
-            a = torch.softmax((q * scale) @ k.transpose(-2, -1), dim=-1)
-            return a @ v, (a.mean(dim=1, dtype=torch.float32) if need_map else None)
-    if need_map:
-        a = torch.softmax((q * scale) @ k.transpose(-2, -1), dim=-1)
-        return a @ v, a.mean(dim=1)
-    return F.scaled_dot_product_attention(q, k, v), None
+    cpu_bf16 = q.dtype == torch.bfloat16 and q.device.type == "cpu"
+    if not (need_map or cpu_bf16):
+        return F.scaled_dot_product_attention(q, k, v), None
+    with torch.autocast(device_type="cpu", enabled=False) if cpu_bf16 else contextlib.nullcontext():
+        a = torch.softmax((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1), dim=-1)
+        amap = (a.mean(dim=1, dtype=torch.float32) if cpu_bf16 else a.mean(dim=1)) if need_map else None
+        return a @ v, amap

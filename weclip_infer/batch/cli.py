@@ -264,10 +264,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from ..predictor import Segmenter
         from ..quickstart import DEMO_MODEL_DIR
 
-        kw: dict = {} if a.backend in ("auto", "eager") else {"backend": a.backend}
-        if a.precision is not None:
-            kw["precision"] = a.precision
-        seg = Segmenter.from_pretrained(a.model or str(DEMO_MODEL_DIR), device=a.device, **kw)
+        kw = {} if a.backend in ("auto", "eager") else {"backend": a.backend}
+        seg = Segmenter.from_pretrained(a.model or str(DEMO_MODEL_DIR), device=a.device, precision=a.precision, **kw)
         reuse_freed_memory(device=seg.device)  # per-image temporaries reused, not page-faulted in again
         if a.crf:
             from ..crf import INSTALL_HINT, crf_available
