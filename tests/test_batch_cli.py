@@ -85,6 +85,26 @@ def test_precision_option_reaches_the_network(ckpt, tmp_path):
         _run(ckpt, src, "--out", tmp_path / "x", "--precision", "fp16")
 
 
+def test_backend_option_is_honoured(ckpt, tmp_path, monkeypatch):
+    """``--backend eager`` runs PyTorch even where the automatic choice would be ONNX Runtime."""
+    from weclip_infer.predictor import Segmenter
+
+    made = []
+    real = Segmenter.from_pretrained.__func__  # type: ignore[attr-defined]
+
+    def recording(cls, *a, **k):
+        seg = real(cls, *a, **k)
+        made.append((k.get("backend"), seg.model is not None))
+        return seg
+
+    monkeypatch.setattr(Segmenter, "from_pretrained", classmethod(recording))
+    monkeypatch.setenv("WECLIP_BACKEND", "onnx")  # what auto would pick on an AVX-512 CPU
+    src = tmp_path / "in"
+    _img(src / "a.png", seed=4)
+    assert _run(ckpt, src, "--out", tmp_path / "out", "--backend", "eager") == 0
+    assert made == [("eager", True)]
+
+
 def test_same_name_inputs_are_refused_before_writing(ckpt, tmp_path, capsys):
     src, out = tmp_path / "in", tmp_path / "out"
     _img(src / "a.jpg", seed=1)

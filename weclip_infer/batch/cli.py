@@ -183,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--model", default=None, help="trained checkpoint folder or exported bundle (default: the small "
                                                    "demo model shipped with the package)")
     ap.add_argument("--backend", default="auto", choices=["auto", "eager", "onnx", "torchscript"],
-                    help="how to run the model: auto picks what the model folder provides (default: auto)")
+                    help="how to run the model: auto picks by model folder and processor, eager is PyTorch on a "
+                         "checkpoint folder, onnx/torchscript run an export (default: auto)")
     ap.add_argument("--device", default=None, help="cpu, cuda or auto (default: auto, a GPU when there is one)")
     ap.add_argument("--ext", default=",".join(DEFAULT_EXTS),
                     help="comma-separated file extensions to take from a folder, case-insensitive "
@@ -264,8 +265,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from ..predictor import Segmenter
         from ..quickstart import DEMO_MODEL_DIR
 
-        kw = {} if a.backend in ("auto", "eager") else {"backend": a.backend}
-        seg = Segmenter.from_pretrained(a.model or str(DEMO_MODEL_DIR), device=a.device, precision=a.precision, **kw)
+        seg = Segmenter.from_pretrained(a.model or str(DEMO_MODEL_DIR), device=a.device, backend=a.backend,
+                                        precision=a.precision)
         reuse_freed_memory(device=seg.device)  # per-image temporaries reused, not page-faulted in again
         if a.crf:
             from ..crf import INSTALL_HINT, crf_available

@@ -101,8 +101,8 @@ class _SegmentActor:
         from ..quickstart import DEMO_MODEL_DIR
 
         torch.set_num_threads(max(1, int(threads)))
-        kw = {} if backend in ("auto", "eager") else {"backend": backend}
-        self.seg = Segmenter.from_pretrained(model or str(DEMO_MODEL_DIR), device=device, precision=precision, **kw)
+        self.seg = Segmenter.from_pretrained(model or str(DEMO_MODEL_DIR), device=device, backend=backend,
+                                             precision=precision)
         reuse_freed_memory(device=self.seg.device)
         self.scales, self.flip = scales, flip
         self.crf = bool(self.seg.crf if crf is None else crf)
