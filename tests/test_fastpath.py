@@ -187,6 +187,29 @@ def test_attention_paths_agree():
     assert out_ac.dtype == torch.bfloat16
 
 
+def test_bf16_attention_scores_are_bounded(monkeypatch):
+    """Beyond ATTENTION_SCORE_BYTES the bf16 path takes query rows a block at a time: the peak
+    score block stays under the budget and the result equals the unblocked one."""
+    from weclip_infer import tensor_ops
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 3, 50, 16, generator=g).bfloat16() for _ in range(3))
+    whole, _ = tensor_ops.attention(q, k, v)
+    sizes = []
+    real_softmax = torch.softmax
+
+    def spy(x, dim):
+        sizes.append(x.numel() * x.element_size())
+        return real_softmax(x, dim=dim)
+
+    budget = 2 * 3 * 50 * 2 * 7  # seven query rows of scores
+    monkeypatch.setattr(tensor_ops, "ATTENTION_SCORE_BYTES", budget)
+    monkeypatch.setattr(torch, "softmax", spy)
+    blocked, _ = tensor_ops.attention(q, k, v)
+    assert len(sizes) == 8 and max(sizes) <= budget  # ceil(50 / 7) blocks
+    torch.testing.assert_close(blocked, whole, rtol=0, atol=1e-2)
+
+
 def test_training_step_under_fp32_matmul_matches_plain_fp32():
     """The training loop runs each step in ``fp32_matmul``: gradients stay at fp32 accuracy
     (equal where the CPU has no split-bf16 kernels) and the global flag is restored."""

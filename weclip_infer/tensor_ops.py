@@ -7,7 +7,12 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ["channel_argmax", "attention"]
+__all__ = ["channel_argmax", "attention", "ATTENTION_SCORE_BYTES"]
+
+# Largest block of attention scores the explicit bf16 path holds at once when no map is asked
+# for (query rows are taken a block at a time beyond it): without it, memory would grow with the
+# square of the token count (a 2048² input at scale 4 would need 13 GB of scores per block).
+ATTENTION_SCORE_BYTES = 64 << 20
 
 
 def channel_argmax(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -28,12 +33,21 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, need_map: bool 
     explicit products with a bf16 softmax (which accumulates in fp32 internally): there the
     fused kernel's bf16 path runs at its fp32 speed, about half that of the explicit one, and an
     autocast region would promote the softmax, and with it the ``L×L`` maps, to fp32. The bf16
-    map is averaged in fp32.
+    map is averaged in fp32. Without a map the explicit path holds at most
+    :data:`ATTENTION_SCORE_BYTES` of scores at a time (softmax is per query row, so blocks of
+    rows give the same result).
     """
     cpu_bf16 = q.dtype == torch.bfloat16 and q.device.type == "cpu"
     if not (need_map or cpu_bf16):
         return F.scaled_dot_product_attention(q, k, v), None
+    scale = q.shape[-1] ** -0.5
+    kt = k.transpose(-2, -1)
     with torch.autocast(device_type="cpu", enabled=False) if cpu_bf16 else contextlib.nullcontext():
-        a = torch.softmax((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1), dim=-1)
-        amap = (a.mean(dim=1, dtype=torch.float32) if cpu_bf16 else a.mean(dim=1)) if need_map else None
-        return a @ v, amap
+        if need_map:
+            a = torch.softmax((q * scale) @ kt, dim=-1)
+            amap = a.mean(dim=1, dtype=torch.float32) if cpu_bf16 else a.mean(dim=1)
+            return a @ v, amap
+        L = q.shape[-2]
+        rows = max(1, ATTENTION_SCORE_BYTES // (q.shape[0] * q.shape[1] * k.shape[-2] * q.element_size()))
+        blocks = [torch.softmax((q[..., i : i + rows, :] * scale) @ kt, dim=-1) @ v for i in range(0, L, rows)]
+        return (blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=-2)), None
