@@ -209,8 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--scales", type=_parse_scales, default=None, metavar="S1,S2,...",
                     help="image scales to average, e.g. 1,0.75 (default: the model's setting)")
     ap.add_argument("--precision", default=None, choices=["fp32", "bf16"],
-                    help="network arithmetic (default: the model's inference.precision, fp32); bf16 is about "
-                         "1.5x faster on CPUs with AVX512_BF16/AMX and on GPUs, and runs eager PyTorch")
+                    help="network arithmetic (default: the model's inference.precision, fp32); bf16 runs eager "
+                         "PyTorch and pays off on CPUs with AVX512_BF16 or AMX (README: Speed on your processor)")
     ap.add_argument("--no-flip", action="store_true", help="do not average with the horizontally flipped image")
     ap.add_argument("--max-pixels", type=_positive_int, default=DEFAULT_MAX_PIXELS,
                     help="refuse images with more pixels than this (default: %(default)s)")
