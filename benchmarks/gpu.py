@@ -70,6 +70,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import numpy as np
 import torch
 
+from weclip_infer.io_utils import atomic_write_bytes
+
 REPO = Path(__file__).resolve().parents[1]
 FULL_CFG: Dict[str, Any] = {"backbone": {"clip_weights": "random", "seed": 0}, "text": {"dataset": "voc"}}
 ORT_SKIP = "onnxruntime-gpu not installed on the device (its wheel exceeds the 64 MiB carry limit)"
@@ -806,12 +808,6 @@ def to_markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--budget-s", type=float, default=420.0,
@@ -852,12 +848,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         def save() -> None:
             res["elapsed_s"] = time.perf_counter() - budget.t0
-            _write_atomic(json_path, json.dumps(res, indent=2, default=str) + "\n")
+            atomic_write_bytes(json_path, (json.dumps(res, indent=2, default=str) + "\n").encode())
             try:
                 md = to_markdown(res)
             except Exception as e:  # noqa: BLE001 - the JSON holds every figure; never lose the run to the table
                 md = f"# GPU checks\n\nmarkdown table failed ({type(e).__name__}: {e}); see {json_path.name}\n"
-            _write_atomic(md_path, md)
+            atomic_write_bytes(md_path, md.encode())
 
         for name, fn, need_s in checks(plan, args):
             if only and name != "env" and not any(name.startswith(p) for p in only):
