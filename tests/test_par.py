@@ -1,0 +1,71 @@
+"""PAR's two implementations (sliced views on CPU, gathered neighbours elsewhere) agree."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from weclip_infer import par
+
+DIL = (1, 2, 4, 8, 12, 24)
+
+
+def _sliced_reference(image: torch.Tensor, cams: torch.Tensor, num_iter: int) -> torch.Tensor:
+    """The CPU form, in the inputs' dtype (pixel_adaptive_refine itself computes in float32)."""
+    kern = par.par_kernel(image, DIL)
+    x = cams
+    for _ in range(num_iter):
+        nbs = par._neighbours(x, DIL)
+        acc = nbs[0] * kern[:, 0:1]
+        for i in range(1, len(nbs)):
+            acc = acc + nbs[i] * kern[:, i : i + 1]
+        x = acc
+    return x
+
+
+@pytest.mark.parametrize("hw", [(40, 56), (5, 30), (1, 1)])
+def test_gathered_par_equals_sliced_in_float64(hw):
+    g = torch.Generator().manual_seed(0)
+    img = torch.randn(2, 3, *hw, generator=g, dtype=torch.float64)
+    cams = torch.rand(2, 4, *hw, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(par._par_kernel_gathered(img, DIL, 0.3, 0.01), par.par_kernel(img, DIL),
+                               rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(par._refine_gathered(img, cams, DIL, 20, 0.3, 0.01), _sliced_reference(img, cams, 20),
+                               rtol=1e-12, atol=1e-14)
+
+
+def test_gathered_par_chunks_give_the_same_result(monkeypatch):
+    g = torch.Generator().manual_seed(1)
+    img = torch.randn(1, 3, 20, 24, generator=g, dtype=torch.float64)
+    cams = torch.rand(1, 3, 20, 24, generator=g, dtype=torch.float64)
+    whole = par._refine_gathered(img, cams, DIL, 5, 0.3, 0.01)
+    sizes = []
+    real = par._gather_chunks
+
+    def spy(x, index):
+        for a, nb in real(x, index):
+            sizes.append(nb.numel() * nb.element_size())
+            yield a, nb
+
+    monkeypatch.setattr(par, "PAR_GATHER_BYTES", 3 * 3 * 20 * 24 * 8)  # three neighbours per block
+    monkeypatch.setattr(par, "_gather_chunks", spy)
+    chunked = par._refine_gathered(img, cams, DIL, 5, 0.3, 0.01)
+    assert sizes and max(sizes) <= par.PAR_GATHER_BYTES
+    assert len(sizes) > 5 * 16  # 48 neighbours in blocks of 3, every iteration
+    torch.testing.assert_close(chunked, whole, rtol=1e-12, atol=1e-14)
+
+
+def test_float32_par_paths_agree_closely():
+    g = torch.Generator().manual_seed(2)
+    img = torch.randn(1, 3, 48, 64, generator=g)
+    cams = torch.rand(1, 3, 48, 64, generator=g)
+    a = par.pixel_adaptive_refine(img, cams)  # CPU: the sliced form
+    b = par._refine_gathered(img, cams, DIL, 20, 0.3, 0.01)
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_neighbour_index_is_the_clamped_offset():
+    idx = par._neighbour_index(3, 4, (1, 2), torch.device("cpu"))
+    assert idx.shape == (16, 12)
+    # pixel (0, 0), neighbour (-1, -1) at dilation 1 clamps to itself; (+1, +1) at dilation 2 is (2, 2)
+    assert idx[0, 0] == 0
+    assert idx[8 + 7, 0] == 2 * 4 + 2
