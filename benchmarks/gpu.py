@@ -614,6 +614,62 @@ def _kernel_profile(tr: _Trainer, sync: Callable[[], None]) -> dict:
     return {"stages": stages, "total": {"kernels": total_k, "kernel_ms": total_us / 1000 if tr.cuda else None}}
 
 
+def traces(plan: Plan, budget: Budget, out_dir: Path) -> dict:
+    """Profiler traces (Chrome format, gzipped, into ``out_dir``) of one batched serving round
+    (16 requests, bf16) and of three training steps (fp32), with each one's top host operators:
+    where the host time that keeps the GPU waiting goes."""
+    import gzip
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from weclip_infer import Segmenter
+    from weclip_infer.serving.batching import BatchedNetwork
+
+    sync = _sync(plan.device)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.device(plan.device).type == "cuda" else [])
+    res: Dict[str, Any] = {}
+
+    def save(prof, name: str) -> dict:
+        raw = out_dir / f"{name}.json"
+        prof.export_chrome_trace(str(raw))
+        gz = out_dir / f"{name}.json.gz"
+        atomic_write_bytes(gz, gzip.compress(raw.read_bytes(), 6))
+        raw.unlink()
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60)
+        return {"file": gz.name, "bytes": gz.stat().st_size, "top_host_ops": table}
+
+    B = max(plan.net_batches)
+    seg = Segmenter(_serve_model(plan), scales=(1.0, 0.75), flip=True, crf=False, long_side=plan.long_side,
+                    precision="bf16")
+    net = BatchedNetwork(seg.backend, max_rows=2 * B)
+    seg.backend = net
+    imgs = _photos(plan.serve_hw, 8)
+    tasks = [(lambda k=k: seg.predict(imgs[k % 8])) for k in range(B)]
+    for _ in range(2):
+        net.run(tasks)
+    sync()
+    with profile(activities=acts) as prof:
+        t = time.perf_counter()
+        net.run(tasks)
+        sync()
+        res["serve_round_s"] = time.perf_counter() - t
+    res["serve"] = save(prof, f"trace-serve-bf16-b{B}")
+    if budget.left() < 10:
+        return res
+    tr = _Trainer(plan, _train_model(plan, "fp32"))
+    for i in range(3):
+        tr.step(i)
+    sync()
+    with profile(activities=acts) as prof:
+        t = time.perf_counter()
+        for i in range(3):
+            tr.step(i)
+        sync()
+        res["train_3_steps_s"] = time.perf_counter() - t
+    res["train"] = save(prof, "trace-train-fp32")
+    return res
+
+
 def onnx_cuda(plan: Plan, budget: Budget) -> dict:
     """The exported ONNX graph under ONNX Runtime's CUDA provider vs eager torch on CUDA."""
     try:
@@ -727,7 +783,7 @@ def cli_run(plan: Plan, budget: Budget) -> dict:
 
 
 # ---- the run ---------------------------------------------------------------------------------------------
-def checks(plan: Plan, args: argparse.Namespace) -> List[Tuple[str, Callable[[Budget], dict], float]]:
+def checks(plan: Plan, args: argparse.Namespace, out_dir: Path) -> List[Tuple[str, Callable[[Budget], dict], float]]:
     """(name, check, seconds it needs at least to be worth starting), most important first."""
     return [
         ("env", lambda b: env_info(plan, b), 0),
@@ -743,6 +799,7 @@ def checks(plan: Plan, args: argparse.Namespace) -> List[Tuple[str, Callable[[Bu
         ("parity_cpu_vs_cuda", lambda b: parity(plan, b), 20),
         ("train_amp_fp16", lambda b: train_speed(plan, b, args.amp_iters, amp=True), 20),
         ("train_cli_cuda", lambda b: cli_run(plan, b), 40),
+        ("traces", lambda b: traces(plan, b, out_dir), 15),
     ]
 
 
@@ -855,7 +912,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 md = f"# GPU checks\n\nmarkdown table failed ({type(e).__name__}: {e}); see {json_path.name}\n"
             atomic_write_bytes(md_path, md.encode())
 
-        for name, fn, need_s in checks(plan, args):
+        for name, fn, need_s in checks(plan, args, out_dir):
             if only and name != "env" and not any(name.startswith(p) for p in only):
                 continue
             t = time.perf_counter()
