@@ -23,9 +23,10 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from .backbone import FrozenCLIP, run_block
+from .tensor_ops import to_device
 
 __all__ = ["CAMOutput", "class_keys", "initial_cam", "initial_cam_per_class", "box_mask", "box_masks",
-           "minmax_normalize"]
+           "box_masks_batch", "minmax_normalize"]
 
 
 @dataclass
@@ -46,7 +47,8 @@ class CAMOutput:
 
 def class_keys(cls_labels: torch.Tensor) -> list[list[int]]:
     """``B×(C−1)`` multi-hot → per image the present 0-based class ids, ascending (docs/method.md §3.1)."""
-    return [torch.nonzero(row > 0.5).flatten().tolist() for row in cls_labels]
+    present = (cls_labels > 0.5).cpu()  # one device → host copy for the whole batch
+    return [torch.nonzero(row).flatten().tolist() for row in present]
 
 
 def minmax_normalize(x: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
@@ -158,19 +160,22 @@ def _gradcam_pairs(res: CAMOutput, backbone: FrozenCLIP, blk, tokens_prev, hw, k
     h, w = hw
     pairs = [(b, j) for b in range(len(keys)) for j in range(len(keys[b]))]
     dev = tokens_prev.device
-    x = tokens_prev[torch.tensor([b for b, _ in pairs], device=dev)]  # N×L×D
     kmax = max(len(k) for k in keys)
     n_bg = text_bg.shape[0]
-    # Per pair the text matrix [T_fg[keys_b]; T_bg], padded to kmax fg rows (padding masked out).
-    tfg = text_fg.new_zeros(len(pairs), kmax, text_fg.shape[1])
-    valid = torch.zeros(len(pairs), kmax + n_bg, dtype=torch.bool, device=dev)
-    target = torch.zeros(len(pairs), dtype=torch.long, device=dev)
+    # Indices built on the host and sent in one copy: per pair its image, its classes (padded to
+    # kmax with -1) and its target.
+    meta = torch.full((len(pairs), kmax + 2), -1, dtype=torch.long)
     for n, (b, j) in enumerate(pairs):
         kb = list(keys[b])
-        tfg[n, : len(kb)] = text_fg[kb]
-        valid[n, : len(kb)] = True
-        target[n] = j
-    valid[:, kmax:] = True
+        meta[n, 0], meta[n, 1] = b, j
+        meta[n, 2 : 2 + len(kb)] = torch.tensor(kb, dtype=torch.long)
+    meta = to_device(meta, dev)
+    x = tokens_prev[meta[:, 0]]  # N×L×D
+    target = meta[:, 1]
+    fg_valid = meta[:, 2:] >= 0  # N×kmax
+    # Per pair the text matrix [T_fg[keys_b]; T_bg], padded to kmax fg rows (zeros, masked out).
+    tfg = text_fg[meta[:, 2:].clamp_min(0)] * fg_valid[:, :, None].to(text_fg.dtype)
+    valid = torch.cat([fg_valid, fg_valid.new_ones(len(pairs), n_bg)], dim=1)
     text = F.normalize(torch.cat([tfg, text_bg.unsqueeze(0).expand(len(pairs), -1, -1)], dim=1), dim=-1, eps=1e-12)
     act, qkv = _hooked_activation(blk, x)
     with torch.enable_grad():
@@ -242,6 +247,18 @@ def box_mask(cam: torch.Tensor | np.ndarray, threshold: float) -> np.ndarray:
 
 def box_masks(cams: torch.Tensor, threshold: float) -> torch.Tensor:
     """``K×h×w`` CAMs → ``K×h×w`` box masks (float, same device)."""
-    if cams.shape[0] == 0:
-        return cams.new_zeros(cams.shape)
-    return torch.from_numpy(np.stack([box_mask(c, threshold) for c in cams])).to(cams.device, cams.dtype)
+    return box_masks_batch([cams], threshold)[0]
+
+
+def box_masks_batch(cams: Sequence[torch.Tensor], threshold: float) -> list[torch.Tensor]:
+    """Per image ``K_i×h×w`` CAMs → ``K_i×h×w`` box masks (float, same device), with one copy to
+    the host and one back for the whole batch (the boxes are found on the CPU)."""
+    if not cams:
+        return []
+    ref = cams[0]
+    flat = torch.cat([c.detach() for c in cams]).float().cpu().numpy()
+    masks = np.zeros(flat.shape, dtype=np.float32)
+    for i, c in enumerate(flat):
+        masks[i] = box_mask(c, threshold)
+    out = to_device(torch.from_numpy(masks).to(ref.dtype), ref.device)
+    return list(torch.split(out, [int(c.shape[0]) for c in cams]))

@@ -6,6 +6,8 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
+from .tensor_ops import to_device
+
 __all__ = ["segmentation_loss", "upsampled_cross_entropy", "radius_mask", "affinity_labels", "affinity_loss"]
 
 IGNORE = 255
@@ -33,6 +35,7 @@ def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str = "b
     return upsampled_cross_entropy(logits, labels.masked_fill(~valid, 0), weight)
 
 
+@lru_cache(maxsize=32)
 def _interp_matrix(n_out: int, n_in: int, device, dtype) -> torch.Tensor:
     """``n_out×n_in`` matrix of 1-D bilinear resizing with ``align_corners=False`` (as
     ``F.interpolate`` with ``size=``): source ``(i + 0.5)·n_in/n_out − 0.5`` clamped at 0."""
@@ -44,7 +47,7 @@ def _interp_matrix(n_out: int, n_in: int, device, dtype) -> torch.Tensor:
     rows = torch.arange(n_out)
     m.index_put_((rows, i0), 1 - lam, accumulate=True)
     m.index_put_((rows, i1), lam, accumulate=True)
-    return m.to(device=device, dtype=dtype)
+    return to_device(m.to(dtype), device)  # cached: built and copied once per size and device
 
 
 class _UpsampledCE(torch.autograd.Function):
@@ -104,7 +107,12 @@ def _radius_mask_cpu(h: int, w: int, radius: int) -> torch.Tensor:
 
 def radius_mask(h: int, w: int, radius: int = 8, device=None) -> torch.Tensor:
     """``hw×hw`` bool: True where two patches are within Chebyshev distance ``radius`` (docs/method.md §7.2)."""
-    return _radius_mask_cpu(h, w, radius).to(device)
+    return _radius_mask_on(h, w, radius, torch.device(device or "cpu"))
+
+
+@lru_cache(maxsize=16)
+def _radius_mask_on(h: int, w: int, radius: int, device: torch.device) -> torch.Tensor:
+    return to_device(_radius_mask_cpu(h, w, radius), device)
 
 
 def affinity_labels(pseudo: torch.Tensor, hw: tuple[int, int], radius: int = 8) -> torch.Tensor:
@@ -116,11 +124,10 @@ def affinity_labels(pseudo: torch.Tensor, hw: tuple[int, int], radius: int = 8) 
     h, w = hw
     y = F.interpolate(pseudo[:, None].float(), size=(h, w), mode="nearest")[:, 0].long().flatten(1)  # B×hw
     lab = (y[:, :, None] == y[:, None, :]).to(torch.uint8)
-    lab[~radius_mask(h, w, radius, pseudo.device).expand_as(lab)] = IGNORE
+    # masked_fill rather than boolean indexing or `if ign.any()`: no wait for the device
+    lab.masked_fill_(~radius_mask(h, w, radius, pseudo.device), IGNORE)
     ign = y == IGNORE
-    if ign.any():
-        lab[ign[:, :, None].expand_as(lab)] = IGNORE
-        lab[ign[:, None, :].expand_as(lab)] = IGNORE
+    lab.masked_fill_(ign[:, :, None] | ign[:, None, :], IGNORE)
     return lab
 
 

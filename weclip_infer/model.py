@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from .backbone import FrozenCLIP, load_clip, run_block
-from .cam import box_masks, class_keys, initial_cam
+from .cam import box_masks_batch, class_keys, initial_cam
 from .config import PRECISIONS, WeCLIPConfig, load_config
 from .decoder import WeCLIPDecoder, count_parameters
 from .device import select_device  # re-exported: the owner is weclip_infer.device
@@ -203,7 +203,7 @@ class WeCLIP(nn.Module):
             cam = initial_cam(self.backbone, tokens_prev, hw, keys, fg, bg, r.cam_logit_scale)
         with _stage(self, "refine"):
             maps = patch_attention(list(attns) + [cam.attn_last])  # B×n×hw×hw, last block last
-            boxes = [box_masks(c, r.box_threshold) for c in cam.cams]
+            boxes = box_masks_batch(cam.cams, r.box_threshold)
             refined, trans, rmap, scores, keep = cam.cams, None, None, None, None
             if refinement != "none":
                 if refinement == "rfm":

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .cam import minmax_normalize
-from .tensor_ops import channel_argmax
+from .tensor_ops import channel_argmax, to_device
 
 __all__ = ["NEIGHBOUR_OFFSETS", "PAR_GATHER_BYTES", "par_kernel", "pixel_adaptive_refine", "upsample_cams", "cam_stack",
            "pseudo_labels_from_cams"]
@@ -53,7 +53,7 @@ def _neighbours(x: torch.Tensor, dilations: Sequence[int]) -> list[torch.Tensor]
 def _neighbour_index(h: int, w: int, dilations: Sequence[int], device: torch.device) -> torch.Tensor:
     """Flat source index of every dilated neighbour of every pixel, ``n×(h·w)`` int64, in the
     order of :func:`_neighbours`; replicate padding is the clamped coordinate."""
-    off = torch.tensor([(dy * d, dx * d) for d in dilations for dy, dx in NEIGHBOUR_OFFSETS], device=device)
+    off = to_device(torch.tensor([(dy * d, dx * d) for d in dilations for dy, dx in NEIGHBOUR_OFFSETS]), device)
     y = (torch.arange(h, device=device)[None, :] + off[:, :1]).clamp_(0, h - 1)  # n×h
     x = (torch.arange(w, device=device)[None, :] + off[:, 1:]).clamp_(0, w - 1)  # n×w
     return (y[:, :, None] * w + x[:, None, :]).flatten(1)
@@ -98,8 +98,8 @@ def _par_kernel_gathered(image: torch.Tensor, dilations: Sequence[int], w1: floa
 
 def _position_term(dilations: Sequence[int], w1: float, ref: torch.Tensor) -> torch.Tensor:
     """softmax over the neighbours of −(distance / std(distances) / w1)²: the kernel's fixed part."""
-    dist = torch.tensor([d * (math.sqrt(2.0) if dy and dx else 1.0) for d in dilations for dy, dx in NEIGHBOUR_OFFSETS],
-                        dtype=ref.dtype, device=ref.device)
+    dist = to_device(torch.tensor([d * (math.sqrt(2.0) if dy and dx else 1.0) for d in dilations
+                                   for dy, dx in NEIGHBOUR_OFFSETS], dtype=ref.dtype), ref.device)
     a_pos = -((dist / (dist.std() + 1e-8) / w1) ** 2)
     return torch.softmax(a_pos, dim=0)
 
@@ -210,8 +210,9 @@ def pseudo_labels_from_cams(cams: torch.Tensor, valid: torch.Tensor, keys: Seque
     with values in {0} ∪ {c_k + 1}; padded channels never win."""
     masked = cams.masked_fill(~valid[:, :, None, None], float("-inf"))
     idx = channel_argmax(masked, dim=1)
-    lut = torch.zeros(valid.shape, dtype=torch.long, device=cams.device)
+    lut = torch.zeros(valid.shape, dtype=torch.long)
     for b, kb in enumerate(keys):
         if kb:
-            lut[b, 1 : 1 + len(kb)] = torch.tensor([k + 1 for k in kb], device=cams.device)
+            lut[b, 1 : 1 + len(kb)] = torch.tensor([k + 1 for k in kb])
+    lut = to_device(lut, cams.device)
     return torch.gather(lut, 1, idx.flatten(1)).reshape(idx.shape)

@@ -7,12 +7,22 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ["channel_argmax", "attention", "ATTENTION_SCORE_BYTES"]
+__all__ = ["channel_argmax", "attention", "ATTENTION_SCORE_BYTES", "to_device"]
 
 # Largest block of attention scores the explicit bf16 path holds at once when no map is asked
 # for (query rows are taken a block at a time beyond it): without it, memory would grow with the
 # square of the token count (a 2048² input at scale 4 would need 13 GB of scores per block).
 ATTENTION_SCORE_BYTES = 64 << 20
+
+
+def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A (small) CPU tensor on ``device`` without waiting for the device: on CUDA the copy goes
+    through pinned memory and is queued on the stream (from ordinary memory, each copy would
+    wait until every kernel queued before it has finished). Elsewhere ``t.to(device)``."""
+    device = torch.device(device)
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def channel_argmax(x: torch.Tensor, dim: int) -> torch.Tensor:
