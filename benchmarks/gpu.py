@@ -110,6 +110,7 @@ class Plan:
     cli_iters: int = 40
     cli_world: Tuple[int, int] = (64, 16)
     section_cap_s: float = 30.0  # longest a single measuring loop may run
+    par_compile: bool = True  # par_variants also times torch.compile (minutes of C++ compile on a CPU)
 
 
 def smoke_plan() -> Plan:
@@ -120,7 +121,8 @@ def smoke_plan() -> Plan:
                 net_batches=(1, 2), batch_images=2, threads=(1, 2), thread_images=2, service_batch=2,
                 service_rounds=1, crf_sizes=((24, 32),), crf_labels=(4, 3), crf_batches=(1, 2), crf_repeats=1,
                 serve_crf_images=1, train_hw=64, train_batch=2, train_warmup=1, train_iters=1, train_bf16_iters=1,
-                amp_iters=1, profile_steps=1, onnx_images=1, cli_iters=4, cli_world=(8, 4), section_cap_s=10.0)
+                amp_iters=1, profile_steps=1, onnx_images=1, cli_iters=4, cli_world=(8, 4), section_cap_s=10.0,
+                par_compile=False)
 
 
 class Budget:
@@ -614,6 +616,80 @@ def _kernel_profile(tr: _Trainer, sync: Callable[[], None]) -> dict:
     return {"stages": stages, "total": {"kernels": total_k, "kernel_ms": total_us / 1000 if tr.cuda else None}}
 
 
+def par_variants(plan: Plan, budget: Budget) -> dict:
+    """PAR (20 iterations, 48 neighbours) at the training size, B=4, 1+3 channels, four ways:
+    the sliced form (CPU's), the gathered form (the library's GPU path), the sliced form replayed
+    from a CUDA graph, and the sliced form under ``torch.compile``. Milliseconds per call and the
+    largest difference from the sliced form."""
+    from weclip_infer import par
+
+    dev = torch.device(plan.device)
+    sync = _sync(plan.device)
+    hw = plan.train_hw
+    g = torch.Generator().manual_seed(0)
+    img = torch.randn(plan.train_batch, 3, hw, hw, generator=g).to(dev)
+    cams = torch.rand(plan.train_batch, 4, hw, hw, generator=g).to(dev)
+    dil = (1, 2, 4, 8, 12, 24)
+    kern = par.par_kernel(img, dil)
+
+    def sliced(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        for _ in range(20):
+            nbs = par._neighbours(x, dil)
+            acc = torch.mul(nbs[0], k[:, 0:1])
+            for i in range(1, len(nbs)):
+                acc.addcmul_(nbs[i], k[:, i : i + 1])
+            x = acc
+        return x
+
+    res: Dict[str, Any] = {"batch": plan.train_batch, "channels": 4, "size": hw}
+    ref = sliced(cams, kern)
+    variants: Dict[str, Callable[[], torch.Tensor]] = {
+        "sliced": lambda: sliced(cams, kern),
+        "gathered": lambda: par._refine_gathered(img, cams, dil, 20, 0.3, 0.01),
+    }
+    if dev.type == "cuda":
+        try:
+            static_x, static_k = cams.clone(), kern.clone()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                sliced(static_x, static_k)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_out = sliced(static_x, static_k)
+
+            def replay() -> torch.Tensor:
+                static_x.copy_(cams)
+                static_k.copy_(kern)
+                graph.replay()
+                return static_out
+
+            variants["sliced_cuda_graph"] = replay
+        except Exception as e:  # noqa: BLE001 - recorded, the others still run
+            res["sliced_cuda_graph"] = {"error": f"{type(e).__name__}: {e}"}
+    if not plan.par_compile:
+        res["sliced_compiled"] = {"skipped": "not asked for (Plan.par_compile)"}
+    else:
+        try:
+            compiled = torch.compile(sliced, dynamic=False)
+            t = time.perf_counter()
+            compiled(cams, kern)
+            sync()
+            res["compile_s"] = time.perf_counter() - t
+            variants["sliced_compiled"] = lambda: compiled(cams, kern)
+        except Exception as e:  # noqa: BLE001 - recorded, the others still run
+            res["sliced_compiled"] = {"error": f"{type(e).__name__}: {e}"[:1000]}
+    for name, fn in variants.items():
+        try:
+            out = fn()
+            n, dt = _timed(lambda _: fn(), 20, budget.cap() / 4, sync)
+            res[name] = {"ms": 1000 * dt / n, "calls": n, "max_abs_diff": float((out - ref).abs().max())}
+        except Exception as e:  # noqa: BLE001
+            res[name] = {"error": f"{type(e).__name__}: {e}"[:1000]}
+    return res
+
+
 def traces(plan: Plan, budget: Budget, out_dir: Path) -> dict:
     """Profiler traces (Chrome format, gzipped, into ``out_dir``) of one batched serving round
     (16 requests, bf16) and of three training steps (fp32), with each one's top host operators:
@@ -800,6 +876,7 @@ def checks(plan: Plan, args: argparse.Namespace, out_dir: Path) -> List[Tuple[st
         ("train_amp_fp16", lambda b: train_speed(plan, b, args.amp_iters, amp=True), 20),
         ("train_cli_cuda", lambda b: cli_run(plan, b), 40),
         ("traces", lambda b: traces(plan, b, out_dir), 15),
+        ("par_variants", lambda b: par_variants(plan, b), 20),
     ]
 
 

@@ -60,7 +60,13 @@ def _input(c: _Call) -> torch.Tensor:
 
 @dataclass
 class _Session:
-    cv: threading.Condition
+    """One :meth:`BatchedNetwork.run`: its lock is the turn (the request thread holding it runs);
+    ``coordinator`` wakes the thread that runs the rounds, ``answered`` the request threads once a
+    round is done. Two conditions, so that handing over an input wakes one thread, not all."""
+
+    lock: threading.Lock
+    coordinator: threading.Condition
+    answered: threading.Condition
     active: int
     pending: List[_Call] = field(default_factory=list)
 
@@ -103,11 +109,10 @@ class BatchedNetwork:
 
     @staticmethod
     def _hand_over(session: _Session, call: _Call) -> Any:
-        cv = session.cv
-        session.pending.append(call)  # the caller holds cv (it is its turn)
-        cv.notify_all()
+        session.pending.append(call)  # the caller holds the lock (it is its turn)
+        session.coordinator.notify()
         while not call.done:
-            cv.wait()
+            session.answered.wait()
         if call.error is not None:
             raise call.error
         return call.out
@@ -135,33 +140,34 @@ class BatchedNetwork:
                 except Exception as e:  # noqa: BLE001 - handed back, like the batched path
                     out.append(e)
             return out
-        session = _Session(threading.Condition(), active=len(tasks))
+        lock = threading.Lock()
+        session = _Session(lock, threading.Condition(lock), threading.Condition(lock), active=len(tasks))
         results: List[Any] = [None] * len(tasks)
 
         def worker(i: int) -> None:
             _worker.session, _worker.order = session, i
-            with session.cv:  # take a turn: one request thread runs at a time
+            with session.lock:  # take a turn: one request thread runs at a time
                 try:
                     results[i] = tasks[i]()
                 except BaseException as e:  # noqa: BLE001 - handed back to the caller
                     results[i] = e
                 finally:
                     session.active -= 1
-                    session.cv.notify_all()
+                    session.coordinator.notify()
                     _worker.session = None
 
         threads = [threading.Thread(target=worker, args=(i,), name=f"weclip-request-{i}", daemon=True)
                    for i in range(len(tasks))]
         for th in threads:
             th.start()
-        with session.cv:
+        with session.lock:
             while True:
-                session.cv.wait_for(lambda: session.active == 0 or len(session.pending) == session.active)
+                session.coordinator.wait_for(lambda: session.active == 0 or len(session.pending) == session.active)
                 if session.active == 0:
                     break
                 calls, session.pending = session.pending, []
                 self._run_round(calls)  # every unfinished request is waiting on one of these
-                session.cv.notify_all()
+                session.answered.notify_all()
         for th in threads:
             th.join()
         return results
