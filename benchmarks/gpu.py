@@ -683,7 +683,7 @@ def par_variants(plan: Plan, budget: Budget) -> dict:
     for name, fn in variants.items():
         try:
             out = fn()
-            n, dt = _timed(lambda _: fn(), 20, budget.cap() / 4, sync)
+            n, dt = _timed(lambda _, fn=fn: fn(), 20, budget.cap() / 4, sync)
             res[name] = {"ms": 1000 * dt / n, "calls": n, "max_abs_diff": float((out - ref).abs().max())}
         except Exception as e:  # noqa: BLE001
             res[name] = {"error": f"{type(e).__name__}: {e}"[:1000]}
