@@ -173,3 +173,89 @@ def test_backend_choice(monkeypatch):
     image, probs, _ = _two_region_problem(h=6, w=6)
     labels, seconds = crf.crf_labels(image, probs)  # auto: works without pydensecrf
     assert labels.shape == (6, 6) and seconds >= 0
+
+
+# ---- the torch backend's label map and its layouts --------------------------------------------------
+
+def test_torch_label_map_is_the_argmax_of_the_marginals():
+    torch = pytest.importorskip("torch")
+    from weclip_infer.crf.permutohedral import dense_crf_labels_torch, dense_crf_torch
+
+    a_img, a_p, _ = _two_region_problem(seed=2, h=20, w=26)
+    b_img, b_p = _textured_problem(seed=3, h=17, w=31, C=2)
+    ims, ps = [torch.from_numpy(a_img), torch.from_numpy(b_img)], [torch.from_numpy(a_p), torch.from_numpy(b_p)]
+    for q, lab in zip(dense_crf_torch(ims, ps), dense_crf_labels_torch(ims, ps)):
+        assert lab.dtype == torch.int64 and lab.shape == q.shape[1:]
+        assert torch.equal(lab, q.argmax(0))
+    image, probs = _textured_problem(C=4)
+    lab = crf.refine_labels(image, probs)  # numpy in: a CPU tensor out
+    assert isinstance(lab, torch.Tensor) and lab.device.type == "cpu"
+    np.testing.assert_array_equal(lab.numpy(), crf.refine(image, probs, backend="torch").argmax(0))
+    labels, _ = crf.crf_labels(image, probs, "torch")
+    assert labels.dtype == np.int64
+    np.testing.assert_array_equal(labels, lab.numpy())
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not _cuda(),
+                                                                                     reason="no CUDA"))])
+def test_refine_labels_stay_on_the_device_of_the_probabilities(device):
+    torch = pytest.importorskip("torch")
+    image, probs = _textured_problem(seed=4, h=24, w=30, C=3)
+    p = torch.from_numpy(probs).to(device)
+    lab = crf.refine_labels(image, p)  # the numpy image follows the probabilities
+    assert lab.device == p.device and lab.dtype == torch.int64 and tuple(lab.shape) == (24, 30)
+    np.testing.assert_array_equal(lab.cpu().numpy(), crf.refine(image, p, backend="torch").argmax(0))
+
+
+def test_torch_crf_layouts_give_identical_numbers(monkeypatch):
+    """CPU splats in pieces (no allocation above glibc's mmap threshold), a GPU runs both
+    lattices' splat stages as one call and ranks coordinates in one go: the same bags in the same
+    order, so the same bits."""
+    torch = pytest.importorskip("torch")
+    from weclip_infer.crf import permutohedral as P
+
+    image, probs = _textured_problem(seed=5, h=40, w=52, C=5)
+    args = ([torch.from_numpy(image)], [torch.from_numpy(probs)])
+    ref = P.dense_crf_torch(*args)[0]
+    monkeypatch.setattr(P, "_SPLAT_CHUNK_BYTES", 1 << 12)
+    assert torch.equal(P.dense_crf_torch(*args)[0], ref)  # many pieces
+    lat_g = P._grid_lattice([(40, 52)], 3.0, torch.device("cpu"))
+    lat_b = P.PermutohedralLattice(P.pixel_features(40, 52, 64, torch.from_numpy(image), 5))
+    parts = [(lat, lat.norm(), None) for lat in (lat_g, lat_b)]
+    plan = P._FilterPlan(parts, 5)
+    assert len(plan.splat) > 2
+    merged = P._FilterPlan(parts, 5)
+    merged.splat = [P._FilterPlan._merged(P._FilterPlan._stages(parts), lat_g.N, torch.device("cpu"))]
+    x = torch.from_numpy(probs).reshape(5, -1).t().contiguous()
+    assert torch.equal(plan.apply(x, x), merged.apply(x, x))
+    diff = torch.randn(500, 6)
+    diff[::3, 4] = diff[::3, 1]  # ties: the earlier coordinate ranks first
+    diff[::5, 0] = diff[::5, 5]
+    assert torch.equal(P.PermutohedralLattice._ranks_by_pairs(diff), P.PermutohedralLattice._ranks_at_once(diff))
+
+
+def test_torch_mean_field_never_waits_for_the_device():
+    """Only the input check and the appearance lattice's sizes read device values; the mean-field
+    steps add no operation that waits (nonzero, item and the like)."""
+    torch = pytest.importorskip("torch")
+    from weclip_infer.crf.permutohedral import dense_crf_torch
+
+    image, probs = _textured_problem(seed=6, h=20, w=24, C=3)
+    args = ([torch.from_numpy(image)], [torch.from_numpy(probs)])
+    dense_crf_torch(*args)  # the smoothness lattice of this size is cached from here on
+    waits = ("aten::nonzero", "aten::_local_scalar_dense", "aten::unique", "aten::_unique2", "aten::masked_select")
+
+    def count(iters):
+        with torch.profiler.profile() as prof:
+            dense_crf_torch(*args, iters=iters)
+        return sum(e.count for e in prof.key_averages() if e.key in waits)
+
+    assert count(1) == count(8) <= 3

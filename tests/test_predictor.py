@@ -345,3 +345,33 @@ def test_header_beyond_pillows_own_cap_is_a_size_error():
 
     with pytest.raises(ImageDecodeError, match="more than the limit"):
         load_image(bomb_png(20000, 20000))
+
+
+def test_torch_crf_refines_on_the_model_device_with_the_labels_of_the_numpy_route(tiny_model, monkeypatch):
+    """With the torch CRF, predict makes the CRF's input where the logits are and brings back only
+    the label map: labels, scores and (keep_probs) probabilities equal those of the route through
+    numpy (labels_from_logits' probabilities, refine's marginals, their argmax)."""
+    from weclip_infer import crf, predictor
+    from weclip_infer.predictor import CRF_VERTICES_PER_PIXEL, labels_from_logits
+
+    seg = Segmenter(tiny_model, long_side=64, crf=True, crf_backend="torch")
+    img = _rgb(75, 100, seed=7)
+    for hint in (None, ["green box"]):
+        res = seg.predict(img, labels_hint=hint, keep_probs=True)
+        allowed = seg._hint_mask(hint, 4) if hint else None
+        _, scores, probs = labels_from_logits(res.logits, (75, 100), allowed, keep_probs=True)
+        q = crf.refine(img, probs, backend="torch", max_vertices=int(CRF_VERTICES_PER_PIXEL * seg.crf_max_pixels))
+        np.testing.assert_array_equal(res.labels, q.argmax(0))
+        np.testing.assert_array_equal(res.scores, scores)
+        np.testing.assert_array_equal(res.probs, probs)
+        assert res.labels.dtype == np.int64 and res.crf_size == (75, 100)
+    expected = seg.predict(img).labels
+
+    def host_route(*a, **k):
+        raise AssertionError("the torch CRF's probabilities or marginals went through numpy")
+
+    monkeypatch.setattr(predictor, "labels_from_logits", host_route)
+    monkeypatch.setattr(crf, "refine", host_route)
+    res = seg.predict(img)
+    np.testing.assert_array_equal(res.labels, expected)
+    assert res.probs is None and res.scores.shape == (4,)

@@ -229,18 +229,18 @@ def test_crf_of_a_batch_runs_on_the_coordinating_thread(model_dir, segmenter, tm
 
     h, _ = _handler(model_dir, tmp_path, crf_backend="torch")
     ran_on = []
-    real = crf_mod.refine
+    real = crf_mod.refine_labels  # the torch backend's label map (on the model's device)
 
     def recording(*a, **k):
         ran_on.append(threading.get_ident())
         return real(*a, **k)
 
-    monkeypatch.setattr(crf_mod, "refine", recording)
+    monkeypatch.setattr(crf_mod, "refine_labels", recording)
     imgs = [img_bytes(48, 64, seed=s) for s in range(3)]
     out, codes = _run(h, [{"body": bytearray(b), "crf": b"true"} for b in imgs])
     assert codes == [200, 200, 200]
     assert ran_on == [threading.get_ident()] * 3
-    monkeypatch.setattr(crf_mod, "refine", real)
+    monkeypatch.setattr(crf_mod, "refine_labels", real)
     for b, o in zip(imgs, out):
         assert np.array_equal(decode_png(o), segmenter.predict(b, crf=True).labels)
 

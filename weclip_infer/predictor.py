@@ -540,30 +540,54 @@ class Segmenter:
         H0, W0 = img.shape[:2]
         allowed = self._hint_mask(labels_hint, logits.shape[0]) if labels_hint is not None else None
         crf_full = crf and H0 * W0 <= self.crf_max_pixels
+        crf_on_device = False
+        if crf_full:
+            from .crf import resolve_crf_backend
+
+            crf_on_device = resolve_crf_backend(self.crf_backend) == "torch"
+        crf_probs: Union[np.ndarray, torch.Tensor, None] = None
+        scores_t = None
         with torch.inference_mode():
-            labels, scores, probs_np = labels_from_logits(logits, (H0, W0), allowed, keep_probs=keep_probs or crf_full)
+            if crf_on_device:
+                # The torch CRF refines on the model's device: its input is made there (the
+                # arithmetic of labels_from_logits' one-piece map), and only the CRF's label map
+                # and the scores come back (the probabilities too with keep_probs).
+                up = F.interpolate(logits.float()[None], size=(H0, W0), mode="bilinear", align_corners=False)[0]
+                if allowed is not None:
+                    up.masked_fill_(~allowed.to(up.device)[:, None, None], float("-inf"))
+                crf_probs = torch.softmax(up, dim=0)
+                scores_t = crf_probs.flatten(1).max(dim=1).values
+                probs_np = crf_probs.cpu().numpy() if keep_probs else None
+            else:
+                labels, scores, probs_np = labels_from_logits(logits, (H0, W0), allowed,
+                                                              keep_probs=keep_probs or crf_full)
+                crf_probs = probs_np if crf_full else None
         timings["fuse"] = time.perf_counter() - t1
         crf_size = None
         if crf:
             t2 = time.perf_counter()
-            labels, crf_size = self._crf(img, logits, allowed, probs_np if crf_full else None)
+            labels, crf_size = self._crf(img, logits, allowed, crf_probs)
             timings["crf"] = time.perf_counter() - t2
+        if scores_t is not None:
+            scores = scores_t.cpu().numpy()
         timings["total"] = time.perf_counter() - t0
         names = self.class_names or [str(i) for i in range(logits.shape[0])]
         return SegmentationResult(labels, scores, logits.cpu(), names, timings, probs_np if keep_probs else None,
                                   crf_size)
 
     def _crf(self, img: np.ndarray, logits: torch.Tensor, allowed: Optional[torch.Tensor],
-             probs: Optional[np.ndarray]) -> tuple[np.ndarray, tuple[int, int]]:
+             probs: Union[np.ndarray, torch.Tensor, None]) -> tuple[np.ndarray, tuple[int, int]]:
         """DenseCRF labels at the original size. Images above ``crf_max_pixels`` are refined at a
         reduced size (same aspect ratio, antialiased image, probabilities resized from the
         logits) and the refined label map is scaled up with nearest neighbour. With the torch
         backend the work is also capped by content: an image whose colours spread over more
         than ``CRF_VERTICES_PER_PIXEL × crf_max_pixels`` lattice vertices (noise-like content,
-        where a fully connected CRF costs most) is refined at the size that fits."""
+        where a fully connected CRF costs most) is refined at the size that fits. ``probs``: the
+        full-size probabilities when the image is within ``crf_max_pixels`` (for the torch
+        backend a tensor on the model's device, whose label map alone comes back to the host)."""
         from PIL import Image
 
-        from .crf import refine, resolve_crf_backend
+        from .crf import refine, refine_labels, resolve_crf_backend
         from .crf.permutohedral import LatticeTooLargeError
 
         backend = resolve_crf_backend(self.crf_backend)
@@ -573,7 +597,7 @@ class Segmenter:
         for _ in range(4):
             if probs is not None and budget >= H0 * W0:
                 hc, wc, small = H0, W0, img
-                p = torch.from_numpy(probs)
+                p = probs if isinstance(probs, torch.Tensor) else torch.from_numpy(probs)
             else:
                 f = math.sqrt(budget / (H0 * W0))
                 hc, wc = max(1, int(H0 * f)), max(1, int(W0 * f))
@@ -585,19 +609,19 @@ class Segmenter:
                     p = torch.softmax(up, dim=0)
             def run_crf(small=small, p=p):
                 with torch.inference_mode():
-                    if backend == "torch":
+                    if backend == "torch":  # the label map, on the device
                         small_t = torch.from_numpy(np.require(small, requirements=["C", "W"])).to(self.device)
-                        return refine(small_t, p.to(self.device), backend, max_vertices=max_vertices)
-                    return refine(small, p.cpu().numpy(), backend)
+                        return refine_labels(small_t, p.to(self.device), max_vertices=max_vertices)
+                    return refine(small, p.cpu().numpy(), backend)  # the marginals, numpy
 
             try:
-                q = run_crf() if self.crf_runner is None else self.crf_runner(run_crf)
+                out = run_crf() if self.crf_runner is None else self.crf_runner(run_crf)
                 break
             except LatticeTooLargeError as e:  # shrink so that the vertex count fits, then retry
                 budget = max(1, int(hc * wc * 0.9 * max_vertices / e.vertices))
         else:
             raise RuntimeError("CRF: the image is too complex to refine within the CRF budget")
-        labels = q.argmax(0).astype(np.int64)
+        labels = out.cpu().numpy() if isinstance(out, torch.Tensor) else out.argmax(0).astype(np.int64)
         if (hc, wc) != (H0, W0):
             labels = _nearest_resize_labels(labels, (H0, W0))
         return labels, (hc, wc)

@@ -7,6 +7,8 @@ label map is the argmax of the returned marginals.
 
 * ``"torch"`` (:func:`dense_crf_torch`): the mean field in torch with permutohedral-lattice
   filtering, on any device (the model's GPU included), batched. Always available.
+  :func:`refine_labels` returns its label map on the probabilities' device (nothing but the
+  ``H×W`` labels needs to leave a GPU).
 * ``"densecrf"`` (:func:`dense_crf`): the reference C++ implementation through pydensecrf, an
   optional dependency (``pip install "weclip-infer[crf]"``); when it is missing,
   :class:`CRFUnavailableError` says how to install it — CRF is never skipped silently.
@@ -19,14 +21,17 @@ refine: :class:`~weclip_infer.predictor.Segmenter` refines at most ``crf_max_pix
 from __future__ import annotations
 
 import time
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 
 from .densecrf import INSTALL_HINT, CRFUnavailableError, _import_pydensecrf, crf_available, dense_crf
 
+if TYPE_CHECKING:  # torch is imported when a torch CRF runs
+    import torch
+
 __all__ = ["CRF_BACKENDS", "CRFUnavailableError", "INSTALL_HINT", "crf_available", "crf_labels", "dense_crf",
-           "dense_crf_torch", "refine", "resolve_crf_backend"]
+           "dense_crf_labels_torch", "dense_crf_torch", "refine", "refine_labels", "resolve_crf_backend"]
 
 CRF_BACKENDS = ("auto", "torch", "densecrf")
 
@@ -48,6 +53,24 @@ def dense_crf_torch(*args: Any, **kwargs: Any):
     return impl(*args, **kwargs)
 
 
+def dense_crf_labels_torch(*args: Any, **kwargs: Any):
+    """See :func:`weclip_infer.crf.permutohedral.dense_crf_labels_torch` (imported lazily: torch)."""
+    from .permutohedral import dense_crf_labels_torch as impl
+
+    return impl(*args, **kwargs)
+
+
+def _torch_pair(image: Any, probs: Any) -> tuple:
+    """``image`` and ``probs`` as tensors, the image on the probabilities' device (numpy → CPU)."""
+    import torch
+
+    img_t = image if isinstance(image, torch.Tensor) else torch.from_numpy(np.require(image, requirements=["C", "W"]))
+    p_t = probs if isinstance(probs, torch.Tensor) else torch.from_numpy(np.require(probs, requirements=["C", "W"]))
+    if img_t.dtype != torch.uint8:
+        raise ValueError(f"CRF: image must be uint8 (the original RGB image), got {img_t.dtype}")
+    return img_t.to(p_t.device), p_t
+
+
 def refine(image: Any, probs: Any, backend: str = "auto", max_vertices: Optional[int] = None) -> np.ndarray:
     """CRF marginals ``C×H×W`` (numpy float32) for one ``H×W×3`` uint8 image and ``C×H×W``
     probabilities, with the chosen backend. The torch backend runs on ``probs``' device when it
@@ -56,19 +79,26 @@ def refine(image: Any, probs: Any, backend: str = "auto", max_vertices: Optional
     backend = resolve_crf_backend(backend)
     if backend == "densecrf":
         return dense_crf(image, probs)
-    import torch
-
-    img_t = image if isinstance(image, torch.Tensor) else torch.from_numpy(np.require(image, requirements=["C", "W"]))
-    p_t = probs if isinstance(probs, torch.Tensor) else torch.from_numpy(np.require(probs, requirements=["C", "W"]))
-    if img_t.dtype != torch.uint8:
-        raise ValueError(f"CRF: image must be uint8 (the original RGB image), got {img_t.dtype}")
-    q = dense_crf_torch([img_t.to(p_t.device)], [p_t], max_vertices=max_vertices)[0]
+    img_t, p_t = _torch_pair(image, probs)
+    q = dense_crf_torch([img_t], [p_t], max_vertices=max_vertices)[0]
     return q.cpu().numpy()
+
+
+def refine_labels(image: Any, probs: Any, max_vertices: Optional[int] = None) -> "torch.Tensor":
+    """The torch backend's CRF label map for one ``H×W×3`` uint8 image and ``C×H×W``
+    probabilities: an ``H×W`` int64 tensor on ``probs``' device (CPU for numpy input), equal to
+    ``refine(image, probs, "torch").argmax(0)`` (the first class on ties), computed without
+    moving the marginals off the device. ``max_vertices`` as for :func:`refine`."""
+    img_t, p_t = _torch_pair(image, probs)
+    return dense_crf_labels_torch([img_t], [p_t], max_vertices=max_vertices)[0]
 
 
 def crf_labels(image: np.ndarray, probs: np.ndarray, backend: str = "auto") -> tuple[np.ndarray, float]:
     """CRF on ``H×W×3`` uint8 ``image`` and ``C×H×W`` ``probs`` → (``H×W`` int64 labels, seconds).
     A plain function, so the batch CLI can run it in a worker process."""
     t = time.perf_counter()
-    labels = refine(image, probs, backend).argmax(0).astype(np.int64)
+    if resolve_crf_backend(backend) == "torch":
+        labels = refine_labels(image, probs).cpu().numpy()
+    else:
+        labels = refine(image, probs, backend).argmax(0).astype(np.int64)
     return labels, time.perf_counter() - t

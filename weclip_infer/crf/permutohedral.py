@@ -19,7 +19,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["LatticeTooLargeError", "PermutohedralLattice", "dense_crf_torch", "pixel_features"]
+__all__ = ["LatticeTooLargeError", "PermutohedralLattice", "dense_crf_labels_torch", "dense_crf_torch",
+           "pixel_features"]
 
 
 class LatticeTooLargeError(RuntimeError):
@@ -41,6 +42,9 @@ class PermutohedralLattice:
     ``exp(-|f_i - f_j|² / 2)``-like weights times their values, as the permutohedral
     approximation computes it (splat onto lattice vertices with barycentric weights, blur with
     ``[1/2, 1, 1/2]`` along each of the ``d + 1`` lattice axes, slice back).
+
+    Construction waits for the device three times (the coordinate range, the number of distinct
+    simplices, the number of vertices: sizes that the index tensors need); filtering never does.
     """
 
     def __init__(self, features: torch.Tensor, group: Optional[torch.Tensor] = None):
@@ -52,12 +56,19 @@ class PermutohedralLattice:
         self.N, self.d = N, d
         d1 = d + 1
         # Elevate onto the hyperplane sum(x) = 0 of R^{d+1}, scaled so that the blur below has the
-        # standard deviation of a unit Gaussian in feature space.
+        # standard deviation of a unit Gaussian in feature space. (The scale is computed on the
+        # device in float64, as Python would, so that no host→device copy waits for the device.)
         inv_std = math.sqrt(2.0 / 3.0) * d1
-        scale = torch.tensor([inv_std / math.sqrt((i + 2) * (i + 1)) for i in range(d)], dtype=torch.float32,
-                             device=dev)
+        i64 = torch.arange(d, device=dev, dtype=torch.float64)
+        scale = (inv_std / torch.sqrt((i64 + 2) * (i64 + 1))).float()
         cf = f * scale
-        rc = torch.cat([cf.flip(1).cumsum(1).flip(1), torch.zeros(N, 1, device=dev)], 1)  # rc[:, j] = sum_{k>=j} cf
+        # rc[:, j] = sum_{k>=j} cf, accumulated from the last column in float64 (what CPU's cumsum
+        # does; a scan over a dimension of d elements is slow on a GPU)
+        rc = torch.zeros(N, d1, device=dev)
+        acc = torch.zeros(N, device=dev, dtype=torch.float64)
+        for j in range(d - 1, -1, -1):
+            acc = acc + cf[:, j]
+            rc[:, j] = acc
         elevated = torch.empty(N, d1, device=dev)
         elevated[:, 0] = rc[:, 0]
         elevated[:, 1:] = rc[:, 1:] - torch.arange(1, d1, device=dev, dtype=torch.float32) * cf
@@ -93,20 +104,26 @@ class PermutohedralLattice:
         rank_d = rank[:, :d]
         del rem0, rank
         margin = d + 2
-        lo = rem0_i.min(0).values - margin
-        radix = rem0_i.max(0).values - lo + margin + 1
-        n_groups = int(group.max()) + 1 if group is not None else 1
-        if float(torch.prod(radix.double())) * n_groups >= 2.0 ** 62:
+        lo = rem0_i.amin(0) - margin
+        radix = rem0_i.amax(0) - lo + margin + 1
+        strides = torch.cat([radix[1:].flip(0).cumprod(0).flip(0), radix.new_ones(1)])  # strides[i] = prod radix[i+1:]
+        # The one copy to the host that construction needs before the sorts: the radices (and the
+        # number of groups); the host-side numbers below are computed from them.
+        stats = (radix if group is None else torch.cat([radix, group.to(device=dev, dtype=torch.int64).amax()[None]])
+                 ).tolist()
+        radix_h = stats[:d]
+        n_groups = int(stats[d]) + 1 if group is not None else 1
+        if math.prod(float(r) for r in radix_h) * n_groups >= 2.0 ** 62:
             raise OverflowError("permutohedral lattice: feature range too large for 64-bit vertex codes")
-        strides = torch.ones(d, dtype=torch.int64, device=dev)
+        strides_h = [1] * d
         for i in range(d - 2, -1, -1):
-            strides[i] = strides[i + 1] * radix[i + 1]
-        span = int(strides[0] * radix[0])
+            strides_h[i] = strides_h[i + 1] * radix_h[i + 1]
+        span = strides_h[0] * radix_h[0] if d else 1
         base = ((rem0_i - lo) * strides).sum(1)
         if group is not None:
             base = base + group.to(device=dev, dtype=torch.int64) * span
         del rem0_i
-        s_all = int(strides.sum())
+        s_all = sum(strides_h)
         n_perm = d1 ** d  # rank vectors, as base-(d+1) numbers
         if float(span) * n_groups * n_perm < 2.0 ** 62:
             vcodes = self._init_by_simplex(base, rank_d, bary, strides, s_all, n_perm)
@@ -116,28 +133,34 @@ class PermutohedralLattice:
         M = int(vcodes.shape[0])
         self.M = M
         # Blur along each lattice axis: vertex i becomes v_i + (v_n1 + v_n2) / 2, where n1/n2 add
-        # (+d, -1, ..., -1) / (-d, +1, ..., +1) with the +-d on axis j. A missing neighbour points
-        # at row M, which stays zero (its own bag has weight 0).
-        half = torch.full((M + 1, 3), 0.5, device=dev)
-        half[:, 0] = 1.0
-        half[M] = 0.0
-        self._blur_w = half
-        self._blur_idx = []
+        # (+d, -1, ..., -1) / (-d, +1, ..., +1) with the +-d on axis j. All neighbours are looked
+        # up at once; a missing one is replaced by the vertex itself with weight 0 (adds exactly 0).
+        steps = torch.cat([d1 * strides, strides.new_zeros(1)]) - s_all  # d+1
+        nb = torch.stack([vcodes[None, :] + steps[:, None], vcodes[None, :] - steps[:, None]], 1)  # (d+1)×2×M
+        pos = torch.searchsorted(vcodes, nb.reshape(-1)).clamp_(max=M - 1)  # (each run of M codes is sorted)
+        found = (vcodes.index_select(0, pos) == nb.reshape(-1)).view(d1, 2, M)
         own = torch.arange(M, device=dev)
-        for j in range(d1):
-            step = (d1 * int(strides[j]) if j < d else 0) - s_all
-            idx = torch.full((M + 1, 3), M, dtype=torch.int64, device=dev)
-            idx[:M, 0] = own
-            idx[:M, 1] = self._lookup(vcodes, vcodes + step)
-            idx[:M, 2] = self._lookup(vcodes, vcodes - step)
-            self._blur_idx.append(idx)
+        # (d+1)×M×3 bags: own, +neighbour, -neighbour
+        blur_idx = torch.cat([own.expand(d1, 1, M), torch.where(found, pos.view(d1, 2, M), own)], 1)
+        blur_w = torch.cat([torch.ones(d1, 1, M, device=dev), found.float() * 0.5], 1)
+        self._blur_idx = blur_idx.transpose(1, 2).contiguous()
+        self._blur_w = blur_w.transpose(1, 2).contiguous()
         self._alpha = 1.0 / (1.0 + 2.0 ** (-d))
         self._norm: Optional[torch.Tensor] = None
+        self._plan: Optional[_FilterPlan] = None
 
     # ---- construction helpers --------------------------------------------------------------------
     @staticmethod
     def _ranks(diff: torch.Tensor) -> torch.Tensor:
-        """Position of each coordinate in descending order (ties: the earlier coordinate first)."""
+        """Position of each coordinate in descending order (ties: the earlier coordinate first):
+        rank_i = #{j > i: diff_j > diff_i} + #{j < i: diff_j >= diff_i}. Pairwise comparisons,
+        column by column on CPU (faster there), as a few whole-tensor launches elsewhere."""
+        if diff.device.type == "cpu":
+            return PermutohedralLattice._ranks_by_pairs(diff)
+        return PermutohedralLattice._ranks_at_once(diff)
+
+    @staticmethod
+    def _ranks_by_pairs(diff: torch.Tensor) -> torch.Tensor:
         d1 = diff.shape[1]
         rank = torch.zeros(diff.shape, dtype=torch.int64, device=diff.device)
         for i in range(d1 - 1):
@@ -148,23 +171,33 @@ class PermutohedralLattice:
         return rank
 
     @staticmethod
+    def _ranks_at_once(diff: torch.Tensor) -> torch.Tensor:
+        k = torch.arange(diff.shape[1], device=diff.device)
+        later, earlier = k[None, :] > k[:, None], k[None, :] < k[:, None]  # [i, j]: j after / before i
+        a, b = diff[:, None, :], diff[:, :, None]  # [n, i, j]: diff_j, diff_i
+        return torch.where(later, a > b, (a >= b) & earlier).sum(2)
+
+    @staticmethod
     def _vertex_codes(base: torch.Tensor, rank_d: torch.Tensor, strides: torch.Tensor, s_all: int) -> torch.Tensor:
-        d = rank_d.shape[1]
-        codes = torch.empty(base.shape[0], d + 1, dtype=torch.int64, device=base.device)
-        for r in range(d + 1):
-            wrap = ((rank_d > d - r).long() * strides).sum(1)
-            codes[:, r] = base + r * s_all - (d + 1) * wrap
-        return codes
+        """Codes of the d+1 vertices of each simplex: base + r·s_all - (d+1)·wrap_r, where wrap_r
+        sums the strides of the coordinates ranked above d - r (a suffix sum over ranks)."""
+        n, d = rank_d.shape
+        by_rank = torch.zeros(n, d + 1, dtype=torch.int64, device=base.device).scatter_(1, rank_d, strides.expand(n, d))
+        wrap = torch.zeros_like(by_rank)  # wrap[:, r] = sum of by_rank[:, d-r+1:]
+        for r in range(1, d + 1):
+            wrap[:, r] = wrap[:, r - 1] + by_rank[:, d + 1 - r]
+        return base[:, None] + torch.arange(d + 1, device=base.device) * s_all - (d + 1) * wrap
 
     @staticmethod
     def _group_sorted(keys: torch.Tensor):
-        """Sort ``keys``; returns (unique keys, id of each key's group, sort order, group starts)."""
+        """Sort ``keys``; returns (unique keys, id of each key's group, sort order, group starts).
+        One wait for the device (the number of groups)."""
         sorted_keys, order = torch.sort(keys)
         first = torch.ones_like(sorted_keys, dtype=torch.bool)
-        first[1:] = sorted_keys[1:] != sorted_keys[:-1]
-        ids = torch.empty_like(order)
-        ids[order] = first.cumsum(0) - 1
-        return sorted_keys[first], ids, order, torch.nonzero(first).squeeze(1)
+        torch.ne(sorted_keys[1:], sorted_keys[:-1], out=first[1:])
+        starts = torch.nonzero(first).squeeze(1)
+        ids = torch.empty_like(order).scatter_(0, order, first.cumsum(0) - 1)
+        return sorted_keys.index_select(0, starts), ids, order, starts
 
     def _init_by_simplex(self, base, rank_d, bary, strides, s_all: int, n_perm: int) -> torch.Tensor:
         """Vertices via the distinct simplices: neighbouring pixels of similar colour share their
@@ -179,12 +212,21 @@ class PermutohedralLattice:
         s_rank = torch.div((skeys % n_perm)[:, None], digits, rounding_mode="floor") % d1
         corner_codes = self._vertex_codes(torch.div(skeys, n_perm, rounding_mode="floor"), s_rank, strides, s_all)
         vcodes, corner_vertex, corner_order, v_starts = self._group_sorted(corner_codes.t().reshape(-1))  # row r·S + s
-        self._slice_idx = corner_vertex.view(d1, S).t()[point_simplex].contiguous()  # N×(d+1)
+        self._slice_idx = corner_vertex.view(d1, S).t().index_select(0, point_simplex)  # N×(d+1)
         self._slice_w = bary
-        stage_a = (order.repeat(d1), (starts[None, :] + N * torch.arange(d1, device=dev)[:, None]).reshape(-1),
-                   bary[order].t().reshape(-1).contiguous())
-        stage_b = (corner_order, v_starts, None)
-        self._splat = [stage_a, stage_b]
+        # Stage 1 makes one row per simplex corner (r, s): the points of simplex s (in sorted order)
+        # weighted by their barycentric coordinate r. Its rows are laid out in the order stage 2
+        # reads them (corners sorted by vertex), so stage 2 sums runs of consecutive rows.
+        c_r = torch.div(corner_order, S, rounding_mode="floor")
+        c_s = corner_order - c_r * S
+        counts = torch.diff(starts, append=starts.new_full((1,), N))  # points per simplex
+        lengths = counts.index_select(0, c_s)
+        a_starts = lengths.cumsum(0) - lengths
+        owner = torch.repeat_interleave(lengths, output_size=N * d1)  # stage-1 row of each entry
+        pos = (starts.index_select(0, c_s) - a_starts).index_select(0, owner) + torch.arange(N * d1, device=dev)
+        points = order.index_select(0, pos)
+        weights = bary.view(-1).index_select(0, points * d1 + c_r.index_select(0, owner))
+        self._splat: list = [(points, a_starts, weights), (torch.arange(S * d1, device=dev), v_starts, None)]
         return vcodes
 
     def _init_by_entry(self, base, rank_d, bary, strides, s_all: int) -> torch.Tensor:
@@ -195,39 +237,20 @@ class PermutohedralLattice:
         vcodes, offset, order, starts = self._group_sorted(self._vertex_codes(base, rank_d, strides, s_all).reshape(-1))
         self._slice_idx = offset.view(N, d1)
         self._slice_w = bary
-        self._splat = [(torch.div(order, d1, rounding_mode="floor"), starts, bary.reshape(-1)[order].contiguous())]
+        self._splat = [(torch.div(order, d1, rounding_mode="floor"), starts, bary.reshape(-1).index_select(0, order))]
         return vcodes
-
-    @staticmethod
-    def _lookup(table: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-        """Index of each code in the sorted ``table``, or ``len(table)`` where it is absent."""
-        M = table.shape[0]
-        pos = torch.searchsorted(table, codes).clamp_(max=M - 1)
-        return torch.where(table[pos] == codes, pos, torch.full_like(pos, M))
 
     # ---- filtering --------------------------------------------------------------------------------
     def filter(self, values: torch.Tensor) -> torch.Tensor:
         """``N×K`` values → ``N×K`` Gaussian-filtered values (the point itself included)."""
-        vals = self.splat(values.float().contiguous())
-        vals = torch.cat([vals, vals.new_zeros(1, vals.shape[1])], 0)
-        for idx in self._blur_idx:
-            vals = F.embedding_bag(idx, vals, mode="sum", per_sample_weights=self._blur_w)
-        out = F.embedding_bag(self._slice_idx, vals, mode="sum", per_sample_weights=self._slice_w)
-        return out.mul_(self._alpha)
-
-    def splat(self, values: torch.Tensor, point_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``N×K`` point values → ``M×K`` vertex sums (barycentric weights, optionally folded
-        with a per-point ``point_weights`` scale precomputed by :meth:`splat_weights`)."""
-        for k, (idx, offsets, w) in enumerate(self._splat):
-            if k == 0 and point_weights is not None:
-                w = point_weights
-            values = F.embedding_bag(idx, values, offsets, mode="sum", per_sample_weights=w)
-        return values
+        if self._plan is None:
+            self._plan = _FilterPlan([(self, None, None)])
+        return self._plan.apply(values.float().contiguous()).mul_(self._alpha)
 
     def splat_weights(self, scale: torch.Tensor) -> torch.Tensor:
         """First-stage splat weights multiplied by a per-point ``scale`` (``N``)."""
         idx, _, w = self._splat[0]
-        return w * scale[idx]
+        return w * scale.index_select(0, idx)
 
     def norm(self) -> torch.Tensor:
         """Symmetric normalisation ``1/sqrt(K·1)`` per point (computed once)."""
@@ -235,6 +258,158 @@ class PermutohedralLattice:
             ones = torch.ones(self.N, 1, device=self._slice_w.device)
             self._norm = torch.rsqrt(self.filter(ones)[:, 0] + 1e-20)
         return self._norm
+
+
+def _bag_offsets(n_bags: int, size: int, start: int, dev: torch.device) -> torch.Tensor:
+    return torch.arange(start, start + n_bags * size, size, device=dev)
+
+
+#: On CPU the splat's intermediate (one row per simplex corner) is computed in pieces of at most
+#: this many bytes: a fresh allocation above glibc's mmap threshold (32 MiB at most) is paged in
+#: anew at every mean-field step, which costs more than the gather-sum itself.
+_SPLAT_CHUNK_BYTES = 16 << 20
+
+
+def _cat(ts: list) -> torch.Tensor:
+    return ts[0] if len(ts) == 1 else torch.cat(ts)
+
+
+class _FilterPlan:
+    """Splat, blur and slice of one or more lattices over the same ``N`` points as a fixed
+    sequence of gather-sums (``embedding_bag``) on one stacked table of all their vertices, the
+    index tensors built once. The lattices' blur axes run side by side (one call per axis for
+    all of them); on a GPU their splat stages do too, so filtering with both pairwise kernels of
+    the CRF costs one call per splat stage, one per blur axis and one slice per kernel. On CPU
+    each lattice splats on its own, in pieces of whole vertices no larger than
+    ``_SPLAT_CHUNK_BYTES`` (for ``channels`` value columns), and no index tensor is copied.
+
+    ``parts``: ``(lattice, splat_scale, slice_w)``: an optional per-point scale folded into the
+    first splat stage and the slice weights (``N×(d+1)``; default the barycentric ones). Each
+    lattice's arithmetic is that of filtering with it alone (same bags, same order)."""
+
+    def __init__(self, parts: Sequence[tuple], channels: int = 1):
+        lats = [p[0] for p in parts]
+        dev = lats[0]._slice_w.device
+        N = lats[0].N
+        stages = self._stages(parts)
+        vbase, n = [], 0  # first row of each lattice's vertices in the stacked table
+        for lat in lats:
+            vbase.append(n)
+            n += lat.M
+        # splat: a list of pieces, each a list of stages from the points; the pieces' outputs,
+        # concatenated, are the vertex table
+        if dev.type == "cpu" or len(lats) == 1:
+            self.splat = [pc for st in stages for pc in self._pieces(st, channels if dev.type == "cpu" else 0)]
+        else:
+            self.splat = [self._merged(stages, N, dev)]
+        # blur: axis j of every lattice that has it; the others' vertices are copied (weight 1)
+        self.blur = []
+        for j in range(max(lat.d + 1 for lat in lats)):
+            idx_l, w_l, off_l = [], [], []
+            n_idx = 0
+            for lat, b in zip(lats, vbase):
+                if j <= lat.d:
+                    idx_l.append((lat._blur_idx[j] + b if b else lat._blur_idx[j]).reshape(-1))
+                    w_l.append(lat._blur_w[j].reshape(-1))
+                    off_l.append(_bag_offsets(lat.M, 3, n_idx, dev))
+                else:
+                    idx_l.append(torch.arange(b, b + lat.M, device=dev))
+                    w_l.append(torch.ones(lat.M, device=dev))
+                    off_l.append(torch.arange(n_idx, n_idx + lat.M, device=dev))
+                n_idx += idx_l[-1].shape[0]
+            self.blur.append((_cat(idx_l), _cat(off_l), _cat(w_l)))
+        # slice: one call per lattice (their outputs are added one by one, as separate kernels were)
+        self.slice = []
+        for (lat, _, slice_w), b in zip(parts, vbase):
+            w = slice_w if slice_w is not None else lat._slice_w
+            K = w.shape[1]
+            self.slice.append(((lat._slice_idx + b if b else lat._slice_idx).reshape(-1), _bag_offsets(N, K, 0, dev),
+                               w.reshape(-1)))
+
+    @staticmethod
+    def _stages(parts: Sequence[tuple]) -> list:
+        """Per lattice, its splat stages with the scale folded into the first one's weights."""
+        stages = []
+        for lat, scale, _ in parts:
+            idx, off, w = lat._splat[0]
+            if scale is not None:
+                w = lat.splat_weights(scale)
+            stages.append([(idx, off, w)] + lat._splat[1:])
+        return stages
+
+    @staticmethod
+    def _pieces(stages: list, channels: int) -> list:
+        """One lattice's splat; a two-stage one (whose second stage sums consecutive rows) in
+        pieces of whole vertices whose first-stage output stays under ``_SPLAT_CHUNK_BYTES``."""
+        if len(stages) != 2 or channels <= 0:
+            return [stages]
+        (ia, oa, wa), (seq, ob, _) = stages
+        R, V = oa.shape[0], ob.shape[0]
+        n_pieces = math.ceil(R * channels * 4 / _SPLAT_CHUNK_BYTES)
+        if n_pieces <= 1:
+            return [stages]
+        cuts = torch.searchsorted(ob, torch.arange(1, n_pieces, device=ob.device) * (R // n_pieces)).tolist()
+        v_cuts = sorted({0, *cuts, V})
+        r_t = torch.cat([ob, ob.new_full((1,), R)])[v_cuts]
+        e_cuts = torch.cat([oa, oa.new_full((1,), ia.shape[0])])[r_t].tolist()
+        r_cuts = r_t.tolist()
+        pieces = []
+        for k in range(len(v_cuts) - 1):
+            v0, v1, r0, r1, e0, e1 = v_cuts[k], v_cuts[k + 1], r_cuts[k], r_cuts[k + 1], e_cuts[k], e_cuts[k + 1]
+            pieces.append([(ia[e0:e1], oa[r0:r1] - e0, wa[e0:e1] if wa is not None else None),
+                           (seq[: r1 - r0], ob[v0:v1] - r0, None)])
+        return pieces
+
+    @staticmethod
+    def _merged(stages: list, N: int, dev: torch.device) -> list:
+        """All lattices' splat stages as one call per stage (a lattice with fewer stages starts
+        with an identity stage)."""
+        n_stages = max(len(st) for st in stages)
+        ident = torch.arange(N, device=dev)
+        stages = [[(ident, ident, None)] * (n_stages - len(st)) + st for st in stages]
+        merged = []
+        in_base = [0] * len(stages)  # stage 0 reads the points themselves: the same rows for all
+        for k in range(n_stages):
+            idx_l, off_l, w_l = [], [], []
+            n_idx = n_out = 0
+            out_base = []
+            any_w = any(st[k][2] is not None for st in stages)
+            for j, st in enumerate(stages):
+                idx, off, w = st[k]
+                idx_l.append(idx + in_base[j] if in_base[j] else idx)
+                off_l.append(off + n_idx if n_idx else off)
+                if any_w:
+                    w_l.append(w if w is not None else torch.ones(idx.shape[0], device=dev))
+                n_idx += idx.shape[0]
+                out_base.append(n_out)
+                n_out += off.shape[0]
+            merged.append((_cat(idx_l), _cat(off_l), _cat(w_l) if any_w else None))
+            in_base = out_base
+        return merged
+
+    def apply(self, values: torch.Tensor, addend: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``N×C`` float32 contiguous → ``N×C``: the first lattice's (weighted) splat-blur-slice,
+        plus ``addend``, plus the other lattices' ones, added in that order."""
+        outs = []
+        for piece in self.splat:
+            vals = values
+            for idx, off, w in piece:
+                vals = F.embedding_bag(idx, vals, off, mode="sum", per_sample_weights=w)
+            outs.append(vals)
+        vals = _cat(outs)
+        for idx, off, w in self.blur:
+            vals = F.embedding_bag(idx, vals, off, mode="sum", per_sample_weights=w)
+        out = None
+        for idx, off, w in self.slice:
+            part = F.embedding_bag(idx, vals, off, mode="sum", per_sample_weights=w)
+            if out is None:
+                out = part
+                if addend is not None:
+                    out += addend
+            else:
+                out += part
+        assert out is not None
+        return out
 
 
 def pixel_features(h: int, w: int, sxy: float, image: Optional[torch.Tensor] = None, srgb: float = 1.0,
@@ -264,27 +439,6 @@ def _check_pair(img: torch.Tensor, p: torch.Tensor, i: int) -> None:
                          f"{p.shape[1]}×{p.shape[2]}; upsample the probabilities to the image size first")
     if p.numel() == 0:
         raise ValueError(f"dense_crf_torch: empty probs of shape {tuple(p.shape)}")
-    if not bool(torch.isfinite(p).all()):
-        raise ValueError("dense_crf_torch: probs contain NaN or inf")
-
-
-class _Kernel:
-    """One pairwise term: a lattice with the symmetric normalisation and the Potts weight folded
-    into its splat and slice weights, so applying it is three kinds of gather-sums."""
-
-    def __init__(self, lat: PermutohedralLattice, compat: float):
-        norm = lat.norm()
-        self.lat = lat
-        self.splat_w = lat.splat_weights(norm)
-        self.slice_w = lat._slice_w * (norm * (lat._alpha * compat))[:, None]
-
-    def apply(self, q: torch.Tensor) -> torch.Tensor:
-        lat = self.lat
-        vals = lat.splat(q, self.splat_w)
-        vals = torch.cat([vals, vals.new_zeros(1, vals.shape[1])], 0)
-        for idx in lat._blur_idx:
-            vals = F.embedding_bag(idx, vals, mode="sum", per_sample_weights=lat._blur_w)
-        return F.embedding_bag(lat._slice_idx, vals, mode="sum", per_sample_weights=self.slice_w)
 
 
 # The smoothness kernel depends only on the image size: its lattice is kept for a few recent sizes
@@ -326,18 +480,11 @@ def _softmax_rows_(e: torch.Tensor) -> torch.Tensor:
     return e.div_(e.sum(1, keepdim=True))
 
 
-@torch.no_grad()
-def dense_crf_torch(images: Sequence[torch.Tensor], probs: Sequence[torch.Tensor], iters: int = 10,
-                    gauss_sxy: float = 3, gauss_compat: float = 3, bi_sxy: float = 64, bi_srgb: float = 5,
-                    bi_compat: float = 4, max_vertices: Optional[int] = None) -> list:
-    """Mean-field DenseCRF for a batch of images (sizes may differ; all on one device).
-
-    ``images``: ``H×W×3`` uint8 tensors; ``probs``: ``C×H×W`` class probabilities (same ``C``
-    for all). Same parameters and defaults as :func:`weclip_infer.crf.dense_crf`. Returns the
-    ``C×H×W`` float32 marginals per image, on the images' device. ``max_vertices``: raise
-    :class:`LatticeTooLargeError` before any mean-field step when the appearance lattice has
-    more vertices (noise-like images), so the caller can retry at a smaller size.
-    """
+def _mean_field(images: Sequence[torch.Tensor], probs: Sequence[torch.Tensor], iters: int, gauss_sxy: float,
+                gauss_compat: float, bi_sxy: float, bi_srgb: float, bi_compat: float,
+                max_vertices: Optional[int]) -> tuple:
+    """The marginals of all images as one ``N×C`` tensor (rows: the images' pixels in order),
+    with the images' sizes."""
     if len(images) != len(probs) or not images:
         raise ValueError("dense_crf_torch: need the same positive number of images and probability maps")
     if int(iters) != iters or iters < 0:
@@ -350,25 +497,67 @@ def dense_crf_torch(images: Sequence[torch.Tensor], probs: Sequence[torch.Tensor
             raise ValueError(f"dense_crf_torch: all probs need the same number of classes ({C}), "
                              f"probs {i} has {p.shape[0]}")
     sizes = [tuple(p.shape[1:]) for p in probs]
-    unary = torch.cat([p.to(dev).float().reshape(C, -1).t() for p in probs], 0).clamp_(1e-5, 1.0).log_()  # = -U, N×C
+    unary = torch.cat([p.to(dev).float().reshape(C, -1).t() for p in probs], 0)
+    if not bool(torch.isfinite(unary).all()):  # one wait for the device, for the whole batch
+        raise ValueError("dense_crf_torch: probs contain NaN or inf")
+    unary.clamp_(1e-5, 1.0).log_()  # = -U, N×C
     bi_feats = torch.cat([pixel_features(h, w, bi_sxy, im.to(dev), bi_srgb) for (h, w), im in zip(sizes, images)], 0)
     bi_lattice = PermutohedralLattice(bi_feats, _groups(sizes, dev))
     del bi_feats
     if max_vertices is not None and bi_lattice.M > max_vertices:
         raise LatticeTooLargeError(bi_lattice.M, int(max_vertices))
-    kernels = [_Kernel(_grid_lattice(sizes, gauss_sxy, dev), float(gauss_compat)),
-               _Kernel(bi_lattice, float(bi_compat))]
+    parts = []
+    for lat, compat in ((_grid_lattice(sizes, gauss_sxy, dev), float(gauss_compat)), (bi_lattice, float(bi_compat))):
+        # symmetric normalisation and Potts weight folded into the splat and slice weights
+        norm = lat.norm()
+        parts.append((lat, norm, lat._slice_w * (norm * (lat._alpha * compat))[:, None]))
+    plan = _FilterPlan(parts, C)  # both kernels: one gather-sum per splat stage, blur axis and slice
     q = _softmax_rows_(unary.clone())
     for _ in range(int(iters)):
-        energy = kernels[0].apply(q)
-        energy += unary
-        for kern in kernels[1:]:
-            energy += kern.apply(q)
-        q = _softmax_rows_(energy)
+        q = _softmax_rows_(plan.apply(q, unary))  # smoothness + unary + appearance
+    return q, sizes
+
+
+@torch.no_grad()
+def dense_crf_torch(images: Sequence[torch.Tensor], probs: Sequence[torch.Tensor], iters: int = 10,
+                    gauss_sxy: float = 3, gauss_compat: float = 3, bi_sxy: float = 64, bi_srgb: float = 5,
+                    bi_compat: float = 4, max_vertices: Optional[int] = None) -> list:
+    """Mean-field DenseCRF for a batch of images (sizes may differ; all on one device).
+
+    ``images``: ``H×W×3`` uint8 tensors; ``probs``: ``C×H×W`` class probabilities (same ``C``
+    for all). Same parameters and defaults as :func:`weclip_infer.crf.dense_crf`. Returns the
+    ``C×H×W`` float32 marginals per image, on the images' device. ``max_vertices``: raise
+    :class:`LatticeTooLargeError` before any mean-field step when the appearance lattice has
+    more vertices (noise-like images), so the caller can retry at a smaller size.
+
+    On a GPU the call waits for the device four times (the input check and the appearance
+    lattice's three sizes; three more when the smoothness lattice of a new image size is built);
+    the mean-field steps queue without waiting.
+    """
+    q, sizes = _mean_field(images, probs, iters, gauss_sxy, gauss_compat, bi_sxy, bi_srgb, bi_compat, max_vertices)
+    C = q.shape[1]
     out = []
     start = 0
     for h, w in sizes:
         n = h * w
         out.append(q[start : start + n].t().reshape(C, h, w).contiguous())
+        start += n
+    return out
+
+
+@torch.no_grad()
+def dense_crf_labels_torch(images: Sequence[torch.Tensor], probs: Sequence[torch.Tensor], iters: int = 10,
+                           gauss_sxy: float = 3, gauss_compat: float = 3, bi_sxy: float = 64, bi_srgb: float = 5,
+                           bi_compat: float = 4, max_vertices: Optional[int] = None) -> list:
+    """:func:`dense_crf_torch`'s label maps: the ``H×W`` int64 argmax over the classes of each
+    image's marginals (the first class on ties), on the images' device; the marginals are never
+    laid out as ``C×H×W``."""
+    q, sizes = _mean_field(images, probs, iters, gauss_sxy, gauss_compat, bi_sxy, bi_srgb, bi_compat, max_vertices)
+    labels = q.argmax(1)
+    out = []
+    start = 0
+    for h, w in sizes:
+        n = h * w
+        out.append(labels[start : start + n].view(h, w))
         start += n
     return out
