@@ -827,6 +827,18 @@ def parity(plan: Plan, budget: Budget) -> dict:
                                 transition_rel=rel(a["transition"], b["transition"]),
                                 layer_keep_equal=bool(torch.equal(a["layer_keep"], b["layer_keep"].cpu())),
                                 layer_scores_rel=rel(a["layer_scores"], b["layer_scores"]))
+        # the serving path end to end (preprocessing on the device included), with and without CRF
+        from weclip_infer import Segmenter
+
+        img = _photos(plan.serve_hw, 1)[0]
+        for crf in (False, True):
+            opts = dict(scales=(1.0, 0.75), flip=True, crf=crf, crf_backend="torch", long_side=plan.long_side)
+            ra = Segmenter(m_cpu, **opts).predict(img)
+            rb = Segmenter(m_gpu, **opts).predict(img)
+            out["predict_crf" if crf else "predict"] = {
+                "label_agreement": float((ra.labels == rb.labels).mean()),
+                "logits_rel": float(np.abs(ra.logits.numpy() - rb.logits.numpy()).max()
+                                    / (np.abs(ra.logits.numpy()).max() + 1e-12))}
     return out
 
 

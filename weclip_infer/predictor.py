@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from .imageio import DEFAULT_MAX_PIXELS, ImageSource, load_image
 from .normalization import mean_std
-from .tensor_ops import channel_argmax
+from .tensor_ops import channel_argmax, to_device
 
 __all__ = ["CHECKPOINT_BACKENDS", "CRF_VERTICES_PER_PIXEL", "DEFAULT_CRF_MAX_PIXELS", "SegmentationResult",
            "Segmenter", "fuse_multiscale", "labels_from_logits", "pad_to_patch", "resize_long_side"]
@@ -495,9 +495,24 @@ class Segmenter:
             return small.permute(2, 0, 1)[None].contiguous().to(self.device)
         if not arr.flags.writeable:
             arr = arr.copy()
+        if self.device.type != "cpu":
+            # The uint8 image goes to the device (a quarter of the float bytes, queued without
+            # waiting for the device) and is normalised there: the same arithmetic as below.
+            x = to_device(torch.from_numpy(arr), self.device).permute(2, 0, 1)[None].float()
+            mean, std = self._device_norm()
+            x.sub_(mean).div_(std)
+            return resize_long_side(x, self.long_side)
         x = torch.from_numpy(arr).permute(2, 0, 1)[None].float()
         x.sub_(self._mean).div_(self._std)  # in place: one float copy of the image, not three
-        return resize_long_side(x.to(self.device), self.long_side)
+        return resize_long_side(x, self.long_side)
+
+    def _device_norm(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalisation mean and std on the model's device (copied there once)."""
+        cached = self.__dict__.get("_norm_on_device")
+        if cached is None or cached[0] != self.device:
+            cached = (self.device, to_device(self._mean, self.device), to_device(self._std, self.device))
+            self.__dict__["_norm_on_device"] = cached
+        return cached[1], cached[2]
 
     @torch.inference_mode()
     def predict_logits(self, image: np.ndarray, scales=None, flip=None, timings: Optional[dict] = None) -> torch.Tensor:
