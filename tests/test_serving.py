@@ -638,3 +638,32 @@ def test_oversized_headers_are_413_in_process(segmenter):
     svc = SegmentationService(segmenter, max_pixels=1_000_000)
     out = svc.handle([({"body": bomb_png(2000, 2000)}, {}), ({"body": bomb_png()}, {})])
     assert [r.status for r in out] == [413, 413], [r.body for r in out]
+
+
+def test_request_cost_is_bounded_and_the_error_names_the_limit(model_dir, segmenter, tmp_path):
+    """A request's own scales may ask for at most max_request_cost × the default request's network
+    work (attention grows with the square of the tokens: a few scale-4 passes would take minutes);
+    above it the request alone gets a 400 and its neighbours are answered."""
+    h, _ = _handler(model_dir, tmp_path, max_request_cost=3)
+    img = img_bytes(48, 64, seed=1)
+    spy = h.service.network.backend = _Spy(h.service.network.backend)
+    data = [{"body": bytearray(img), "scales": b"4,4"}, {"body": bytearray(img), "scales": b"1.5,1", "flip": b"true"},
+            {"body": bytearray(img)}]
+    out, codes = _run(h, data)
+    assert codes == [400, 200, 200]
+    msg = json.loads(out[0])["error"]
+    assert "max_request_cost" in msg and "3×" in msg
+    assert not any(s[-1] >= 4 * 512 // 2 for s in spy.shapes)  # the refused request never reached the network
+    assert np.array_equal(decode_png(out[2]), segmenter.predict(img).labels)
+    seg = h.service.segmenter
+    assert seg.request_cost((48, 64)) == 1.0
+    assert seg.request_cost((48, 64), scales=(4.0, 4.0)) > 3 > seg.request_cost((48, 64), scales=(1.5, 1.0), flip=True)
+
+
+@pytest.mark.parametrize("bad", [0.5, True, "8", -1, 1e9])
+def test_max_request_cost_is_validated(bad):
+    from weclip_infer.serving import validate_serve_config
+
+    with pytest.raises(ValueError, match="max_request_cost"):
+        validate_serve_config({"max_request_cost": bad})
+    assert validate_serve_config({})["max_request_cost"] == 8.0

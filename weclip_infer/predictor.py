@@ -31,8 +31,9 @@ from .imageio import DEFAULT_MAX_PIXELS, ImageSource, load_image
 from .normalization import mean_std
 from .tensor_ops import channel_argmax, to_device
 
-__all__ = ["CHECKPOINT_BACKENDS", "CRF_VERTICES_PER_PIXEL", "DEFAULT_CRF_MAX_PIXELS", "SegmentationResult",
-           "Segmenter", "fuse_multiscale", "labels_from_logits", "pad_to_patch", "resize_long_side"]
+__all__ = ["ATTENTION_TOKENS", "CHECKPOINT_BACKENDS", "CRF_VERTICES_PER_PIXEL", "DEFAULT_CRF_MAX_PIXELS",
+           "SegmentationResult", "network_cost", "Segmenter", "fuse_multiscale", "labels_from_logits",
+           "pad_to_patch", "resize_long_side"]
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,27 @@ def resize_long_side(x: torch.Tensor, long_side: int) -> torch.Tensor:
     if size == (H, W):
         return x
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+#: Attention's share of a ViT's work grows with the token count L: per block the linear layers
+#: cost ~24·L·D² and attention ~4·L²·D multiply-adds, equal at L = 6·D (4608 for ViT-B's D = 768).
+ATTENTION_TOKENS = 6 * 768
+
+
+def network_cost(hw: tuple[int, int], long_side: int, patch: int, scales: Sequence[float], flip: bool) -> float:
+    """The network work of multi-scale (+ flip) inference on an ``H×W`` image, in token
+    equivalents: each pass of ``L`` tokens counts ``L + L²/ATTENTION_TOKENS`` (linear layers plus
+    attention, weighted as in ViT-B), a flipped copy as a second pass. Sizes follow the long-side
+    resize and each scale's resize (``int`` truncation), like :func:`fuse_multiscale`."""
+    H, W = int(hw[0]), int(hw[1])
+    if long_side:
+        f = long_side / max(H, W)
+        H, W = max(int(H * f), 1), max(int(W * f), 1)
+    total = 0.0
+    for s in scales:
+        L = max(int(H * s) // patch, 1) * max(int(W * s) // patch, 1) + 1
+        total += (L + L * L / ATTENTION_TOKENS) * (2 if flip else 1)
+    return total
 
 
 def fuse_multiscale(backend: Backend, x: torch.Tensor, scales: Sequence[float] = (1.0, 0.75), flip: bool = True,
@@ -471,6 +493,16 @@ class Segmenter:
         validate_scales(list(scales), "scales")
         if not isinstance(flip, bool) or not isinstance(crf, bool):
             raise ValueError("flip and crf must be booleans")
+
+    def request_cost(self, hw: tuple[int, int], scales: Optional[Sequence[float]] = None,
+                     flip: Optional[bool] = None) -> float:
+        """The network work of ``predict`` on an ``H×W`` image with these ``scales``/``flip``,
+        relative to this Segmenter's own options on the same image (1.0 = the default request;
+        :func:`network_cost`). Servers use it to bound what one request may ask for."""
+        scales = tuple(float(s) for s in scales) if scales is not None else self.scales
+        flip = self.flip if flip is None else flip
+        own = network_cost(hw, self.long_side, self.patch_size, self.scales, self.flip)
+        return network_cost(hw, self.long_side, self.patch_size, scales, flip) / own
 
     # ---- inference ------------------------------------------------------------------------------
     def preprocess(self, image: np.ndarray) -> torch.Tensor:

@@ -5,8 +5,10 @@ library's decode limit), default ``scales`` / ``flip`` / ``crf``, ``long_side``,
 ``network_batch`` (most images in one network call when the server batches requests; a
 flipped copy counts as one; default 16), ``crf_backend`` (``auto``|``torch``|``densecrf``) and
 ``crf_max_pixels`` (images above it are refined at a reduced size) and ``precision``
-(``fp32``|``bf16``, the network's arithmetic; bf16 needs a checkpoint directory); unset keys keep the library's
-defaults. Both the archive builder and every server read it through
+(``fp32``|``bf16``, the network's arithmetic; bf16 needs a checkpoint directory) and
+``max_request_cost`` (the most network work one request may ask for with its own ``scales`` /
+``flip``, as a multiple of the default options' work on the same image; default 8); unset keys
+keep the library's defaults. Both the archive builder and every server read it through
 :func:`read_serve_config` / :func:`validate_serve_config`.
 """
 from __future__ import annotations
@@ -19,14 +21,17 @@ from ..imageio import DEFAULT_MAX_PIXELS
 from .errors import RequestError
 from .options import parse_bool, parse_scales
 
-__all__ = ["SERVE_CONFIG", "BACKENDS", "SERVE_KEYS", "DEFAULT_NETWORK_BATCH", "read_serve_config",
-           "validate_serve_config", "check_backend_for_model"]
+__all__ = ["SERVE_CONFIG", "BACKENDS", "SERVE_KEYS", "DEFAULT_NETWORK_BATCH", "DEFAULT_MAX_REQUEST_COST",
+           "read_serve_config", "validate_serve_config", "check_backend_for_model"]
 
 SERVE_CONFIG = "serve_config.json"
 BACKENDS = ("auto", "torchscript", "onnx", "eager")
 DEFAULT_NETWORK_BATCH = 16  # images per network call when requests are batched (a flipped copy counts)
 SERVE_KEYS = ("backend", "max_pixels", "scales", "flip", "crf", "long_side", "num_threads", "network_batch",
-              "crf_backend", "crf_max_pixels", "precision")
+              "crf_backend", "crf_max_pixels", "precision", "max_request_cost")
+#: A request may ask for at most this many times the network work of the archive's default
+#: options (scales, flip) on the same image (``Segmenter.request_cost``).
+DEFAULT_MAX_REQUEST_COST = 8.0
 
 
 def validate_serve_config(cfg: Mapping[str, Any]) -> Dict[str, Any]:
@@ -61,6 +66,11 @@ def validate_serve_config(cfg: Mapping[str, Any]) -> Dict[str, Any]:
         if isinstance(v, bool) or not isinstance(v, int) or v < (0 if key == "long_side" else 1):
             raise ValueError(f"{SERVE_CONFIG}: {key} must be a positive integer, got {v!r}")
         out[key] = v
+    cost = out.get("max_request_cost", DEFAULT_MAX_REQUEST_COST)
+    if isinstance(cost, bool) or not isinstance(cost, (int, float)) or not 1 <= cost <= 1e6:
+        raise ValueError(f"{SERVE_CONFIG}: max_request_cost must be a number from 1 (only the default request) to "
+                         f"1e6, got {cost!r}")
+    out["max_request_cost"] = float(cost)
     try:
         if out.get("scales") is not None:
             out["scales"] = parse_scales(out["scales"])

@@ -25,7 +25,7 @@ from .batching import BatchedNetwork
 from .errors import RequestError
 from .requests import parse_request
 from .responses import encode_result, error_body
-from .serve_config import DEFAULT_NETWORK_BATCH, check_backend_for_model, read_serve_config
+from .serve_config import DEFAULT_MAX_REQUEST_COST, DEFAULT_NETWORK_BATCH, check_backend_for_model, read_serve_config
 
 __all__ = ["Response", "SegmentationService"]
 
@@ -65,6 +65,7 @@ class SegmentationService:
         self.segmenter = segmenter
         self.max_pixels = int(max_pixels)
         self.serve_config: Dict[str, Any] = dict(serve_config or {})
+        self.max_request_cost = float(self.serve_config.get("max_request_cost") or DEFAULT_MAX_REQUEST_COST)
         self.model_dir = model_dir
         self.last_batch: Dict[str, float] = {}
         # every predict() of this segmenter goes through the batching wrapper (a pass-through
@@ -159,6 +160,8 @@ class SegmentationService:
                                                         crf=o.get("crf"))
                 item.timings.update({k: v for k, v in item.result.timings.items() if k != "decode"})
                 return
+            if item.image is not None and (o.get("scales") is not None or o.get("flip") is not None):
+                self._check_cost(item.image.shape[:2], o.get("scales"), o.get("flip"))
             item.result = self.segmenter.predict(item.image, scales=o.get("scales"), flip=o.get("flip"),
                                                  crf=o.get("crf"), labels_hint=o.get("labels"))
             item.timings.update({k: v for k, v in item.result.timings.items() if k != "decode"})
@@ -169,6 +172,18 @@ class SegmentationService:
         except Exception as e:  # noqa: BLE001
             logger.exception("request %d: inference failed", idx)
             item.fail(f"inference failed: {type(e).__name__}: {e}", 500)
+
+    def _check_cost(self, hw: Tuple[int, int], scales: Any, flip: Any) -> None:
+        """``ValueError`` (answered 400) when a request's own scales/flip ask for more network work
+        than ``max_request_cost`` times the default options' on this image: the cost of attention
+        grows with the square of the token count, so a few large scales could hold a worker for
+        minutes (past TorchServe's response timeout)."""
+        cost = self.segmenter.request_cost(hw, scales, flip)
+        if cost > self.max_request_cost:
+            asked = ",".join(f"{s:g}" for s in (scales or self.segmenter.scales))
+            raise ValueError(f"scales {asked}{' + flip' if (self.segmenter.flip if flip is None else flip) else ''} "
+                             f"would cost {cost:.1f}× the network work of this server's default request; the "
+                             f"limit is {self.max_request_cost:g}× (max_request_cost in serve_config.json)")
 
     def _infer(self, items: List[_Item]) -> None:
         todo = [(idx, item) for idx, item in enumerate(items) if item.error is None]
