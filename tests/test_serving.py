@@ -21,6 +21,7 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -77,6 +78,26 @@ def test_build_mar_contents(model_dir, tmp_path):
         build_mar(model_dir, tmp_path / "store", serve_config={"max_pixels": -1})
     with pytest.raises(ValueError):
         build_mar(tmp_path, tmp_path / "store")  # not a model directory
+
+
+def test_build_mar_carries_batching_when_asked(model_dir, tmp_path):
+    import zipfile
+
+    import yaml
+
+    from weclip_infer.export.mar import build_mar
+
+    plain = build_mar(model_dir, tmp_path / "a", name="weclip_t")
+    assert not any("model-config" in n or n.endswith(".yaml") for n in zipfile.ZipFile(plain).namelist())
+    mar = build_mar(model_dir, tmp_path / "b", name="weclip_t",
+                    batching={"batch_size": 6, "max_batch_delay_ms": 15, "response_timeout_s": 90})
+    z = zipfile.ZipFile(mar)
+    manifest = json.loads(z.read("MAR-INF/MANIFEST.json"))
+    cfg = yaml.safe_load(z.read(manifest["model"]["configFile"]))
+    assert cfg == {"batchSize": 6, "maxBatchDelay": 15, "responseTimeout": 90}
+    for bad in ({"batch_size": 0}, {"batch_size": True}, {"batchSize": 4}, {"max_batch_delay_ms": 2.5}):
+        with pytest.raises(ValueError, match="batching"):
+            build_mar(model_dir, tmp_path / "c", batching=bad)
 
 
 def test_rle_roundtrip():
@@ -318,36 +339,33 @@ def _hold_ports(ports) -> tuple:
     return socks, busy
 
 
-@pytest.fixture(scope="session")
-def server(request, model_dir, tmp_path_factory):
-    """TorchServe with the tiny model, on its own ports for all five listeners and its own temp folder.
-
-    While it starts, the ports of the shipped ``config.properties`` (HTTP 8080-8082, gRPC
-    7070/7071) are held by listening sockets, as a running ``make demo`` server would hold them.
-    """
+def _start_server(root: Path, store: Path, model: str, models_override: Optional[str]) -> "Server":
+    """Start TorchServe in ``root`` on free ports with ``model`` from ``store`` loaded at start;
+    ``models_override``: the ``models=`` value of its config.properties (None: the archive's own
+    settings apply). Returns a READY server with ``stop()``; the shipped config's ports are held
+    while it starts."""
     ts_bin = _ts_binary()
     if shutil.which("java") is None:
         pytest.skip("java not found (TorchServe needs a JRE)")
     if ts_bin is None:
         pytest.skip("torchserve not installed")
-    from weclip_infer.export.mar import build_mar
     from weclip_infer.serving import torchserve_config_file
-    from weclip_infer.serving.ts_config import derive_config, free_ports, listen_ports, models_setting, read_properties
+    from weclip_infer.serving.ts_config import derive_config, free_ports, listen_ports, read_properties
 
-    root = tmp_path_factory.mktemp("torchserve")
-    store = root / "model_store"
-    build_mar(model_dir, store, name=MODEL, serve_config=SERVE_CONFIG)
     tmp = root / "tmp"
     (root / "logs").mkdir()
     tmp.mkdir()
     shipped_ports = listen_ports(read_properties(torchserve_config_file()))
     ports = free_ports()
     assert not set(ports.values()) & set(shipped_ports.values())
-    cfg = derive_config(torchserve_config_file(), root / "config.properties", ports, model_store=store, overrides={
-        # batches of up to 4 requests (different image sizes in one batch)
-        "models": models_setting(MODEL, f"{MODEL}.mar", batch_size=BATCH_SIZE, max_batch_delay_ms=BATCH_DELAY_MS)[7:],
-        "vmargs": f"-Xmx1g -XX:+UseSerialGC -Djava.io.tmpdir={tmp}",
-    })
+    overrides = {"vmargs": f"-Xmx1g -XX:+UseSerialGC -Djava.io.tmpdir={tmp}"}
+    if models_override is not None:
+        overrides["models"] = models_override
+    cfg = derive_config(torchserve_config_file(), root / "config.properties", ports, model_store=store,
+                        overrides=overrides)
+    if models_override is None:  # drop the shipped demo entry: only the archive's settings remain
+        text = cfg.read_text().splitlines()
+        cfg.write_text("\n".join(line for line in text if not line.startswith("models=")) + "\n")
     assert "disable_token_authorization" not in read_properties(cfg)
     env = dict(os.environ, TMPDIR=str(tmp), LOG_LOCATION=str(root / "logs"), METRICS_LOCATION=str(root / "logs"),
                OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TS_DISABLE_SYSTEM_METRICS="true")
@@ -360,16 +378,15 @@ def server(request, model_dir, tmp_path_factory):
         t_end = time.time() + 30
         while time.time() < t_end and any(_port_open(p) for p in ports.values()):
             time.sleep(0.3)
-        if request.session.testsfailed:
-            print(srv.logs(), file=sys.stderr)
 
+    srv.stop = stop
     t0 = time.time()
     start_log = root / "logs" / "start.log"
     held, srv.busy_at_start = _hold_ports(shipped_ports.values())
     try:
         with open(start_log, "wb") as log:  # the Java child inherits these: never a pipe
             proc = subprocess.run([ts_bin, "--start", "--ncs", "--model-store", str(store), "--models",
-                                   f"{MODEL}={MODEL}.mar", "--ts-config", str(cfg)], cwd=root, env=env,
+                                   f"{model}={model}.mar", "--ts-config", str(cfg)], cwd=root, env=env,
                                   stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, timeout=60)
         assert proc.returncode == 0, start_log.read_text()
         ready = False
@@ -380,7 +397,7 @@ def server(request, model_dir, tmp_path_factory):
                 continue
             try:
                 srv.keys = json.loads(kf.read_text())
-                code, _, body = srv.request(f"/models/{MODEL}", method="GET", token="management", base=srv.mgmt,
+                code, _, body = srv.request(f"/models/{model}", method="GET", token="management", base=srv.mgmt,
                                             timeout=5)
             except (OSError, ValueError):
                 continue
@@ -397,6 +414,31 @@ def server(request, model_dir, tmp_path_factory):
     finally:
         for s in held:
             s.close()
+    return srv
+
+
+@pytest.fixture(scope="session")
+def server(request, model_dir, tmp_path_factory):
+    """TorchServe with the tiny model, on its own ports for all five listeners and its own temp folder.
+
+    While it starts, the ports of the shipped ``config.properties`` (HTTP 8080-8082, gRPC
+    7070/7071) are held by listening sockets, as a running ``make demo`` server would hold them.
+    """
+    from weclip_infer.export.mar import build_mar
+    from weclip_infer.serving.ts_config import models_setting
+
+    root = tmp_path_factory.mktemp("torchserve")
+    store = root / "model_store"
+    build_mar(model_dir, store, name=MODEL, serve_config=SERVE_CONFIG)
+    # batches of up to 4 requests (different image sizes in one batch)
+    srv = _start_server(root, store, MODEL, models_setting(MODEL, f"{MODEL}.mar", batch_size=BATCH_SIZE,
+                                                           max_batch_delay_ms=BATCH_DELAY_MS)[7:])
+
+    def stop():
+        srv.stop()
+        if request.session.testsfailed:
+            print(srv.logs(), file=sys.stderr)
+
     request.addfinalizer(stop)
     return srv
 
@@ -600,6 +642,26 @@ def test_batching_settings_read_back(server):
     shipped = json.loads(read_properties(torchserve_config_file())["models"])
     demo = shipped[MODEL_NAME]["1.0"]
     assert demo["marName"] == f"{MAR_NAME}.mar" and demo["batchSize"] > 1 and demo["maxBatchDelay"] > 0
+
+
+def test_archive_batching_reaches_torchserve(model_dir, tmp_path):
+    """An archive built with batching keeps it when the server's config.properties has no models=
+    entry for it (without it TorchServe would run the model with batch size 1). The management
+    API's registration is off in our config (TorchServe's default), so models load at start."""
+    from weclip_infer.export.mar import build_mar
+
+    store = tmp_path / "model_store"
+    build_mar(model_dir, store, name=MODEL, serve_config=SERVE_CONFIG,
+              batching={"batch_size": 5, "max_batch_delay_ms": 33, "response_timeout_s": 77})
+    srv = _start_server(tmp_path, store, MODEL, None)
+    try:
+        assert not any(line.startswith("models=") for line in srv.config.read_text().splitlines())
+        code, _, body = srv.request(f"/models/{MODEL}", method="GET", token="management", base=srv.mgmt)
+        assert code == 200
+        info = json.loads(body)[0]
+        assert (info["batchSize"], info["maxBatchDelay"], info["responseTimeout"]) == (5, 33, 77)
+    finally:
+        srv.stop()
 
 
 def test_concurrent_load(server, segmenter):

@@ -25,7 +25,7 @@ from typing import Any, Mapping, Optional, Union
 
 from ..serving.serve_config import SERVE_CONFIG, check_backend_for_model, validate_serve_config
 
-__all__ = ["build_mar", "default_handler_path", "main"]
+__all__ = ["BATCHING_KEYS", "build_mar", "default_handler_path", "main"]
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
@@ -45,14 +45,38 @@ def _is_model_dir(d: Path) -> str:
     raise ValueError(f"{d}: not a model directory (needs config.json + model.safetensors, or manifest.json)")
 
 
+#: TorchServe's per-model settings an archive can carry (its ``model-config.yaml``), by our names.
+BATCHING_KEYS = {"batch_size": "batchSize", "max_batch_delay_ms": "maxBatchDelay",
+                 "response_timeout_s": "responseTimeout"}
+
+
+def _model_config_yaml(batching: Mapping[str, Any]) -> str:
+    """``model-config.yaml`` text for ``batching`` (keys of :data:`BATCHING_KEYS`, positive integers)."""
+    import yaml
+
+    out = {}
+    for key, value in batching.items():
+        if key not in BATCHING_KEYS:
+            raise ValueError(f"batching: unknown key {key!r} (use {', '.join(BATCHING_KEYS)})")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"batching: {key} must be a positive integer, got {value!r}")
+        out[BATCHING_KEYS[key]] = value
+    return yaml.safe_dump(out, sort_keys=True)
+
+
 def build_mar(model_dir: Union[str, os.PathLike], export_path: Union[str, os.PathLike], name: str = "weclip",
               version: str = "1.0", serve_config: Optional[Mapping[str, Any]] = None,
-              handler: Union[str, os.PathLike, None] = None, timeout: float = 600) -> Path:
+              handler: Union[str, os.PathLike, None] = None, timeout: float = 600,
+              batching: Optional[Mapping[str, int]] = None) -> Path:
     """Build ``<export_path>/<name>.mar`` from ``model_dir``; returns its path (overwrites).
 
     ``serve_config``: written into the archive as ``serve_config.json`` (``backend``,
     ``max_pixels``, ``scales``, ``flip``, ``crf``, ``long_side``, ``num_threads``); replaces one
-    that the model directory already carries.
+    that the model directory already carries. ``batching``: TorchServe's batching for this
+    model, carried by the archive (``model-config.yaml``): ``batch_size``, ``max_batch_delay_ms``,
+    ``response_timeout_s``. TorchServe takes them over a ``models=`` entry in
+    ``config.properties``; parameters of a management-API registration take precedence over both.
+    Without it the archive carries none (a model registered without settings gets batch size 1).
     """
     model_dir = Path(model_dir).resolve()
     if not model_dir.is_dir():
@@ -67,6 +91,7 @@ def build_mar(model_dir: Union[str, os.PathLike], export_path: Union[str, os.Pat
         raise FileNotFoundError(f"{handler}: handler not found")
     if serve_config is not None:
         check_backend_for_model(validate_serve_config(serve_config)["backend"], model_dir)
+    model_config = _model_config_yaml(batching) if batching else None
     export_path = Path(export_path).resolve()
     export_path.mkdir(parents=True, exist_ok=True)
 
@@ -91,6 +116,9 @@ def build_mar(model_dir: Union[str, os.PathLike], export_path: Union[str, os.Pat
         cmd = [sys.executable, "-m", "model_archiver.model_packaging",
                "--model-name", name, "--version", str(version), "--handler", str(handler),
                "--extra-files", extra, "--export-path", str(export_path), "--force"]
+        if model_config is not None:
+            (Path(td) / "model-config.yaml").write_text(model_config)
+            cmd += ["--config-file", str(Path(td) / "model-config.yaml")]
         env = dict(os.environ, TMPDIR=str(tmp))
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
         if proc.returncode != 0:
@@ -124,6 +152,13 @@ def main(argv: Optional[list] = None) -> int:
                     help="network arithmetic (default: the model's; bf16 needs a checkpoint directory)")
     ap.add_argument("--network-batch", type=int, default=None,
                     help="most same-size images of a TorchServe batch run as one network pass")
+    ap.add_argument("--batch-size", type=int, default=None,
+                    help="TorchServe batch size carried by the archive (model-config.yaml; default: none, set it in "
+                         "config.properties or at registration)")
+    ap.add_argument("--max-batch-delay", type=int, default=None, metavar="MS",
+                    help="TorchServe's wait to fill a batch, in ms, carried by the archive")
+    ap.add_argument("--response-timeout", type=int, default=None, metavar="S",
+                    help="seconds a batch may take before TorchServe restarts the worker, carried by the archive")
     ap.add_argument("--handler", default=None, help="handler file (default: the one shipped in weclip_infer.serving)")
     a = ap.parse_args(argv)
     target = Path(a.out) / f"{a.name}.mar"
@@ -139,8 +174,10 @@ def main(argv: Optional[list] = None) -> int:
             print(f"error: --scales: comma-separated numbers expected, got {a.scales!r}", file=sys.stderr)
             return 2
     try:
+        batching = {k: v for k, v in (("batch_size", a.batch_size), ("max_batch_delay_ms", a.max_batch_delay),
+                                      ("response_timeout_s", a.response_timeout)) if v is not None}
         out = build_mar(a.model_dir, a.out, name=a.name, version=a.version, serve_config=sc or None,
-                        handler=a.handler)
+                        handler=a.handler, batching=batching or None)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
