@@ -27,7 +27,8 @@ def test_gathered_par_equals_sliced_in_float64(hw):
     g = torch.Generator().manual_seed(0)
     img = torch.randn(2, 3, *hw, generator=g, dtype=torch.float64)
     cams = torch.rand(2, 4, *hw, generator=g, dtype=torch.float64)
-    torch.testing.assert_close(par._par_kernel_gathered(img, DIL, 0.3, 0.01), par.par_kernel(img, DIL),
+    index = par._neighbour_index(hw[0], hw[1], DIL, img.device)
+    torch.testing.assert_close(par._par_kernel_gathered(img, index, DIL, 0.3, 0.01), par.par_kernel(img, DIL),
                                rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(par._refine_gathered(img, cams, DIL, 20, 0.3, 0.01), _sliced_reference(img, cams, 20),
                                rtol=1e-12, atol=1e-14)

@@ -71,10 +71,11 @@ def _gather_chunks(x: torch.Tensor, index: torch.Tensor):
         yield a, flat[:, :, index[a : a + step]]
 
 
-def _par_kernel_gathered(image: torch.Tensor, dilations: Sequence[int], w1: float, w2: float) -> torch.Tensor:
-    """:func:`par_kernel` with gathered neighbours (see the module docstring)."""
+def _par_kernel_gathered(image: torch.Tensor, index: torch.Tensor, dilations: Sequence[int], w1: float,
+                         w2: float) -> torch.Tensor:
+    """:func:`par_kernel` with the neighbours gathered by ``index`` (:func:`_neighbour_index` of
+    the image size; see the module docstring)."""
     B, c, H, W = image.shape
-    index = _neighbour_index(H, W, dilations, image.device)
     n = index.shape[0]
     flat = image.flatten(2)
     mean = torch.zeros_like(flat)
@@ -169,7 +170,7 @@ def _refine_gathered(image: torch.Tensor, cams: torch.Tensor, dilations: Sequenc
     """The PAR iterations with gathered neighbours (see the module docstring); same sizes in and out."""
     B, K, H, W = cams.shape
     index = _neighbour_index(H, W, dilations, cams.device)
-    kern = _par_kernel_gathered(image, dilations, w1, w2).flatten(2)[:, None]  # B×1×n×HW
+    kern = _par_kernel_gathered(image, index, dilations, w1, w2).flatten(2)[:, None]  # B×1×n×HW
     x = cams
     for _ in range(num_iter):
         acc = cams.new_zeros(B, K, H * W)
