@@ -186,6 +186,15 @@ def _lerp(a: torch.Tensor, wa: torch.Tensor, b: torch.Tensor, wb: torch.Tensor) 
     return (a.double() * wa.double() + (b * wb).double()).float()
 
 
+def _upsampled_logits(logits: torch.Tensor, size: tuple[int, int], allowed: Optional[torch.Tensor]) -> torch.Tensor:
+    """``C×h×w`` logits resized bilinearly (``align_corners=False``) to ``size`` in one piece, fp32,
+    with classes outside ``allowed`` (a ``C`` bool mask) set to −inf."""
+    up = F.interpolate(logits.float()[None], size=tuple(size), mode="bilinear", align_corners=False)[0]
+    if allowed is not None:
+        up.masked_fill_(~allowed.to(up.device)[:, None, None], float("-inf"))
+    return up
+
+
 def labels_from_logits(logits: torch.Tensor, size: tuple[int, int], allowed: Optional[torch.Tensor] = None,
                        keep_probs: bool = False) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
     """Label map, per-class scores and (optionally) probabilities at ``size`` from ``C×h×w`` logits.
@@ -210,9 +219,7 @@ def labels_from_logits(logits: torch.Tensor, size: tuple[int, int], allowed: Opt
     H, W = size
     logits = logits.float()
     if C * H * W <= _DENSE_MAP_ELEMENTS:
-        up = F.interpolate(logits[None], size=(H, W), mode="bilinear", align_corners=False)[0]
-        if allowed is not None:
-            up = up.masked_fill(~allowed.to(up.device)[:, None, None], float("-inf"))
+        up = _upsampled_logits(logits, (H, W), allowed)
         probs = torch.softmax(up, dim=0)
         scores = probs.flatten(1).max(dim=1).values.cpu().numpy()
         labels = channel_argmax(up, 0).cpu().numpy().astype(np.int64)
@@ -599,10 +606,7 @@ class Segmenter:
                 # The torch CRF refines on the model's device: its input is made there (the
                 # arithmetic of labels_from_logits' one-piece map), and only the CRF's label map
                 # and the scores come back (the probabilities too with keep_probs).
-                up = F.interpolate(logits.float()[None], size=(H0, W0), mode="bilinear", align_corners=False)[0]
-                if allowed is not None:
-                    up.masked_fill_(~allowed.to(up.device)[:, None, None], float("-inf"))
-                crf_probs = torch.softmax(up, dim=0)
+                crf_probs = torch.softmax(_upsampled_logits(logits, (H0, W0), allowed), dim=0)
                 scores_t = crf_probs.flatten(1).max(dim=1).values
                 probs_np = crf_probs.cpu().numpy() if keep_probs else None
             else:
@@ -650,10 +654,7 @@ class Segmenter:
                 hc, wc = max(1, int(H0 * f)), max(1, int(W0 * f))
                 small = np.asarray(Image.fromarray(img).resize((wc, hc), Image.Resampling.BILINEAR))
                 with torch.inference_mode():
-                    up = F.interpolate(logits.float()[None], size=(hc, wc), mode="bilinear", align_corners=False)[0]
-                    if allowed is not None:
-                        up.masked_fill_(~allowed.to(up.device)[:, None, None], float("-inf"))
-                    p = torch.softmax(up, dim=0)
+                    p = torch.softmax(_upsampled_logits(logits, (hc, wc), allowed), dim=0)
             def run_crf(small=small, p=p):
                 with torch.inference_mode():
                     if backend == "torch":  # the label map, on the device
