@@ -279,7 +279,8 @@ def test_ddp_two_processes_gloo(world, tmp_path):
     out = tmp_path / "ddp"
     p = tmp_path / "ddp.yaml"
     p.write_text(yaml.safe_dump(_config(world, out, max_iters=2, eval_at_end=True, checkpoint_every=2)))
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    # a crash at shutdown prints each process's Python stack (faulthandler) into the failure message
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONFAULTHANDLER="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "weclip_infer.train", "--config", str(p), "--device", "cpu"]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)

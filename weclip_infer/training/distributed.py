@@ -9,6 +9,7 @@ each process seeing a disjoint shard of every epoch (see :class:`ResumableSample
 """
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from typing import Any, Iterator, List
@@ -75,9 +76,21 @@ def init_distributed(device: str = "auto", backend: str = "auto") -> DistInfo:
     return info
 
 
-def cleanup_distributed(info: DistInfo) -> None:
-    if info.initialized_here and dist.is_initialized():
-        dist.destroy_process_group()
+def cleanup_distributed(info: DistInfo, finished: bool = False) -> None:
+    """Leave the process group joined by :func:`init_distributed`.
+
+    After a run that ``finished`` on every process, the processes first meet at a barrier and
+    drop unreachable objects (a ``DistributedDataParallel`` wrapper's reducer holds the group),
+    so no process tears down its connections while a peer is still using them and no group
+    outlives :func:`torch.distributed.destroy_process_group` into interpreter shutdown. After an
+    error there is no barrier: the peers may never arrive.
+    """
+    if not (info.initialized_here and dist.is_initialized()):
+        return
+    if finished:
+        gc.collect()
+        barrier()
+    dist.destroy_process_group()
 
 
 def _active() -> bool:

@@ -200,10 +200,13 @@ def train(config: Union[FullConfig, dict, str, os.PathLike, None] = None, overri
                           f"--resume {out} (or --resume auto), or choose another --out")
 
     info = init_distributed(cfg.train.device, cfg.train.dist_backend)
+    finished = False
     try:
-        return _train(cfg, out, ckpt, state, info)
+        result = _train(cfg, out, ckpt, state, info)
+        finished = True
+        return result
     finally:
-        cleanup_distributed(info)
+        cleanup_distributed(info, finished=finished)
 
 
 def _build_model(cfg: FullConfig, ckpt: Optional[Path], device: torch.device):
