@@ -30,7 +30,7 @@ OUTER = ("training", "export", "serving", "ray")
 APPS = ("quickstart", "train", "segment")
 #: Leaf helpers every layer may use; they import only each other.
 FOUNDATIONS = ("imageio", "io_utils", "labelmap", "palette", "normalization", "metrics", "memory", "threads",
-               "tensor_ops", "device", "hardware")
+               "tensor_ops", "device", "hardware", "packed_linear")
 #: The model and what it is built from: they import only each other and the foundations.
 MODEL_TIER = ("config", "backbone", "text", "classes", "cam", "decoder", "refine", "par", "losses", "model")
 #: The one sanctioned crossing: the processor-aware fast path (``onnx_cache``) exports a

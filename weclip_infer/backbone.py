@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import BackboneConfig, ConfigError
+from .packed_linear import PackedLinears, packed_bf16_available
 from .tensor_ops import attention
 
 __all__ = [
@@ -108,44 +109,57 @@ def resize_pos_embed(pos: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return torch.cat([cls, grid], dim=0)
 
 
-def _block_attention(blk: nn.Module, x: Optional[torch.Tensor], need_attn: bool, qkv: Optional[torch.Tensor] = None
-                     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def _block_attention(blk: nn.Module, x: Optional[torch.Tensor], need_attn: bool, qkv: Optional[torch.Tensor] = None,
+                     packed: Optional[PackedLinears] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Multi-head self-attention of one open_clip block on already-normalised tokens.
 
     ``x``: ``B×L×D`` (output of ``ln_1``). Returns ``(out B×L×D, attn B×L×L or None)`` where
     ``attn`` is the softmax(q·kᵀ/√d) averaged over heads. ``qkv`` (``B×L×3D``)
     replaces ``x`` when the caller already has its input projection (GradCAM differentiates
-    w.r.t. it).
+    w.r.t. it). ``packed``: the projections' pre-packed bf16 weights (see :func:`run_block`).
     """
+    linear = packed.linear if packed is not None else F.linear
     mha = cast(nn.MultiheadAttention, blk.attn)  # plain multi-head attention (checked by FrozenCLIP)
     if qkv is None:
         assert x is not None, "_block_attention needs x or qkv"
-        qkv = F.linear(x, mha.in_proj_weight, mha.in_proj_bias)
+        qkv = linear(x, mha.in_proj_weight, mha.in_proj_bias)
     B, L, D = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
     nh = mha.num_heads
     hd = D // nh
     q, k, v = qkv.reshape(B, L, 3, nh, hd).permute(2, 0, 3, 1, 4).unbind(0)  # each B×nh×L×hd
     out, attn_avg = attention(q, k, v, need_map=need_attn)
     out = out.transpose(1, 2).reshape(B, L, D)
-    out = F.linear(out, mha.out_proj.weight, mha.out_proj.bias)
+    out = linear(out, mha.out_proj.weight, mha.out_proj.bias)
     return out, attn_avg
 
 
+def _mlp(mlp: nn.Module, x: torch.Tensor, packed: Optional[PackedLinears]) -> torch.Tensor:
+    """The block's MLP (open_clip's ``c_fc`` → activation → ``c_proj`` sequence), its linear
+    layers through ``packed`` when given."""
+    if packed is None:
+        return mlp(x)
+    for m in mlp.children():
+        x = packed.module_linear(m, x) if isinstance(m, nn.Linear) else m(x)
+    return x
+
+
 def run_block(blk: nn.Module, x: torch.Tensor, need_attn: bool = False,
-              ln1_out: Optional[torch.Tensor] = None, qkv: Optional[torch.Tensor] = None
-              ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+              ln1_out: Optional[torch.Tensor] = None, qkv: Optional[torch.Tensor] = None,
+              packed: Optional[PackedLinears] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """One pre-LN residual block: ``x + attn(ln_1(x))`` then ``+ mlp(ln_2(·))``.
 
     GradCAM substitutes a gradient-tracked ``ln_1`` activation (``ln1_out``) or its
-    input projection ``qkv = ln_1(x)·W_inᵀ + b_in`` (``B×L×3D``).
+    input projection ``qkv = ln_1(x)·W_inᵀ + b_in`` (``B×L×3D``). ``packed``
+    (:meth:`FrozenCLIP.packed_linears`): the block's linear layers multiply with pre-packed bf16
+    weights where that applies (bf16 on a CPU with native bf16), with the same results.
     """
     b: Any = blk  # an open_clip block (see the typing note at the top)
     if qkv is None:
-        out, attn = _block_attention(blk, b.ln_1(x) if ln1_out is None else ln1_out, need_attn)
+        out, attn = _block_attention(blk, b.ln_1(x) if ln1_out is None else ln1_out, need_attn, packed=packed)
     else:
-        out, attn = _block_attention(blk, None, need_attn, qkv=qkv)
+        out, attn = _block_attention(blk, None, need_attn, qkv=qkv, packed=packed)
     x = x + b.ls_1(out)
-    x = x + b.ls_2(b.mlp(b.ln_2(x)))
+    x = x + b.ls_2(_mlp(b.mlp, b.ln_2(x), packed))
     return x, attn
 
 
@@ -178,9 +192,23 @@ class FrozenCLIP(nn.Module):
         for p in self.parameters():
             p.requires_grad_(False)
         super().train(False)
+        self._packed = PackedLinears()  # built on first bf16 use on a CPU (packed_linears)
 
     def train(self, mode: bool = True) -> "FrozenCLIP":  # noqa: D401 - always eval
         return super().train(False)
+
+    def _apply(self, fn, recurse: bool = True):
+        # .to(), .half(), .cuda() ... replace the weights: drop the packed copies with them
+        self._packed.clear()
+        return super()._apply(fn, recurse)
+
+    def packed_linears(self, precision: str, device_type: str) -> Optional[PackedLinears]:
+        """The cache of pre-packed bf16 weights for running the blocks at ``precision`` on
+        ``device_type``, or ``None`` where it does not apply (fp32, GPUs, CPUs without native
+        bf16): :mod:`weclip_infer.packed_linear`."""
+        if precision == "bf16" and device_type == "cpu" and packed_bf16_available():
+            return self._packed
+        return None
 
     @property
     def visual(self) -> nn.Module:

@@ -116,6 +116,7 @@ class WeCLIP(nn.Module):
             precision = self.cfg.backbone.precision
         if tracing:
             precision = "fp32"  # exported graphs stay fp32
+        packed = bb.packed_linears(precision, images.device.type) if not tracing else None
         with torch.no_grad(), frozen_clip_arithmetic(precision, images.device.type):
             p = bb.patch_size
             hw = (images.shape[-2] // p, images.shape[-1] // p)
@@ -128,7 +129,7 @@ class WeCLIP(nn.Module):
                 abuf = t.new_empty(n_attn, B, L, L, dtype=torch.float32)
                 feats, attns = list(fbuf.unbind(0)), list(abuf.unbind(0))
             for i, blk in enumerate(bb.blocks[:n_run]):
-                t, a = run_block(blk, t, need_attn=i >= first_attn)
+                t, a = run_block(blk, t, need_attn=i >= first_attn, packed=packed)
                 if pooled:
                     t = feats[i].copy_(t)
                     if a is not None:

@@ -1,0 +1,124 @@
+"""bf16 linear layers of the frozen CLIP with weights pre-packed for oneDNN (CPU).
+
+Under bf16 autocast, every ``F.linear`` call on the CPU casts its fp32 weight to bf16 and oneDNN
+then reorders it into its blocked layout before multiplying: for ViT-B/16 that is 85 M weights
+cast and repacked at every forward. The frozen CLIP's weights never change while it runs, so
+:class:`PackedLinears` keeps each one cast and reordered once (``torch.ops.mkldnn``'s
+``_reorder_linear_weight`` / ``_linear_pointwise``, the pair PyTorch's own CPU compiler uses for
+frozen weights) and multiplies with it directly. The products are bit-identical to autocast's
+``F.linear``: the same bf16 operands, the same oneDNN kernel; only the per-call cast and reorder
+are gone.
+
+Cost: a bf16 copy of each packed weight (2 bytes per weight, 170 MB for ViT-B/16's image tower),
+built on first use. An entry is rebuilt when its weight changes (a new tensor, storage, shape or
+in-place write), and the cache is emptied when the owning module moves or changes dtype. Where
+the ops or native bf16 are missing (AVX2-only CPUs, other builds), :meth:`PackedLinears.linear`
+is plain ``F.linear``.
+"""
+from __future__ import annotations
+
+import threading
+from functools import lru_cache
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["PackedLinears", "packed_bf16_available"]
+
+
+@lru_cache(maxsize=1)
+def packed_bf16_available() -> bool:
+    """Whether this PyTorch build and CPU run oneDNN bf16 products with pre-packed weights."""
+    try:
+        ops = torch.ops.mkldnn
+        return bool(torch.backends.mkldnn.is_available() and ops._is_mkldnn_bf16_supported()
+                    and hasattr(ops, "_reorder_linear_weight") and hasattr(ops, "_linear_pointwise"))
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _signature(t: torch.Tensor) -> tuple:
+    """What must stay the same for a packed copy of ``t`` to stay valid."""
+    return (t.data_ptr(), t._version, tuple(t.shape), t.dtype, t.device)
+
+
+class PackedLinears:
+    """A cache of pre-packed bf16 weights, one entry per weight tensor, and the product with them.
+
+    Thread-safe (entries are built under a lock; packed weights are only read afterwards).
+    Copies and pickles of an owner start with an empty cache: packed oneDNN tensors have no
+    storage to copy, and are rebuilt on first use.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[tuple, torch.Tensor, Optional[torch.Tensor], Optional[tuple]]] = {}
+        self._lock = threading.Lock()
+
+    def __deepcopy__(self, memo: dict) -> "PackedLinears":
+        return PackedLinears()
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()  # type: ignore[misc]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the packed weights and biases."""
+        with self._lock:
+            return sum(w.numel() * w.element_size() + (b.numel() * b.element_size() if b is not None else 0)
+                       for _, w, b, _ in self._entries.values())
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @staticmethod
+    def applies(x: torch.Tensor) -> bool:
+        """Whether :meth:`linear` takes the packed path for input ``x``: a CPU tensor under bf16
+        autocast (or already bf16), on a CPU and build that have the packed ops."""
+        if x.device.type != "cpu" or not packed_bf16_available():
+            return False
+        if x.dtype == torch.bfloat16:
+            return True
+        return (torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+                and x.dtype == torch.float32)
+
+    def _entry(self, weight: torch.Tensor, bias: Optional[torch.Tensor]):
+        key = id(weight)
+        sig, bsig = _signature(weight), (_signature(bias) if bias is not None else None)
+        e = self._entries.get(key)
+        if e is not None and e[0] == sig and e[3] == bsig:
+            return e
+        with self._lock:
+            e = self._entries.get(key)
+            if e is None or e[0] != sig or e[3] != bsig:
+                with torch.no_grad():
+                    w16 = weight.detach().to(torch.bfloat16)
+                    # the batch-size hint only picks among layouts; any number of rows is correct
+                    packed = torch.ops.mkldnn._reorder_linear_weight(w16, 1024)
+                    b16 = bias.detach().to(torch.bfloat16) if bias is not None else None
+                e = (sig, packed, b16, bsig)
+                self._entries[key] = e
+        return e
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``F.linear(x, weight, bias)`` as bf16 autocast computes it (``…×in`` → ``…×out``, bf16),
+        from the packed copy of ``weight`` where :meth:`applies`; plain ``F.linear`` otherwise and
+        whenever gradients are needed (packed weights are constants)."""
+        if not self.applies(x) or torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+            return F.linear(x, weight, bias)
+        _, packed, b16, _ = self._entry(weight, bias)
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
+        y = torch.ops.mkldnn._linear_pointwise(x2, packed, b16, "none", [], "")
+        return y.reshape(*shape[:-1], y.shape[-1])
+
+    def module_linear(self, module: Any, x: torch.Tensor) -> torch.Tensor:
+        """``module(x)`` for an ``nn.Linear`` through :meth:`linear`."""
+        return self.linear(x, module.weight, module.bias)
