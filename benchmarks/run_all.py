@@ -100,6 +100,23 @@ def bench_train(args) -> dict:
     return res
 
 
+def _flop_mapping() -> dict:
+    """FLOP formulas FlopCounterMode lacks: the bf16 frozen CLIP's pre-packed oneDNN products
+    (``weclip_infer.packed_linear``) count as the linear layers they compute."""
+    try:
+        op = torch.ops.mkldnn._linear_pointwise
+    except (AttributeError, RuntimeError):
+        return {}
+
+    def linear_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+        rows = 1
+        for d in x_shape[:-1]:
+            rows *= d
+        return 2 * rows * x_shape[-1] * w_shape[0]
+
+    return {op: linear_flops}
+
+
 def train_stage_flops(model, x: torch.Tensor, cls: torch.Tensor) -> dict:
     """FLOPs of each timed stage of one training step (and of its backward), counted by torch's
     FlopCounterMode at the boundaries of the model's stage timer (GradCAM's own backward is part
@@ -112,7 +129,7 @@ def train_stage_flops(model, x: torch.Tensor, cls: torch.Tensor) -> dict:
 
     orig = wm._stage
     counts: dict = {}
-    with FlopCounterMode(display=False) as fc:
+    with FlopCounterMode(display=False, custom_mapping=_flop_mapping()) as fc:
         @contextlib.contextmanager
         def counting(owner, name):
             before = fc.get_total_flops()
@@ -136,7 +153,7 @@ def network_flops(model, x: torch.Tensor) -> float:
     """FLOPs of one ``model.segment`` call on ``x`` (counted by torch's FlopCounterMode)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_flop_mapping()) as fc:
         model.segment(x)
     return float(fc.get_total_flops())
 

@@ -51,6 +51,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, need_map: bool 
     if not (need_map or cpu_bf16):
         return F.scaled_dot_product_attention(q, k, v), None
     scale = q.shape[-1] ** -0.5
+    if cpu_bf16:
+        # heads split out of a fused projection are strided views; oneDNN's bf16 batched products
+        # run faster on contiguous operands, and copying them costs less than it saves
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     kt = k.transpose(-2, -1)
     with torch.autocast(device_type="cpu", enabled=False) if cpu_bf16 else contextlib.nullcontext():
         if need_map:
