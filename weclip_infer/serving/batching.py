@@ -16,8 +16,13 @@ hint, argmax and CRF stay one code path for one image or many — but the networ
   request;
 * work handed over with :meth:`BatchedNetwork.on_coordinator` (the CRF) runs on the thread
   that called :meth:`~BatchedNetwork.run`: on CPU, torch's intra-op thread pool belongs to the
-  calling thread, and running heavy torch work from ever new request threads costs about a
-  quarter of its speed (each thread's pool is cold and the idle pools of the others spin).
+  calling thread, and heavy torch work from ever new request threads runs slower (each
+  thread's pool is cold). Running a batch's CRFs side by side on single-threaded workers
+  instead gained only ~8% on 2 cores;
+* a request thread lets its idle OpenMP workers go before it waits
+  (:func:`~weclip_infer.threads.release_idle_threads`): with more of them alive than CPUs, the
+  OpenMP runtime makes every thread sleep at each synchronisation, which made the CRFs of a
+  batch about 1.5× slower than the same CRFs alone.
 
 The composition of every batch depends only on the requests (not on timing), and one request's
 response is the same as when it is sent alone.
@@ -30,6 +35,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+from ..threads import release_idle_threads
 from .serve_config import DEFAULT_NETWORK_BATCH
 
 if TYPE_CHECKING:  # torch is imported when a batch runs, not when the serving package is imported
@@ -111,6 +117,7 @@ class BatchedNetwork:
     def _hand_over(session: _Session, call: _Call) -> Any:
         session.pending.append(call)  # the caller holds the lock (it is its turn)
         session.coordinator.notify()
+        release_idle_threads()  # only the running thread keeps OpenMP workers (see threads)
         while not call.done:
             session.answered.wait()
         if call.error is not None:
