@@ -1,5 +1,6 @@
-"""Tests of weclip_infer.packed_linear: pre-packed bf16 weights give autocast's exact products,
-follow changes of the weights, and stay out of copies, pickles and the fp32 / gradient paths."""
+"""Tests of weclip_infer.packed_linear: ready bf16 weights (packed on CPU, cast on GPUs) give
+autocast's exact products, follow changes of the weights, and stay out of copies, pickles and the
+fp32 / gradient paths."""
 from __future__ import annotations
 
 import copy
@@ -9,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from weclip_infer import build_model
+from weclip_infer import build_model, packed_linear
 from weclip_infer.backbone import FrozenCLIP
 from weclip_infer.packed_linear import PackedLinears, packed_bf16_available
 from weclip_infer.testing import tiny_config
@@ -79,7 +80,8 @@ def test_model_bf16_segment_is_unchanged_and_copies_start_empty(monkeypatch):
         packed = bb.packed_linears("bf16", "cpu")
         n_run = max(model.feature_blocks, bb.num_blocks - 1)  # the blocks the inference forward runs
         assert packed is not None and len(packed) == 4 * n_run  # qkv, out, fc, proj of each
-        assert bb.packed_linears("fp32", "cpu") is None and bb.packed_linears("bf16", "cuda") is None
+        assert bb.packed_linears("fp32", "cpu") is None and bb.packed_linears("fp32", "cuda") is None
+        assert bb.packed_linears("bf16", "cuda") is packed  # GPUs keep bf16 copies (cast, not packed)
         monkeypatch.setattr(FrozenCLIP, "packed_linears", lambda self, precision, device_type: None)
         plain = model.segment(x, precision="bf16")
     assert torch.equal(fast, plain)
@@ -88,3 +90,19 @@ def test_model_bf16_segment_is_unchanged_and_copies_start_empty(monkeypatch):
     assert len(pickle.loads(pickle.dumps(model.backbone._packed))) == 0
     model.to(torch.float64)  # moving or casting the model drops its packed copies
     assert len(model.backbone._packed) == 0
+
+
+@needs_packed
+def test_cast_weights_path_of_gpus_equals_autocast_linear(monkeypatch):
+    """The GPU form (bf16 copies multiplied by ``F.linear``, no packing) run on this CPU: the same
+    products as autocast, from plain bf16 copies of the weights."""
+    monkeypatch.setattr(packed_linear, "_uses_packed_ops", lambda device: False)
+    g = torch.Generator().manual_seed(3)
+    w, b = torch.randn(48, 32, generator=g), torch.randn(48, generator=g)
+    x = torch.randn(3, 17, 32, generator=g)
+    cache = PackedLinears()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = cache.linear(x, w, b)
+    assert torch.equal(y, _autocast_linear(x, w, b))
+    (_, w16, b16, _), = cache._entries.values()
+    assert not w16.is_mkldnn and torch.equal(w16, w.bfloat16()) and torch.equal(b16, b.bfloat16())

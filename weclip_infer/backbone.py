@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import BackboneConfig, ConfigError
-from .packed_linear import PackedLinears, packed_bf16_available
+from .packed_linear import PackedLinears
 from .tensor_ops import attention
 
 __all__ = [
@@ -203,10 +203,10 @@ class FrozenCLIP(nn.Module):
         return super()._apply(fn, recurse)
 
     def packed_linears(self, precision: str, device_type: str) -> Optional[PackedLinears]:
-        """The cache of pre-packed bf16 weights for running the blocks at ``precision`` on
-        ``device_type``, or ``None`` where it does not apply (fp32, GPUs, CPUs without native
-        bf16): :mod:`weclip_infer.packed_linear`."""
-        if precision == "bf16" and device_type == "cpu" and packed_bf16_available():
+        """The cache of ready bf16 weights for running the blocks at ``precision`` on
+        ``device_type``, or ``None`` where it does not apply (fp32; CPUs without native bf16):
+        :mod:`weclip_infer.packed_linear`."""
+        if precision == "bf16" and PackedLinears.supported(device_type):
             return self._packed
         return None
 

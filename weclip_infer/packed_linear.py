@@ -1,19 +1,24 @@
-"""bf16 linear layers of the frozen CLIP with weights pre-packed for oneDNN (CPU).
+"""bf16 linear layers of the frozen CLIP with their weights cast (and on CPU packed) once.
 
-Under bf16 autocast, every ``F.linear`` call on the CPU casts its fp32 weight to bf16 and oneDNN
-then reorders it into its blocked layout before multiplying: for ViT-B/16 that is 85 M weights
-cast and repacked at every forward. The frozen CLIP's weights never change while it runs, so
-:class:`PackedLinears` keeps each one cast and reordered once (``torch.ops.mkldnn``'s
-``_reorder_linear_weight`` / ``_linear_pointwise``, the pair PyTorch's own CPU compiler uses for
-frozen weights) and multiplies with it directly. The products are bit-identical to autocast's
-``F.linear``: the same bf16 operands, the same oneDNN kernel; only the per-call cast and reorder
-are gone.
+Under bf16 autocast, every ``F.linear`` call casts its fp32 weight to bf16 (one copy kernel per
+weight per call on a GPU) and, on the CPU, oneDNN then reorders it into its blocked layout before
+multiplying: for ViT-B/16 that is 85 M weights cast (and repacked) at every forward. The frozen
+CLIP's weights never change while it runs, so :class:`PackedLinears` keeps each one ready:
 
-Cost: a bf16 copy of each packed weight (2 bytes per weight, 170 MB for ViT-B/16's image tower),
-built on first use. An entry is rebuilt when its weight changes (a new tensor, storage, shape or
+* on CPUs with native bf16, cast and reordered for oneDNN (``torch.ops.mkldnn``'s
+  ``_reorder_linear_weight`` / ``_linear_pointwise``, the pair PyTorch's own CPU compiler uses
+  for frozen weights);
+* on CUDA devices, cast to bf16 (``F.linear`` on the bf16 copies: what autocast runs, minus the
+  cast kernels).
+
+The products are bit-identical to autocast's ``F.linear``: the same bf16 operands and the same
+kernel; only the per-call cast (and reorder) is gone.
+
+Cost: a bf16 copy of each weight (2 bytes per weight, 170 MB for ViT-B/16's image tower), built
+on first use. An entry is rebuilt when its weight changes (a new tensor, storage, shape or
 in-place write), and the cache is emptied when the owning module moves or changes dtype. Where
-the ops or native bf16 are missing (AVX2-only CPUs, other builds), :meth:`PackedLinears.linear`
-is plain ``F.linear``.
+neither applies (AVX2-only CPUs, other builds and devices), :meth:`PackedLinears.linear` is
+plain ``F.linear``.
 """
 from __future__ import annotations
 
@@ -43,17 +48,27 @@ def _signature(t: torch.Tensor) -> tuple:
     return (t.data_ptr(), t._version, tuple(t.shape), t.dtype, t.device)
 
 
-class PackedLinears:
-    """A cache of pre-packed bf16 weights, one entry per weight tensor, and the product with them.
+def _uses_packed_ops(device: torch.device) -> bool:
+    return device.type == "cpu"
 
-    Thread-safe (entries are built under a lock; packed weights are only read afterwards).
-    Copies and pickles of an owner start with an empty cache: packed oneDNN tensors have no
-    storage to copy, and are rebuilt on first use.
+
+class PackedLinears:
+    """A cache of ready bf16 weights, one entry per weight tensor, and the product with them.
+
+    Thread-safe (entries are built under a lock; the weights are only read afterwards). Copies
+    and pickles of an owner start with an empty cache: packed oneDNN tensors have no storage to
+    copy, and every entry is rebuilt on first use.
     """
 
     def __init__(self) -> None:
         self._entries: dict[int, tuple[tuple, torch.Tensor, Optional[torch.Tensor], Optional[tuple]]] = {}
         self._lock = threading.Lock()
+
+    @staticmethod
+    def supported(device_type: str) -> bool:
+        """Whether products on ``device_type`` can use ready weights: CPUs with native bf16 and
+        this build's packed oneDNN ops, and CUDA devices."""
+        return device_type == "cuda" or device_type == "cpu" and packed_bf16_available()
 
     def __deepcopy__(self, memo: dict) -> "PackedLinears":
         return PackedLinears()
@@ -78,15 +93,16 @@ class PackedLinears:
     def __len__(self) -> int:
         return len(self._entries)
 
-    @staticmethod
-    def applies(x: torch.Tensor) -> bool:
-        """Whether :meth:`linear` takes the packed path for input ``x``: a CPU tensor under bf16
-        autocast (or already bf16), on a CPU and build that have the packed ops."""
-        if x.device.type != "cpu" or not packed_bf16_available():
+    @classmethod
+    def applies(cls, x: torch.Tensor) -> bool:
+        """Whether :meth:`linear` uses the ready weights for input ``x``: a bf16 tensor, or an
+        fp32 one under bf16 autocast, on a device where they are :meth:`supported`."""
+        dev = x.device.type
+        if not cls.supported(dev):
             return False
         if x.dtype == torch.bfloat16:
             return True
-        return (torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        return (torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) == torch.bfloat16
                 and x.dtype == torch.float32)
 
     def _entry(self, weight: torch.Tensor, bias: Optional[torch.Tensor]):
@@ -99,9 +115,10 @@ class PackedLinears:
             e = self._entries.get(key)
             if e is None or e[0] != sig or e[3] != bsig:
                 with torch.no_grad():
-                    w16 = weight.detach().to(torch.bfloat16)
-                    # the batch-size hint only picks among layouts; any number of rows is correct
-                    packed = torch.ops.mkldnn._reorder_linear_weight(w16, 1024)
+                    packed = weight.detach().to(torch.bfloat16)
+                    if _uses_packed_ops(weight.device):
+                        # the batch-size hint only picks among layouts; any number of rows is correct
+                        packed = torch.ops.mkldnn._reorder_linear_weight(packed, 1024)
                     b16 = bias.detach().to(torch.bfloat16) if bias is not None else None
                 e = (sig, packed, b16, bsig)
                 self._entries[key] = e
@@ -114,6 +131,9 @@ class PackedLinears:
         if not self.applies(x) or torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
             return F.linear(x, weight, bias)
         _, packed, b16, _ = self._entry(weight, bias)
+        if not _uses_packed_ops(x.device):
+            with torch.autocast(x.device.type, enabled=False):  # the operands are bf16 already
+                return F.linear(x.to(torch.bfloat16), packed, b16)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
         y = torch.ops.mkldnn._linear_pointwise(x2, packed, b16, "none", [], "")
