@@ -150,7 +150,7 @@ _OPENMP: Optional[ctypes.CDLL] = None
 
 
 def _openmp() -> Optional[ctypes.CDLL]:
-    """The OpenMP runtime loaded in this process (PyTorch's), if it has ``omp_pause_resource_all``
+    """GNU OpenMP as loaded in this process (PyTorch's), if it has ``omp_pause_resource_all``
     (OpenMP 5.0); else ``None`` (looked up again next time: PyTorch may not be loaded yet)."""
     global _OPENMP
     if _OPENMP is None:
@@ -165,7 +165,8 @@ def _find_openmp() -> Optional[ctypes.CDLL]:
     except OSError:
         return None
     for path in sorted(paths):
-        if not os.path.basename(path).startswith(("libgomp", "libiomp", "libomp")):
+        # GNU OpenMP (PyTorch's Linux wheels): its pause frees the calling thread's team only
+        if not os.path.basename(path).startswith("libgomp"):
             continue
         try:
             lib = ctypes.CDLL(path)  # already loaded: the same library, not a second copy
@@ -177,8 +178,10 @@ def _find_openmp() -> Optional[ctypes.CDLL]:
 
 
 def release_idle_threads() -> bool:
-    """Let the calling thread's idle OpenMP worker threads exit (``omp_pause_resource_all``,
-    soft); its next parallel operation starts them again. Returns whether a runtime did.
+    """Let the calling thread's idle OpenMP worker threads exit (GNU OpenMP's
+    ``omp_pause_resource_all``, soft, which frees the calling thread's team and no other); its
+    next parallel operation starts them again. Returns whether it did (``False`` with other
+    OpenMP runtimes, where it does nothing).
 
     Each thread that runs a parallel PyTorch operation keeps its own team of OpenMP workers. When
     the process holds more such workers than it has CPUs, the runtime stops letting waiting
