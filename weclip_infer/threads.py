@@ -13,6 +13,7 @@ import ctypes
 import logging
 import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -147,14 +148,17 @@ def apply_threads(plan: ThreadPlan) -> None:
 
 
 _OPENMP: Optional[ctypes.CDLL] = None
+_OPENMP_FINAL = False  # looked up with PyTorch loaded: the answer stands
 
 
 def _openmp() -> Optional[ctypes.CDLL]:
     """GNU OpenMP as loaded in this process (PyTorch's), if it has ``omp_pause_resource_all``
-    (OpenMP 5.0); else ``None`` (looked up again next time: PyTorch may not be loaded yet)."""
-    global _OPENMP
-    if _OPENMP is None:
+    (OpenMP 5.0); else ``None``. Looked up until PyTorch is loaded (which loads the runtime)."""
+    global _OPENMP, _OPENMP_FINAL
+    if not _OPENMP_FINAL:
+        final = "torch" in sys.modules
         _OPENMP = _find_openmp()
+        _OPENMP_FINAL = final or _OPENMP is not None
     return _OPENMP
 
 
