@@ -106,3 +106,15 @@ def test_cast_weights_path_of_gpus_equals_autocast_linear(monkeypatch):
     assert torch.equal(y, _autocast_linear(x, w, b))
     (_, w16, b16, _), = cache._entries.values()
     assert not w16.is_mkldnn and torch.equal(w16, w.bfloat16()) and torch.equal(b16, b.bfloat16())
+
+
+@needs_packed
+def test_entries_go_with_their_weights():
+    cache = PackedLinears()
+    x = torch.randn(2, 8)
+    w = torch.randn(4, 8)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        cache.linear(x, w)
+        assert len(cache) == 1
+        del w  # e.g. load_state_dict(assign=True) replaced the parameter
+        assert len(cache) == 0

@@ -139,7 +139,7 @@ def _mlp(mlp: nn.Module, x: torch.Tensor, packed: Optional[PackedLinears]) -> to
     if packed is None:
         return mlp(x)
     for m in mlp.children():
-        x = packed.module_linear(m, x) if isinstance(m, nn.Linear) else m(x)
+        x = packed.linear(x, m.weight, m.bias) if isinstance(m, nn.Linear) else m(x)
     return x
 
 

@@ -22,9 +22,10 @@ plain ``F.linear``.
 """
 from __future__ import annotations
 
+import functools
 import threading
-from functools import lru_cache
-from typing import Any, Optional
+import weakref
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 __all__ = ["PackedLinears", "packed_bf16_available"]
 
 
-@lru_cache(maxsize=1)
+@functools.lru_cache(maxsize=1)
 def packed_bf16_available() -> bool:
     """Whether this PyTorch build and CPU run oneDNN bf16 products with pre-packed weights."""
     try:
@@ -62,7 +63,8 @@ class PackedLinears:
 
     def __init__(self) -> None:
         self._entries: dict[int, tuple[tuple, torch.Tensor, Optional[torch.Tensor], Optional[tuple]]] = {}
-        self._lock = threading.Lock()
+        self._refs: dict[int, weakref.ref] = {}  # an entry goes when its weight is freed
+        self._lock = threading.RLock()  # re-entrant: a weight may be freed (callback) under it
 
     @staticmethod
     def supported(device_type: str) -> bool:
@@ -82,6 +84,12 @@ class PackedLinears:
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+            self._refs.clear()
+
+    def _forgotten(self, key: int, ref: object) -> None:
+        with self._lock:
+            self._entries.pop(key, None)
+            self._refs.pop(key, None)
 
     @property
     def nbytes(self) -> int:
@@ -122,6 +130,8 @@ class PackedLinears:
                     b16 = bias.detach().to(torch.bfloat16) if bias is not None else None
                 e = (sig, packed, b16, bsig)
                 self._entries[key] = e
+                if key not in self._refs:
+                    self._refs[key] = weakref.ref(weight, functools.partial(self._forgotten, key))
         return e
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -138,7 +148,3 @@ class PackedLinears:
         x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
         y = torch.ops.mkldnn._linear_pointwise(x2, packed, b16, "none", [], "")
         return y.reshape(*shape[:-1], y.shape[-1])
-
-    def module_linear(self, module: Any, x: torch.Tensor) -> torch.Tensor:
-        """``module(x)`` for an ``nn.Linear`` through :meth:`linear`."""
-        return self.linear(x, module.weight, module.bias)
