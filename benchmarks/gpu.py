@@ -13,6 +13,8 @@ as ``{"error": ...}``, one the time budget leaves no room for as ``{"skipped": .
   ``service_batch8``: ``SegmentationService.handle`` on 8 JPEG requests (decode, predict,
   PNG encode). fp32 also once with TF32 on (``sequential_tf32``); the TF32 flags in force are
   recorded with every figure.
+* ``bf16_weights``: bf16 serving (one at a time, and a batch of 16) with the frozen CLIP's
+  ready bf16 weights against autocast's cast at every call, alternated; label maps compared.
 * ``crf_torch``: ``dense_crf_torch`` on the GPU: ms per image at 375×500 and 384×512 (H×W),
   21 and 9 labels, batches of 1 and 8 images (first call of a size: lattice cache cleared).
 * ``serve_crf_torch``: serving images/s with ``crf=True, crf_backend="torch"``.
@@ -402,6 +404,47 @@ def _threads_rate(seg, imgs: Sequence[np.ndarray], threads: int, images: int, ca
     if errors:
         raise errors[0]
     return {**_rate(state["done"], dt), "threads": threads}
+
+
+def bf16_weights(plan: Plan, budget: Budget) -> dict:
+    """bf16 serving with the frozen CLIP's ready bf16 weights (``weclip_infer.packed_linear``;
+    cast copies on GPUs, packed ones on CPUs with native bf16) against autocast casting every
+    weight at every call: images/s one at a time and per 16-request network batch, alternating
+    the two forms, and whether their label maps are identical (they should be)."""
+    from weclip_infer import Segmenter
+    from weclip_infer.backbone import FrozenCLIP
+    from weclip_infer.serving.batching import BatchedNetwork
+
+    model = _serve_model(plan)
+    sync = _sync(plan.device)
+    opts = dict(scales=(1.0, 0.75), flip=True, crf=False, long_side=plan.long_side, precision="bf16")
+    imgs = _photos(plan.serve_hw, 8)
+    ready = FrozenCLIP.packed_linears
+    B = max(plan.net_batches)
+    out: Dict[str, Any] = {"batch": B, "rounds": {}}
+    labels: Dict[str, list] = {}
+    for _rep in range(2):
+        for form in ("ready weights", "cast per call"):
+            FrozenCLIP.packed_linears = ready if form == "ready weights" else (  # type: ignore[method-assign]
+                lambda self, precision, device_type: None)
+            try:
+                seg = Segmenter(model, **opts)
+                labels[form] = [seg.predict(im).labels for im in imgs[:2]]
+                n, dt = _timed(lambda i, s=seg: s.predict(imgs[i % 8]), plan.serve_images, budget.cap() / 4, sync)
+                seg_b = Segmenter(model, **opts)
+                net = BatchedNetwork(seg_b.backend, max_rows=2 * B)
+                seg_b.backend = net
+                tasks = [(lambda k=k, s=seg_b: s.predict(imgs[k % 8])) for k in range(B)]
+                net.run(tasks)
+                rounds, dtb = _timed(lambda _, n=net, t=tasks: n.run(t), max(1, math.ceil(plan.batch_images / B)),
+                                     budget.cap() / 4, sync)
+            finally:
+                FrozenCLIP.packed_linears = ready  # type: ignore[method-assign]
+            out["rounds"].setdefault(form, []).append({"sequential": _rate(n, dt),
+                                                        "network_batch": _rate(rounds * B, dtb)})
+    out["labels_identical"] = all(np.array_equal(a, b) for a, b in zip(labels["ready weights"],
+                                                                        labels["cast per call"]))
+    return out
 
 
 def crf_torch(plan: Plan, budget: Budget) -> dict:
@@ -877,6 +920,7 @@ def checks(plan: Plan, args: argparse.Namespace, out_dir: Path) -> List[Tuple[st
         ("env", lambda b: env_info(plan, b), 0),
         ("serve_fp32", lambda b: serve_throughput(plan, b, "fp32"), 15),
         ("serve_bf16", lambda b: serve_throughput(plan, b, "bf16"), 15),
+        ("bf16_weights", lambda b: bf16_weights(plan, b), 10),
         ("crf_torch", lambda b: crf_torch(plan, b), 10),
         ("serve_crf_torch", lambda b: serve_crf(plan, b), 10),
         ("train_profile_fp32", lambda b: train_profile(plan, b, "fp32"), 10),

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-CHECKS = ["env", "serve_fp32", "serve_bf16", "crf_torch", "serve_crf_torch", "train_profile_fp32",
+CHECKS = ["env", "serve_fp32", "serve_bf16", "bf16_weights", "crf_torch", "serve_crf_torch", "train_profile_fp32",
           "train_profile_bf16", "train_fp32", "train_bf16_backbone", "onnx_cuda", "parity_cpu_vs_cuda",
           "train_amp_fp16", "train_cli_cuda"]
 
@@ -59,6 +59,8 @@ def test_smoke_cpu_runs_every_check(tmp_path):
     assert {"clip", "decoder", "gradcam", "par", "loss"} <= set(res["train_profile_fp32"]["stages_ms_synced"])
     assert "clip" in res["train_profile_bf16"]["profiler"]["stages"]
     assert res["onnx_cuda"]["argmax_agreement"] > 0.9
+    assert res["bf16_weights"]["labels_identical"] is True
+    assert set(res["bf16_weights"]["rounds"]) == {"ready weights", "cast per call"}
     assert res["train_cli_cuda"]["returncode"] == 0
     md = files[0].with_suffix(".md").read_text()
     assert "## serve_fp32" in md and "| figure | value |" in md
