@@ -72,10 +72,14 @@ def main(argv=None) -> int:
     ap.add_argument("--crf", action="store_true", help="dense CRF on every image")
     ap.add_argument("--crf-backend", default=None, choices=("auto", "torch", "densecrf"),
                     help="the archive's serve_config crf_backend (default: the library's)")
+    ap.add_argument("--workers", type=int, default=None, help="TorchServe workers of the model (default: the "
+                    "shipped config.properties')")
+    ap.add_argument("--threads", type=int, default=None, help="compute threads per worker (the archive's "
+                    "serve_config num_threads; default: the library's choice)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     a = ap.parse_args(argv)
-    for name in ("requests", "clients"):
-        if getattr(a, name) < 1:
+    for name in ("requests", "clients", "workers", "threads"):
+        if getattr(a, name) is not None and getattr(a, name) < 1:
             ap.error(f"--{name} must be at least 1")
     import psutil
 
@@ -91,10 +95,15 @@ def main(argv=None) -> int:
     tmp.mkdir()
     (root / "logs").mkdir()
     ports = free_ports()
-    build_mar(DEMO_MODEL_DIR, root / "store", name=MAR_NAME,
-              serve_config={"crf_backend": a.crf_backend} if a.crf_backend else None)
+    serve_config = {k: v for k, v in (("crf_backend", a.crf_backend), ("num_threads", a.threads)) if v}
+    build_mar(DEMO_MODEL_DIR, root / "store", name=MAR_NAME, serve_config=serve_config or None)
+    overrides = {"vmargs": f"-Xmx1g -XX:+UseSerialGC -Djava.io.tmpdir={tmp}"}
+    if a.workers:
+        shipped = json.loads(read_properties(torchserve_config_file())["models"])
+        shipped[MODEL_NAME]["1.0"].update(minWorkers=a.workers, maxWorkers=a.workers)
+        overrides["models"] = json.dumps(shipped)
     cfg = derive_config(torchserve_config_file(), root / "config.properties", ports, model_store=root / "store",
-                        overrides={"vmargs": f"-Xmx1g -XX:+UseSerialGC -Djava.io.tmpdir={tmp}"})
+                        overrides=overrides)
     models = json.loads(read_properties(cfg)["models"])[MODEL_NAME]["1.0"]
     env = dict(os.environ, TMPDIR=str(tmp), LOG_LOCATION=str(root / "logs"), METRICS_LOCATION=str(root / "logs"))
     load_before = os.getloadavg()
@@ -179,6 +188,7 @@ def main(argv=None) -> int:
         "samples": len(samples), "requests": a.requests,
         "clients": a.clients,
         "bad_every": a.bad_every, "batch_size": models["batchSize"], "max_batch_delay_ms": models["maxBatchDelay"],
+        "workers": models.get("minWorkers"), "threads_per_worker": a.threads,
         "startup_s": round(startup_s, 1), "wall_s": round(wall, 1), "throughput_rps": round(a.requests / wall, 2),
         **done, "failure_examples": failures[:20],
         "latency_ms": {"p50": float(np.percentile(lat, 50)), "p90": float(np.percentile(lat, 90)),
@@ -190,13 +200,16 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d_%H%M%S")
     stamp += f"_crf_{a.crf_backend or 'default'}" if a.crf else ""
+    stamp += f"_w{a.workers}" if a.workers else ""
+    stamp += f"_t{a.threads}" if a.threads else ""
     (out / f"soak_{stamp}.json").write_text(json.dumps(result, indent=1))
     md = [f"# Soak: {a.requests} requests, {a.clients} clients, TorchServe + demo model"
           f"{' with CRF (' + (a.crf_backend or 'default') + ' backend)' if a.crf else ''} ({result['time']})", "",
           f"- machine: {os.cpu_count()} CPUs, load average before {load_before[0]:.2f}, after "
           f"{result['machine']['loadavg_after'][0]:.2f} (other jobs shared the CPUs: throughput and latency are "
           "lower bounds; failures and memory are the point)",
-          f"- batching: batchSize {models['batchSize']}, maxBatchDelay {models['maxBatchDelay']} ms",
+          f"- batching: batchSize {models['batchSize']}, maxBatchDelay {models['maxBatchDelay']} ms; workers "
+          f"{models.get('minWorkers')}, threads per worker {a.threads or 'default'}",
           f"- requests: {a.requests} ({done['ok']} images answered 200, {done['bad_ok']} undecodable bodies "
           f"answered 400), **failures: {done['failures']}**",
           f"- wall {wall:.0f} s, {result['throughput_rps']} requests/s; latency p50 "
