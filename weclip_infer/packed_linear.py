@@ -50,6 +50,7 @@ def _signature(t: torch.Tensor) -> tuple:
 
 
 def _uses_packed_ops(device: torch.device) -> bool:
+    """CPUs multiply with oneDNN-packed weights; other devices with plain bf16 copies."""
     return device.type == "cpu"
 
 
@@ -136,8 +137,8 @@ class PackedLinears:
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``F.linear(x, weight, bias)`` as bf16 autocast computes it (``…×in`` → ``…×out``, bf16),
-        from the packed copy of ``weight`` where :meth:`applies`; plain ``F.linear`` otherwise and
-        whenever gradients are needed (packed weights are constants)."""
+        from the ready bf16 copy of ``weight`` where :meth:`applies`; plain ``F.linear``
+        otherwise and whenever gradients are needed (the copies are constants)."""
         if not self.applies(x) or torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
             return F.linear(x, weight, bias)
         _, packed, b16, _ = self._entry(weight, bias)
