@@ -187,6 +187,25 @@ def test_attention_paths_agree():
     assert out_ac.dtype == torch.bfloat16
 
 
+def test_bf16_attention_softmax_in_place_is_exact_and_differentiable():
+    """On CPU in bf16 the softmax overwrites its scores: the same bits as the out-of-place
+    softmax, and where a gradient is needed it stays out of place (gradients flow)."""
+    from weclip_infer.tensor_ops import attention
+
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 3, 29, 16, generator=g).bfloat16() for _ in range(3))
+    with torch.no_grad():
+        out, _ = attention(q, k, v)
+        out_m, amap = attention(q, k, v, need_map=True)
+        a = torch.softmax((q * 0.25) @ k.transpose(-2, -1), dim=-1)
+    assert torch.equal(out, a @ v) and torch.equal(out_m, a @ v)
+    assert torch.equal(amap, a.mean(dim=1, dtype=torch.float32))
+    qg = q.clone().requires_grad_(True)
+    out_g, _ = attention(qg, k, v)
+    out_g.float().sum().backward()
+    assert torch.equal(out_g.detach(), out) and qg.grad is not None and bool(qg.grad.abs().sum() > 0)
+
+
 def test_bf16_attention_scores_are_bounded(monkeypatch):
     """Beyond ATTENTION_SCORE_BYTES the bf16 path takes query rows a block at a time: the peak
     score block stays under the budget and the result equals the unblocked one."""
@@ -196,15 +215,15 @@ def test_bf16_attention_scores_are_bounded(monkeypatch):
     q, k, v = (torch.randn(2, 3, 50, 16, generator=g).bfloat16() for _ in range(3))
     whole, _ = tensor_ops.attention(q, k, v)
     sizes = []
-    real_softmax = torch.softmax
+    real_softmax = tensor_ops._softmax_in_place
 
-    def spy(x, dim):
+    def spy(x):
         sizes.append(x.numel() * x.element_size())
-        return real_softmax(x, dim=dim)
+        return real_softmax(x)
 
     budget = 2 * 3 * 50 * 2 * 7  # seven query rows of scores
     monkeypatch.setattr(tensor_ops, "ATTENTION_SCORE_BYTES", budget)
-    monkeypatch.setattr(torch, "softmax", spy)
+    monkeypatch.setattr(tensor_ops, "_softmax_in_place", spy)
     blocked, _ = tensor_ops.attention(q, k, v)
     assert len(sizes) == 8 and max(sizes) <= budget  # ceil(50 / 7) blocks
     torch.testing.assert_close(blocked, whole, rtol=0, atol=1e-2)

@@ -56,12 +56,23 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, need_map: bool 
         # run faster on contiguous operands, and copying them costs less than it saves
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     kt = k.transpose(-2, -1)
+    # on CPU in bf16 the softmax overwrites its scores (the same values, one L×L block less to
+    # write to fresh memory)
+    softmax = _softmax_in_place if cpu_bf16 else (lambda s: torch.softmax(s, dim=-1))
     with torch.autocast(device_type="cpu", enabled=False) if cpu_bf16 else contextlib.nullcontext():
         if need_map:
-            a = torch.softmax((q * scale) @ kt, dim=-1)
+            a = softmax((q * scale) @ kt)
             amap = a.mean(dim=1, dtype=torch.float32) if cpu_bf16 else a.mean(dim=1)
             return a @ v, amap
         L = q.shape[-2]
         rows = max(1, ATTENTION_SCORE_BYTES // (q.shape[0] * q.shape[1] * k.shape[-2] * q.element_size()))
-        blocks = [torch.softmax((q[..., i : i + rows, :] * scale) @ kt, dim=-1) @ v for i in range(0, L, rows)]
+        blocks = [softmax((q[..., i : i + rows, :] * scale) @ kt) @ v for i in range(0, L, rows)]
         return (blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=-2)), None
+
+
+def _softmax_in_place(scores: torch.Tensor) -> torch.Tensor:
+    """``torch.softmax(scores, -1)``, written over ``scores`` (a fresh product nothing else holds)
+    unless a gradient must flow through it: the CPU kernel reads each row before writing it."""
+    if scores.requires_grad:
+        return torch.softmax(scores, dim=-1)
+    return torch._softmax(scores, -1, False, out=scores)
