@@ -163,15 +163,13 @@ def _openmp() -> Optional[ctypes.CDLL]:
 
 
 def _find_openmp() -> Optional[ctypes.CDLL]:
+    # GNU OpenMP (PyTorch's Linux wheels): its pause frees the calling thread's team only
     try:
         with open("/proc/self/maps") as f:
-            paths = {line.split()[-1] for line in f if "omp" in line.rsplit("/", 1)[-1]}
+            paths = {line.split()[-1] for line in f if os.path.basename(line.split()[-1]).startswith("libgomp")}
     except OSError:
         return None
     for path in sorted(paths):
-        # GNU OpenMP (PyTorch's Linux wheels): its pause frees the calling thread's team only
-        if not os.path.basename(path).startswith("libgomp"):
-            continue
         try:
             lib = ctypes.CDLL(path)  # already loaded: the same library, not a second copy
             lib.omp_pause_resource_all.argtypes, lib.omp_pause_resource_all.restype = [ctypes.c_int], ctypes.c_int
