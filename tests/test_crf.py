@@ -215,25 +215,20 @@ def test_refine_labels_stay_on_the_device_of_the_probabilities(device):
     np.testing.assert_array_equal(lab.cpu().numpy(), crf.refine(image, p, backend="torch").argmax(0))
 
 
-def test_torch_crf_layouts_give_identical_numbers(monkeypatch):
-    """CPU splats in pieces (no allocation above glibc's mmap threshold), a GPU runs both
-    lattices' splat stages as one call and ranks coordinates in one go: the same bags in the same
-    order, so the same bits."""
+def test_torch_crf_layouts_give_identical_numbers():
+    """CPU splats each lattice on its own, a GPU runs both lattices' splats as one call and ranks
+    coordinates in one go: the same bags in the same order, so the same bits."""
     torch = pytest.importorskip("torch")
     from weclip_infer.crf import permutohedral as P
 
     image, probs = _textured_problem(seed=5, h=40, w=52, C=5)
-    args = ([torch.from_numpy(image)], [torch.from_numpy(probs)])
-    ref = P.dense_crf_torch(*args)[0]
-    monkeypatch.setattr(P, "_SPLAT_CHUNK_BYTES", 1 << 12)
-    assert torch.equal(P.dense_crf_torch(*args)[0], ref)  # many pieces
     lat_g = P._grid_lattice([(40, 52)], 3.0, torch.device("cpu"))
     lat_b = P.PermutohedralLattice(P.pixel_features(40, 52, 64, torch.from_numpy(image), 5))
     parts = [(lat, lat.norm(), None) for lat in (lat_g, lat_b)]
-    plan = P._FilterPlan(parts, 5)
-    assert len(plan.splat) > 2
-    merged = P._FilterPlan(parts, 5)
-    merged.splat = [P._FilterPlan._merged(P._FilterPlan._stages(parts), lat_g.N, torch.device("cpu"))]
+    plan = P._FilterPlan(parts)
+    assert len(plan.splat) == 2
+    merged = P._FilterPlan(parts)
+    merged.splat = [P._FilterPlan._merged(P._FilterPlan._stages(parts))]
     x = torch.from_numpy(probs).reshape(5, -1).t().contiguous()
     assert torch.equal(plan.apply(x, x), merged.apply(x, x))
     diff = torch.randn(500, 6)
@@ -243,8 +238,9 @@ def test_torch_crf_layouts_give_identical_numbers(monkeypatch):
 
 
 def test_torch_mean_field_never_waits_for_the_device():
-    """Only the input check and the appearance lattice's sizes read device values; the mean-field
-    steps add no operation that waits (nonzero, item and the like)."""
+    """Only the input check, the appearance lattice's sizes and (on CPU) the softmax's message
+    bound read device values; the mean-field steps add no operation that waits (nonzero, item
+    and the like)."""
     torch = pytest.importorskip("torch")
     from weclip_infer.crf.permutohedral import dense_crf_torch
 
@@ -258,4 +254,4 @@ def test_torch_mean_field_never_waits_for_the_device():
             dense_crf_torch(*args, iters=iters)
         return sum(e.count for e in prof.key_averages() if e.key in waits)
 
-    assert count(1) == count(8) <= 3
+    assert count(1) == count(8) <= 4

@@ -202,7 +202,9 @@ class PermutohedralLattice:
     def _init_by_simplex(self, base, rank_d, bary, strides, s_all: int, n_perm: int) -> torch.Tensor:
         """Vertices via the distinct simplices: neighbouring pixels of similar colour share their
         simplex, so one sort of the N points (not of the N·(d+1) point-vertex pairs) finds them.
-        Splat runs in two stages: points → (simplex, corner), then (simplex, corner) → vertex."""
+        The splat is one gather-sum per vertex over the (point, corner) pairs that touch it: the
+        pairs are laid out simplex corner by simplex corner, the corners sorted by vertex, so
+        each vertex's pairs are one run."""
         N, d = rank_d.shape
         d1 = d + 1
         dev = base.device
@@ -212,11 +214,10 @@ class PermutohedralLattice:
         s_rank = torch.div((skeys % n_perm)[:, None], digits, rounding_mode="floor") % d1
         corner_codes = self._vertex_codes(torch.div(skeys, n_perm, rounding_mode="floor"), s_rank, strides, s_all)
         vcodes, corner_vertex, corner_order, v_starts = self._group_sorted(corner_codes.t().reshape(-1))  # row r·S + s
-        self._slice_idx = corner_vertex.view(d1, S).t().index_select(0, point_simplex)  # N×(d+1)
+        self._slice_idx = corner_vertex.view(d1, S).t().contiguous().index_select(0, point_simplex)  # N×(d+1)
         self._slice_w = bary
-        # Stage 1 makes one row per simplex corner (r, s): the points of simplex s (in sorted order)
-        # weighted by their barycentric coordinate r. Its rows are laid out in the order stage 2
-        # reads them (corners sorted by vertex), so stage 2 sums runs of consecutive rows.
+        # One run of (point, weight) pairs per simplex corner (r, s): the points of simplex s (in
+        # sorted order) weighted by their barycentric coordinate r, the corners in vertex order.
         c_r = torch.div(corner_order, S, rounding_mode="floor")
         c_s = corner_order - c_r * S
         counts = torch.diff(starts, append=starts.new_full((1,), N))  # points per simplex
@@ -226,7 +227,7 @@ class PermutohedralLattice:
         pos = (starts.index_select(0, c_s) - a_starts).index_select(0, owner) + torch.arange(N * d1, device=dev)
         points = order.index_select(0, pos)
         weights = bary.view(-1).index_select(0, points * d1 + c_r.index_select(0, owner))
-        self._splat: list = [(points, a_starts, weights), (torch.arange(S * d1, device=dev), v_starts, None)]
+        self._splat = (points, a_starts.index_select(0, v_starts), weights)  # a vertex's corners: one run
         return vcodes
 
     def _init_by_entry(self, base, rank_d, bary, strides, s_all: int) -> torch.Tensor:
@@ -237,7 +238,7 @@ class PermutohedralLattice:
         vcodes, offset, order, starts = self._group_sorted(self._vertex_codes(base, rank_d, strides, s_all).reshape(-1))
         self._slice_idx = offset.view(N, d1)
         self._slice_w = bary
-        self._splat = [(torch.div(order, d1, rounding_mode="floor"), starts, bary.reshape(-1).index_select(0, order))]
+        self._splat = (torch.div(order, d1, rounding_mode="floor"), starts, bary.reshape(-1).index_select(0, order))
         return vcodes
 
     # ---- filtering --------------------------------------------------------------------------------
@@ -248,8 +249,8 @@ class PermutohedralLattice:
         return self._plan.apply(values.float().contiguous()).mul_(self._alpha)
 
     def splat_weights(self, scale: torch.Tensor) -> torch.Tensor:
-        """First-stage splat weights multiplied by a per-point ``scale`` (``N``)."""
-        idx, _, w = self._splat[0]
+        """Splat weights multiplied by a per-point ``scale`` (``N``)."""
+        idx, _, w = self._splat
         return w * scale.index_select(0, idx)
 
     def norm(self) -> torch.Tensor:
@@ -264,12 +265,6 @@ def _bag_offsets(n_bags: int, size: int, start: int, dev: torch.device) -> torch
     return torch.arange(start, start + n_bags * size, size, device=dev)
 
 
-#: On CPU the splat's intermediate (one row per simplex corner) is computed in pieces of at most
-#: this many bytes: a fresh allocation above glibc's mmap threshold (32 MiB at most) is paged in
-#: anew at every mean-field step, which costs more than the gather-sum itself.
-_SPLAT_CHUNK_BYTES = 16 << 20
-
-
 def _cat(ts: list) -> torch.Tensor:
     return ts[0] if len(ts) == 1 else torch.cat(ts)
 
@@ -278,16 +273,15 @@ class _FilterPlan:
     """Splat, blur and slice of one or more lattices over the same ``N`` points as a fixed
     sequence of gather-sums (``embedding_bag``) on one stacked table of all their vertices, the
     index tensors built once. The lattices' blur axes run side by side (one call per axis for
-    all of them); on a GPU their splat stages do too, so filtering with both pairwise kernels of
-    the CRF costs one call per splat stage, one per blur axis and one slice per kernel. On CPU
-    each lattice splats on its own, in pieces of whole vertices no larger than
-    ``_SPLAT_CHUNK_BYTES`` (for ``channels`` value columns), and no index tensor is copied.
+    all of them); on a GPU their splats do too, so filtering with both pairwise kernels of the
+    CRF costs one splat call, one per blur axis and one slice per kernel. On CPU each lattice
+    splats on its own, and no index tensor is copied.
 
     ``parts``: ``(lattice, splat_scale, slice_w)``: an optional per-point scale folded into the
-    first splat stage and the slice weights (``N×(d+1)``; default the barycentric ones). Each
+    splat weights and the slice weights (``N×(d+1)``; default the barycentric ones). Each
     lattice's arithmetic is that of filtering with it alone (same bags, same order)."""
 
-    def __init__(self, parts: Sequence[tuple], channels: int = 1):
+    def __init__(self, parts: Sequence[tuple]):
         lats = [p[0] for p in parts]
         dev = lats[0]._slice_w.device
         N = lats[0].N
@@ -296,12 +290,8 @@ class _FilterPlan:
         for lat in lats:
             vbase.append(n)
             n += lat.M
-        # splat: a list of pieces, each a list of stages from the points; the pieces' outputs,
-        # concatenated, are the vertex table
-        if dev.type == "cpu" or len(lats) == 1:
-            self.splat = [pc for st in stages for pc in self._pieces(st, channels if dev.type == "cpu" else 0)]
-        else:
-            self.splat = [self._merged(stages, N, dev)]
+        # splat: gather-sums from the points whose outputs, concatenated, are the vertex table
+        self.splat = stages if dev.type == "cpu" or len(lats) == 1 else [self._merged(stages)]
         # blur: axis j of every lattice that has it; the others' vertices are copied (weight 1)
         self.blur = []
         for j in range(max(lat.d + 1 for lat in lats)):
@@ -328,75 +318,30 @@ class _FilterPlan:
 
     @staticmethod
     def _stages(parts: Sequence[tuple]) -> list:
-        """Per lattice, its splat stages with the scale folded into the first one's weights."""
+        """Per lattice, its splat ``(indices, offsets, weights)`` with the scale folded into the
+        weights."""
         stages = []
         for lat, scale, _ in parts:
-            idx, off, w = lat._splat[0]
-            if scale is not None:
-                w = lat.splat_weights(scale)
-            stages.append([(idx, off, w)] + lat._splat[1:])
+            idx, off, w = lat._splat
+            stages.append((idx, off, lat.splat_weights(scale) if scale is not None else w))
         return stages
 
     @staticmethod
-    def _pieces(stages: list, channels: int) -> list:
-        """One lattice's splat; a two-stage one (whose second stage sums consecutive rows) in
-        pieces of whole vertices whose first-stage output stays under ``_SPLAT_CHUNK_BYTES``."""
-        if len(stages) != 2 or channels <= 0:
-            return [stages]
-        (ia, oa, wa), (seq, ob, _) = stages
-        R, V = oa.shape[0], ob.shape[0]
-        n_pieces = math.ceil(R * channels * 4 / _SPLAT_CHUNK_BYTES)
-        if n_pieces <= 1:
-            return [stages]
-        cuts = torch.searchsorted(ob, torch.arange(1, n_pieces, device=ob.device) * (R // n_pieces)).tolist()
-        v_cuts = sorted({0, *cuts, V})
-        r_t = torch.cat([ob, ob.new_full((1,), R)])[v_cuts]
-        e_cuts = torch.cat([oa, oa.new_full((1,), ia.shape[0])])[r_t].tolist()
-        r_cuts = r_t.tolist()
-        pieces = []
-        for k in range(len(v_cuts) - 1):
-            v0, v1, r0, r1, e0, e1 = v_cuts[k], v_cuts[k + 1], r_cuts[k], r_cuts[k + 1], e_cuts[k], e_cuts[k + 1]
-            pieces.append([(ia[e0:e1], oa[r0:r1] - e0, wa[e0:e1] if wa is not None else None),
-                           (seq[: r1 - r0], ob[v0:v1] - r0, None)])
-        return pieces
-
-    @staticmethod
-    def _merged(stages: list, N: int, dev: torch.device) -> list:
-        """All lattices' splat stages as one call per stage (a lattice with fewer stages starts
-        with an identity stage)."""
-        n_stages = max(len(st) for st in stages)
-        ident = torch.arange(N, device=dev)
-        stages = [[(ident, ident, None)] * (n_stages - len(st)) + st for st in stages]
-        merged = []
-        in_base = [0] * len(stages)  # stage 0 reads the points themselves: the same rows for all
-        for k in range(n_stages):
-            idx_l, off_l, w_l = [], [], []
-            n_idx = n_out = 0
-            out_base = []
-            any_w = any(st[k][2] is not None for st in stages)
-            for j, st in enumerate(stages):
-                idx, off, w = st[k]
-                idx_l.append(idx + in_base[j] if in_base[j] else idx)
-                off_l.append(off + n_idx if n_idx else off)
-                if any_w:
-                    w_l.append(w if w is not None else torch.ones(idx.shape[0], device=dev))
-                n_idx += idx.shape[0]
-                out_base.append(n_out)
-                n_out += off.shape[0]
-            merged.append((_cat(idx_l), _cat(off_l), _cat(w_l) if any_w else None))
-            in_base = out_base
-        return merged
+    def _merged(stages: list) -> tuple:
+        """All lattices' splats as one call (each reads the same N points)."""
+        idx_l, off_l, w_l = [], [], []
+        n_idx = 0
+        for idx, off, w in stages:
+            idx_l.append(idx)
+            off_l.append(off + n_idx if n_idx else off)
+            w_l.append(w)
+            n_idx += idx.shape[0]
+        return _cat(idx_l), _cat(off_l), _cat(w_l)
 
     def apply(self, values: torch.Tensor, addend: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``N×C`` float32 contiguous → ``N×C``: the first lattice's (weighted) splat-blur-slice,
         plus ``addend``, plus the other lattices' ones, added in that order."""
-        outs = []
-        for piece in self.splat:
-            vals = values
-            for idx, off, w in piece:
-                vals = F.embedding_bag(idx, vals, off, mode="sum", per_sample_weights=w)
-            outs.append(vals)
-        vals = _cat(outs)
+        vals = _cat([F.embedding_bag(idx, values, off, mode="sum", per_sample_weights=w) for idx, off, w in self.splat])
         for idx, off, w in self.blur:
             vals = F.embedding_bag(idx, vals, off, mode="sum", per_sample_weights=w)
         out = None
@@ -473,18 +418,28 @@ def _groups(sizes: Sequence[tuple], dev: torch.device) -> Optional[torch.Tensor]
     return torch.cat([torch.full((h * w,), i, dtype=torch.int64, device=dev) for i, (h, w) in enumerate(sizes)])
 
 
-def _softmax_rows_(e: torch.Tensor) -> torch.Tensor:
+def _softmax_rows_(e: torch.Tensor, shift: bool = True) -> torch.Tensor:
     """In-place softmax over the (few) columns of an ``N×C`` tensor (faster than ``torch.softmax``
-    over a short innermost dimension)."""
-    e.sub_(e.amax(1, keepdim=True)).exp_()
+    over a short innermost dimension). ``shift=False`` skips subtracting each row's maximum: only
+    for rows whose values are known to lie where ``exp`` neither overflows nor underflows to 0."""
+    if shift:
+        e.sub_(e.amax(1, keepdim=True))
+    e.exp_()
     return e.div_(e.sum(1, keepdim=True))
+
+
+#: The mean-field logits are ``log p`` (in [log 1e-5, 0]) plus non-negative messages when both
+#: Potts weights are non-negative; below this bound on the messages ``exp`` of every logit is a
+#: normal float32 whose row sum cannot overflow, so the softmax needs no shift by the row maximum.
+_UNSHIFTED_MAX_MESSAGE = 60.0
 
 
 def _mean_field(images: Sequence[torch.Tensor], probs: Sequence[torch.Tensor], iters: int, gauss_sxy: float,
                 gauss_compat: float, bi_sxy: float, bi_srgb: float, bi_compat: float,
-                max_vertices: Optional[int]) -> tuple:
+                max_vertices: Optional[int], logits: bool = False) -> tuple:
     """The marginals of all images as one ``N×C`` tensor (rows: the images' pixels in order),
-    with the images' sizes."""
+    with the images' sizes. ``logits``: the last step's unnormalised logits instead (the same
+    argmax, one softmax fewer)."""
     if len(images) != len(probs) or not images:
         raise ValueError("dense_crf_torch: need the same positive number of images and probability maps")
     if int(iters) != iters or iters < 0:
@@ -511,10 +466,17 @@ def _mean_field(images: Sequence[torch.Tensor], probs: Sequence[torch.Tensor], i
         # symmetric normalisation and Potts weight folded into the splat and slice weights
         norm = lat.norm()
         parts.append((lat, norm, lat._slice_w * (norm * (lat._alpha * compat))[:, None]))
-    plan = _FilterPlan(parts, C)  # both kernels: one gather-sum per splat stage, blur axis and slice
-    q = _softmax_rows_(unary.clone())
-    for _ in range(int(iters)):
-        q = _softmax_rows_(plan.apply(q, unary))  # smoothness + unary + appearance
+    plan = _FilterPlan(parts)  # both kernels: gather-sums for the splats, each blur axis and the slices
+    # On CPU the softmax skips the shift by the row maximum (a third of its time) when the
+    # messages are provably small: the filter of all-ones bounds them (Q <= 1, weights >= 0).
+    # One more wait for the device, so on GPUs (where the shift is cheap) it always shifts.
+    shift = not (dev.type == "cpu" and gauss_compat >= 0 and bi_compat >= 0
+                 and float(plan.apply(unary.new_ones(unary.shape[0], 1)).max()) < _UNSHIFTED_MAX_MESSAGE)
+    q = unary.clone() if logits and iters == 0 else _softmax_rows_(unary.clone(), shift)
+    for k in range(int(iters)):
+        q = plan.apply(q, unary)  # smoothness + unary + appearance
+        if not (logits and k == iters - 1):
+            q = _softmax_rows_(q, shift)
     return q, sizes
 
 
@@ -552,7 +514,8 @@ def dense_crf_labels_torch(images: Sequence[torch.Tensor], probs: Sequence[torch
     """:func:`dense_crf_torch`'s label maps: the ``H×W`` int64 argmax over the classes of each
     image's marginals (the first class on ties), on the images' device; the marginals are never
     laid out as ``C×H×W``."""
-    q, sizes = _mean_field(images, probs, iters, gauss_sxy, gauss_compat, bi_sxy, bi_srgb, bi_compat, max_vertices)
+    q, sizes = _mean_field(images, probs, iters, gauss_sxy, gauss_compat, bi_sxy, bi_srgb, bi_compat, max_vertices,
+                           logits=True)
     labels = q.argmax(1)
     out = []
     start = 0
