@@ -43,8 +43,9 @@ class PermutohedralLattice:
     approximation computes it (splat onto lattice vertices with barycentric weights, blur with
     ``[1/2, 1, 1/2]`` along each of the ``d + 1`` lattice axes, slice back).
 
-    Construction waits for the device three times (the coordinate range, the number of distinct
-    simplices, the number of vertices: sizes that the index tensors need); filtering never does.
+    Construction waits for the device four times (the coordinate range, the number of distinct
+    simplices, the number of vertices, the blur's entries per axis: sizes that the index tensors
+    need); filtering never does.
     """
 
     def __init__(self, features: torch.Tensor, group: Optional[torch.Tensor] = None):
@@ -133,18 +134,39 @@ class PermutohedralLattice:
         M = int(vcodes.shape[0])
         self.M = M
         # Blur along each lattice axis: vertex i becomes v_i + (v_n1 + v_n2) / 2, where n1/n2 add
-        # (+d, -1, ..., -1) / (-d, +1, ..., +1) with the +-d on axis j. All neighbours are looked
-        # up at once; a missing one is replaced by the vertex itself with weight 0 (adds exactly 0).
+        # (+d, -1, ..., -1) / (-d, +1, ..., +1) with the +-d on axis j. Only the n1 codes are
+        # looked up (all axes at once): n2 of a vertex is the vertex whose n1 it is. Each bag
+        # holds the vertex itself and the neighbours that exist (absent ones would add 0).
         steps = torch.cat([d1 * strides, strides.new_zeros(1)]) - s_all  # d+1
-        nb = torch.stack([vcodes[None, :] + steps[:, None], vcodes[None, :] - steps[:, None]], 1)  # (d+1)×2×M
-        pos = torch.searchsorted(vcodes, nb.reshape(-1)).clamp_(max=M - 1)  # (each run of M codes is sorted)
-        found = (vcodes.index_select(0, pos) == nb.reshape(-1)).view(d1, 2, M)
+        up = (vcodes[None, :] + steps[:, None]).reshape(-1)  # (d+1)·M, each run of M codes sorted
+        pos = torch.searchsorted(vcodes, up).clamp_(max=M - 1)
+        found = (vcodes.index_select(0, pos) == up).view(d1, M)
         own = torch.arange(M, device=dev)
-        # (d+1)×M×3 bags: own, +neighbour, -neighbour
-        blur_idx = torch.cat([own.expand(d1, 1, M), torch.where(found, pos.view(d1, 2, M), own)], 1)
-        blur_w = torch.cat([torch.ones(d1, 1, M, device=dev), found.float() * 0.5], 1)
-        self._blur_idx = blur_idx.transpose(1, 2).contiguous()
-        self._blur_w = blur_w.transpose(1, 2).contiguous()
+        # minus[j, n1(i)] = i; vertices that are nobody's n1 keep M (a spare slot, then absent)
+        rows = torch.arange(d1, device=dev)[:, None] * (M + 1)
+        minus = torch.full((d1 * (M + 1),), M, dtype=torch.int64, device=dev)
+        minus.scatter_(0, (torch.where(found, pos.view(d1, M), M) + rows).reshape(-1), own.repeat(d1))
+        minus = minus.view(d1, M + 1)[:, :M]
+        nbrs = torch.stack([own.expand(d1, M), torch.where(found, pos.view(d1, M), M), minus], 2)  # (d+1)×M×3
+        keep = nbrs < M
+        lens = keep.sum(2)  # entries per bag, 1..3
+        sizes = lens.sum(1).tolist()  # entries per axis (a wait for the device)
+        total = sum(sizes)
+        # compaction by scatter (the kept entries in order; dropped ones go to a spare last slot)
+        kept = keep.reshape(-1)
+        dest = torch.where(kept, kept.cumsum(0) - 1, total)
+        flat_idx = nbrs.new_empty(total + 1).scatter_(0, dest, nbrs.reshape(-1))[:total]
+        w3 = torch.tensor([1.0, 0.5, 0.5], device=dev).expand(d1, M, 3).reshape(-1)
+        flat_w = w3.new_empty(total + 1).scatter_(0, dest, w3)[:total]
+        offs = lens.cumsum(1) - lens
+        self._blur = [(i, o, w) for i, o, w in zip(flat_idx.split(sizes), offs.unbind(0), flat_w.split(sizes))]
+        if dev.type == "cpu" and N * d1 < 2**31:
+            # int32 indices on CPU: the gather-sums are bound by memory traffic (same results)
+            i32 = torch.int32
+            sp_idx, sp_off, sp_w = self._splat
+            self._splat = (sp_idx.to(i32), sp_off.to(i32), sp_w)
+            self._slice_idx = self._slice_idx.to(i32)
+            self._blur = [(i.to(i32), o.to(i32), w) for i, o, w in self._blur]
         self._alpha = 1.0 / (1.0 + 2.0 ** (-d))
         self._norm: Optional[torch.Tensor] = None
         self._plan: Optional[_FilterPlan] = None
@@ -261,10 +283,6 @@ class PermutohedralLattice:
         return self._norm
 
 
-def _bag_offsets(n_bags: int, size: int, start: int, dev: torch.device) -> torch.Tensor:
-    return torch.arange(start, start + n_bags * size, size, device=dev)
-
-
 def _cat(ts: list) -> torch.Tensor:
     return ts[0] if len(ts) == 1 else torch.cat(ts)
 
@@ -274,18 +292,23 @@ class _FilterPlan:
     sequence of gather-sums (``embedding_bag``) on one stacked table of all their vertices, the
     index tensors built once. The lattices' blur axes run side by side (one call per axis for
     all of them); on a GPU their splats do too, so filtering with both pairwise kernels of the
-    CRF costs one splat call, one per blur axis and one slice per kernel. On CPU each lattice
-    splats on its own, and no index tensor is copied.
+    CRF costs one splat call, one per blur axis and one slice. On CPU each lattice splats on its
+    own (no copy of the largest index tensors).
 
     ``parts``: ``(lattice, splat_scale, slice_w)``: an optional per-point scale folded into the
-    splat weights and the slice weights (``N×(d+1)``; default the barycentric ones). Each
-    lattice's arithmetic is that of filtering with it alone (same bags, same order)."""
+    splat weights and the slice weights (``N×(d+1)``; default the barycentric ones). One slice
+    call sums every lattice's contribution to a point. Index tensors are int32 where the
+    lattices keep them so (CPU) and the stacked tables fit."""
 
     def __init__(self, parts: Sequence[tuple]):
         lats = [p[0] for p in parts]
         dev = lats[0]._slice_w.device
         N = lats[0].N
-        stages = self._stages(parts)
+        # the lattices' index type (int32 on CPU), unless the stacked tables need int64
+        itype = lats[0]._slice_idx.dtype
+        if any(lat._slice_idx.dtype != itype for lat in lats) or N * sum(lat.d + 1 for lat in lats) >= 2**31:
+            itype = torch.int64
+        stages = [(i.to(itype), o.to(itype), w) for i, o, w in self._stages(parts)]
         vbase, n = [], 0  # first row of each lattice's vertices in the stacked table
         for lat in lats:
             vbase.append(n)
@@ -299,22 +322,24 @@ class _FilterPlan:
             n_idx = 0
             for lat, b in zip(lats, vbase):
                 if j <= lat.d:
-                    idx_l.append((lat._blur_idx[j] + b if b else lat._blur_idx[j]).reshape(-1))
-                    w_l.append(lat._blur_w[j].reshape(-1))
-                    off_l.append(_bag_offsets(lat.M, 3, n_idx, dev))
+                    idx, off, w = lat._blur[j]
+                    idx_l.append(idx.to(itype) + b if b else idx.to(itype))
+                    w_l.append(w)
+                    off_l.append(off.to(itype) + n_idx if n_idx else off.to(itype))
                 else:
-                    idx_l.append(torch.arange(b, b + lat.M, device=dev))
+                    idx_l.append(torch.arange(b, b + lat.M, device=dev, dtype=itype))
                     w_l.append(torch.ones(lat.M, device=dev))
-                    off_l.append(torch.arange(n_idx, n_idx + lat.M, device=dev))
+                    off_l.append(torch.arange(n_idx, n_idx + lat.M, device=dev, dtype=itype))
                 n_idx += idx_l[-1].shape[0]
             self.blur.append((_cat(idx_l), _cat(off_l), _cat(w_l)))
-        # slice: one call per lattice (their outputs are added one by one, as separate kernels were)
-        self.slice = []
+        # slice: one bag per point over its vertices in every lattice
+        idx_l, w_l = [], []
         for (lat, _, slice_w), b in zip(parts, vbase):
-            w = slice_w if slice_w is not None else lat._slice_w
-            K = w.shape[1]
-            self.slice.append(((lat._slice_idx + b if b else lat._slice_idx).reshape(-1), _bag_offsets(N, K, 0, dev),
-                               w.reshape(-1)))
+            idx_l.append(lat._slice_idx.to(itype) + b if b else lat._slice_idx.to(itype))
+            w_l.append(slice_w if slice_w is not None else lat._slice_w)
+        K = sum(w.shape[1] for w in w_l)
+        self.slice = (torch.cat(idx_l, 1).reshape(-1), torch.arange(0, N * K, K, device=dev, dtype=itype),
+                      torch.cat(w_l, 1).reshape(-1))
 
     @staticmethod
     def _stages(parts: Sequence[tuple]) -> list:
@@ -339,22 +364,14 @@ class _FilterPlan:
         return _cat(idx_l), _cat(off_l), _cat(w_l)
 
     def apply(self, values: torch.Tensor, addend: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``N×C`` float32 contiguous → ``N×C``: the first lattice's (weighted) splat-blur-slice,
-        plus ``addend``, plus the other lattices' ones, added in that order."""
+        """``N×C`` float32 contiguous → ``N×C``: the sum of the lattices' (weighted)
+        splat-blur-slice, plus ``addend``."""
         vals = _cat([F.embedding_bag(idx, values, off, mode="sum", per_sample_weights=w) for idx, off, w in self.splat])
         for idx, off, w in self.blur:
             vals = F.embedding_bag(idx, vals, off, mode="sum", per_sample_weights=w)
-        out = None
-        for idx, off, w in self.slice:
-            part = F.embedding_bag(idx, vals, off, mode="sum", per_sample_weights=w)
-            if out is None:
-                out = part
-                if addend is not None:
-                    out += addend
-            else:
-                out += part
-        assert out is not None
-        return out
+        idx, off, w = self.slice
+        out = F.embedding_bag(idx, vals, off, mode="sum", per_sample_weights=w)
+        return out if addend is None else out.add_(addend)
 
 
 def pixel_features(h: int, w: int, sxy: float, image: Optional[torch.Tensor] = None, srgb: float = 1.0,
@@ -492,8 +509,8 @@ def dense_crf_torch(images: Sequence[torch.Tensor], probs: Sequence[torch.Tensor
     :class:`LatticeTooLargeError` before any mean-field step when the appearance lattice has
     more vertices (noise-like images), so the caller can retry at a smaller size.
 
-    On a GPU the call waits for the device four times (the input check and the appearance
-    lattice's three sizes; three more when the smoothness lattice of a new image size is built);
+    On a GPU the call waits for the device five times (the input check and the appearance
+    lattice's four sizes; four more when the smoothness lattice of a new image size is built);
     the mean-field steps queue without waiting.
     """
     q, sizes = _mean_field(images, probs, iters, gauss_sxy, gauss_compat, bi_sxy, bi_srgb, bi_compat, max_vertices)
