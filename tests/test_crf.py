@@ -1,6 +1,7 @@
 """DenseCRF post-processing: the pydensecrf reference and the torch backend."""
 from __future__ import annotations
 
+import importlib.util
 import sys
 
 import numpy as np
@@ -10,6 +11,16 @@ from weclip_infer import crf
 from weclip_infer.crf import CRFUnavailableError, crf_available, dense_crf
 
 needs_crf = pytest.mark.skipif(not crf_available(), reason="pydensecrf not installed (pip install 'weclip-infer[crf]')")
+needs_numba = pytest.mark.skipif(importlib.util.find_spec("numba") is None,
+                                 reason="numba not installed (pip install 'weclip-infer[crf]')")
+
+
+@pytest.fixture
+def torch_construction(monkeypatch):
+    """Lattices built with torch operations on CPU too (as on a GPU), not with the compiled loops."""
+    from weclip_infer.crf import permutohedral as P
+
+    monkeypatch.setattr(P, "_compiled_construction", lambda: None)
 
 
 def _two_region_problem(seed: int = 0, h: int = 40, w: int = 56):
@@ -237,10 +248,10 @@ def test_torch_crf_layouts_give_identical_numbers():
     assert torch.equal(P.PermutohedralLattice._ranks_by_pairs(diff), P.PermutohedralLattice._ranks_at_once(diff))
 
 
-def test_torch_mean_field_never_waits_for_the_device():
-    """Only the input check, the appearance lattice's sizes and (on CPU) the softmax's message
-    bound read device values; the mean-field steps add no operation that waits (nonzero, item
-    and the like)."""
+def test_torch_mean_field_never_waits_for_the_device(torch_construction):
+    """Only the input check, the appearance lattice's sizes (torch construction, as on a GPU) and
+    (on CPU) the softmax's message bound read device values; the mean-field steps add no
+    operation that waits (nonzero, item and the like)."""
     torch = pytest.importorskip("torch")
     from weclip_infer.crf.permutohedral import dense_crf_torch
 
@@ -255,3 +266,100 @@ def test_torch_mean_field_never_waits_for_the_device():
         return sum(e.count for e in prof.key_averages() if e.key in waits)
 
     assert count(1) == count(8) <= 4
+
+
+def _lattice_pair(monkeypatch, features, group=None):
+    """The same lattice built by the compiled loops (checked to have run) and by torch operations."""
+    from weclip_infer.crf import lattice_numba
+    from weclip_infer.crf import permutohedral as P
+
+    calls = []
+    real = lattice_numba.build_lattice
+    monkeypatch.setattr(lattice_numba, "build_lattice", lambda *a: calls.append(1) or real(*a))
+    compiled = P.PermutohedralLattice(features, group)
+    assert calls, "the compiled construction did not run"
+    monkeypatch.setattr(P, "_compiled_construction", lambda: None)
+    return compiled, P.PermutohedralLattice(features, group)
+
+
+@needs_numba
+@pytest.mark.parametrize("case", ["appearance", "batch", "smoothness"])
+def test_compiled_lattice_is_the_torch_lattice(case, monkeypatch):
+    """Same vertices (up to numbering), same barycentric weights bit for bit, same blur
+    neighbours, and the same filtered values to float32 rounding."""
+    torch = pytest.importorskip("torch")
+    from weclip_infer.crf import permutohedral as P
+
+    group = None
+    if case == "smoothness":
+        feats = P.pixel_features(37, 53, 3.0)
+    else:
+        image, _ = _textured_problem(seed=7, h=36, w=50)
+        feats = P.pixel_features(36, 50, 64, torch.from_numpy(image), 5)
+        if case == "batch":
+            image2, _ = _two_region_problem(seed=8, h=21, w=30)[:2]
+            feats = torch.cat([feats, P.pixel_features(21, 30, 64, torch.from_numpy(image2), 5)])
+            group = torch.cat([torch.zeros(36 * 50, dtype=torch.int64), torch.ones(21 * 30, dtype=torch.int64)])
+    a, b = _lattice_pair(monkeypatch, feats, group)
+    assert a.M == b.M and torch.equal(a._slice_w, b._slice_w)
+    # vertex numbering: one permutation maps every simplex corner of a onto the same corner of b
+    ca, cb = a._slice_idx.long().reshape(-1), b._slice_idx.long().reshape(-1)
+    perm = torch.full((a.M,), -1, dtype=torch.int64)
+    perm[ca] = cb
+    assert torch.equal(perm[ca], cb) and torch.equal(perm.sort().values, torch.arange(a.M))
+    for (ia, oa, wa), (ib, ob, wb) in zip(a._blur, b._blur):  # the same bags along every axis
+        def bags(idx, off, w, relabel):
+            ends = torch.cat([off[1:].long(), torch.tensor([idx.numel()])])
+            return sorted((int(relabel[v]), tuple(sorted((int(relabel[int(i)]), float(x))
+                                                          for i, x in zip(idx[s:e], w[s:e]))))
+                          for v, (s, e) in enumerate(zip(off.long().tolist(), ends.tolist())))
+        assert bags(ia, oa, wa, perm) == bags(ib, ob, wb, torch.arange(b.M))
+    values = torch.rand(feats.shape[0], 4, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(a.filter(values), b.filter(values), rtol=2e-6, atol=1e-6)
+    torch.testing.assert_close(a.norm(), b.norm(), rtol=2e-6, atol=0.0)
+
+
+@needs_numba
+def test_compiled_and_torch_construction_give_the_same_crf(monkeypatch):
+    torch = pytest.importorskip("torch")
+    from weclip_infer.crf.permutohedral import dense_crf_torch
+
+    image, probs = _textured_problem(seed=9, h=45, w=61, C=4)
+    args = ([torch.from_numpy(image)], [torch.from_numpy(probs)])
+    compiled = dense_crf_torch(*args)[0]
+    from weclip_infer.crf import permutohedral as P
+
+    monkeypatch.setattr(P, "_compiled_construction", lambda: None)
+    monkeypatch.setattr(P, "_CACHE", type(P._CACHE)())  # the smoothness lattice rebuilt as well
+    plain = dense_crf_torch(*args)[0]
+    torch.testing.assert_close(compiled, plain, atol=1e-4, rtol=0.0)  # 10 steps amplify rounding
+    assert (compiled.argmax(0) == plain.argmax(0)).float().mean() > 0.999
+
+
+def test_compiled_construction_can_be_switched_off(monkeypatch):
+    from weclip_infer.crf import permutohedral as P
+
+    monkeypatch.setenv("WECLIP_CRF_COMPILED", "0")
+    monkeypatch.setattr(P, "_compiled_checked", False)
+    monkeypatch.setattr(P, "_compiled", None)
+    assert P._compiled_construction() is None
+
+
+@pytest.mark.parametrize("construction", ["default", "torch"])
+def test_lattice_overflow_and_unresolvable_features_are_errors(construction, monkeypatch):
+    torch = pytest.importorskip("torch")
+    from weclip_infer.crf import permutohedral as P
+
+    if construction == "torch":
+        monkeypatch.setattr(P, "_compiled_construction", lambda: None)
+    v = 2e3  # a coordinate range whose vertex codes need more than 64 bits
+    with pytest.raises(OverflowError, match="64-bit vertex codes"):
+        P.PermutohedralLattice(torch.tensor([[0.0] * 5, [v, -v, v, -v, v], [-v, v, -v, v, -v]]))
+    with pytest.raises(ValueError, match="too large for float32"):  # and no index out of range first
+        P.PermutohedralLattice(torch.tensor([[0.0] * 5, [3e8] * 5]))
+
+
+@needs_numba
+def test_prepare_torch_crf_compiles_on_cpu_only():
+    assert crf.prepare_torch_crf("cpu") is True
+    assert crf.prepare_torch_crf("cuda") is False  # nothing to compile there (no CUDA needed to say so)

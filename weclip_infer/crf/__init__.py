@@ -8,7 +8,9 @@ label map is the argmax of the returned marginals.
 * ``"torch"`` (:func:`dense_crf_torch`): the mean field in torch with permutohedral-lattice
   filtering, on any device (the model's GPU included), batched. Always available.
   :func:`refine_labels` returns its label map on the probabilities' device (nothing but the
-  ``H×W`` labels needs to leave a GPU).
+  ``H×W`` labels needs to leave a GPU). On CPU its lattices are built by compiled loops when
+  numba is installed (the ``crf`` extra; :mod:`~weclip_infer.crf.lattice_numba`), several times
+  faster than with torch operations; :func:`prepare_torch_crf` compiles them ahead of use.
 * ``"densecrf"`` (:func:`dense_crf`): the reference C++ implementation through pydensecrf, an
   optional dependency (``pip install "weclip-infer[crf]"``); when it is missing,
   :class:`CRFUnavailableError` says how to install it — CRF is never skipped silently.
@@ -31,7 +33,8 @@ if TYPE_CHECKING:  # torch is imported when a torch CRF runs
     import torch
 
 __all__ = ["CRF_BACKENDS", "CRFUnavailableError", "INSTALL_HINT", "crf_available", "crf_labels", "dense_crf",
-           "dense_crf_labels_torch", "dense_crf_torch", "refine", "refine_labels", "resolve_crf_backend"]
+           "dense_crf_labels_torch", "dense_crf_torch", "prepare_torch_crf", "refine", "refine_labels",
+           "resolve_crf_backend"]
 
 CRF_BACKENDS = ("auto", "torch", "densecrf")
 
@@ -58,6 +61,20 @@ def dense_crf_labels_torch(*args: Any, **kwargs: Any):
     from .permutohedral import dense_crf_labels_torch as impl
 
     return impl(*args, **kwargs)
+
+
+def prepare_torch_crf(device: Any = "cpu") -> bool:
+    """Make the torch backend ready on ``device`` before the first image: on CPU with numba, the
+    lattice construction is compiled (a few seconds, once per machine) or loaded from numba's
+    cache. Returns True where there was something to prepare (a no-op elsewhere)."""
+    import torch
+
+    from .permutohedral import PermutohedralLattice, _compiled_construction, pixel_features
+
+    if torch.device(device).type != "cpu" or _compiled_construction() is None:
+        return False
+    PermutohedralLattice(pixel_features(4, 4, 3.0, device="cpu"))
+    return True
 
 
 def _torch_pair(image: Any, probs: Any) -> tuple:

@@ -11,13 +11,17 @@ images shares one lattice (images never interact: the image index is part of eac
 """
 from __future__ import annotations
 
+import logging
 import math
+import os
 import threading
 from collections import OrderedDict
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["LatticeTooLargeError", "PermutohedralLattice", "dense_crf_labels_torch", "dense_crf_torch",
            "pixel_features"]
@@ -31,6 +35,11 @@ class LatticeTooLargeError(RuntimeError):
         super().__init__(f"the CRF lattice has {vertices} vertices, more than the limit {limit}")
         self.vertices = vertices
         self.limit = limit
+
+
+_OVERFLOW = "permutohedral lattice: feature range too large for 64-bit vertex codes"
+_UNRESOLVED = ("permutohedral lattice: feature values too large for float32 (scale positions and colours by "
+               "standard deviations of a sensible size)")
 
 
 class PermutohedralLattice:
@@ -51,10 +60,33 @@ class PermutohedralLattice:
     def __init__(self, features: torch.Tensor, group: Optional[torch.Tensor] = None):
         if features.ndim != 2:
             raise ValueError(f"features must be N×d, got shape {tuple(features.shape)}")
-        f = features.float()
+        f = features.detach().float()
+        N, d = f.shape
+        self.N, self.d = N, d
+        self._alpha = 1.0 / (1.0 + 2.0 ** (-d))
+        self._norm: Optional[torch.Tensor] = None
+        self._plan: Optional[_FilterPlan] = None
+        kernels = _compiled_construction() if f.device.type == "cpu" and N * (d + 1) < 2**31 else None
+        if kernels is not None:
+            self._build_compiled(kernels, f, group)
+        else:
+            self._build(f, group)
+
+    def _build_compiled(self, kernels, f: torch.Tensor, group: Optional[torch.Tensor]) -> None:
+        """The construction as compiled loops (:mod:`weclip_infer.crf.lattice_numba`): same
+        lattice, int32 indices."""
+        g = None if group is None else group.detach().to("cpu", torch.int64).contiguous().numpy()
+        arrays = kernels.build_lattice(f.contiguous().numpy(), g)
+        self.M = arrays.M
+        self._slice_idx = torch.from_numpy(arrays.slice_idx)
+        self._slice_w = torch.from_numpy(arrays.bary)
+        self._splat = tuple(torch.from_numpy(a) for a in arrays.splat)
+        self._blur = [tuple(torch.from_numpy(a) for a in axis) for axis in arrays.blur]
+
+    def _build(self, f: torch.Tensor, group: Optional[torch.Tensor]) -> None:
+        """The construction as whole-array torch operations (any device)."""
         N, d = f.shape
         dev = f.device
-        self.N, self.d = N, d
         d1 = d + 1
         # Elevate onto the hyperplane sum(x) = 0 of R^{d+1}, scaled so that the blur below has the
         # standard deviation of a unit Gaussian in feature space. (The scale is computed on the
@@ -88,6 +120,10 @@ class PermutohedralLattice:
         lo_mask, hi_mask = rank < 0, rank > d
         rank = torch.where(lo_mask, rank + d1, torch.where(hi_mask, rank - d1, rank))
         rem0 = torch.where(lo_mask, rem0 + d1, torch.where(hi_mask, rem0 - d1, rem0))
+        # A rank outside 0..d means float32 could not resolve the features (values far too
+        # large): reported with the sizes below; clamped meanwhile, so no index goes out of range.
+        unresolved = ((rank < 0) | (rank > d)).any()
+        rank = rank.clamp_(0, d)
         # Barycentric coordinates of each point in its simplex.
         vb = (elevated - rem0) * down
         bary = torch.zeros(N, d + 2, device=dev)
@@ -110,12 +146,16 @@ class PermutohedralLattice:
         strides = torch.cat([radix[1:].flip(0).cumprod(0).flip(0), radix.new_ones(1)])  # strides[i] = prod radix[i+1:]
         # The one copy to the host that construction needs before the sorts: the radices (and the
         # number of groups); the host-side numbers below are computed from them.
-        stats = (radix if group is None else torch.cat([radix, group.to(device=dev, dtype=torch.int64).amax()[None]])
-                 ).tolist()
+        parts = [radix, unresolved.long()[None]]
+        if group is not None:
+            parts.append(group.to(device=dev, dtype=torch.int64).amax()[None])
+        stats = torch.cat(parts).tolist()
+        if stats[d]:
+            raise ValueError(_UNRESOLVED)
         radix_h = stats[:d]
-        n_groups = int(stats[d]) + 1 if group is not None else 1
+        n_groups = int(stats[d + 1]) + 1 if group is not None else 1
         if math.prod(float(r) for r in radix_h) * n_groups >= 2.0 ** 62:
-            raise OverflowError("permutohedral lattice: feature range too large for 64-bit vertex codes")
+            raise OverflowError(_OVERFLOW)
         strides_h = [1] * d
         for i in range(d - 2, -1, -1):
             strides_h[i] = strides_h[i + 1] * radix_h[i + 1]
@@ -167,9 +207,6 @@ class PermutohedralLattice:
             self._splat = (sp_idx.to(i32), sp_off.to(i32), sp_w)
             self._slice_idx = self._slice_idx.to(i32)
             self._blur = [(i.to(i32), o.to(i32), w) for i, o, w in self._blur]
-        self._alpha = 1.0 / (1.0 + 2.0 ** (-d))
-        self._norm: Optional[torch.Tensor] = None
-        self._plan: Optional[_FilterPlan] = None
 
     # ---- construction helpers --------------------------------------------------------------------
     @staticmethod
@@ -281,6 +318,32 @@ class PermutohedralLattice:
             ones = torch.ones(self.N, 1, device=self._slice_w.device)
             self._norm = torch.rsqrt(self.filter(ones)[:, 0] + 1e-20)
         return self._norm
+
+
+#: Set ``WECLIP_CRF_COMPILED=0`` to build lattices with torch operations on CPU too.
+_COMPILED_ENV = "WECLIP_CRF_COMPILED"
+_compiled: Optional[object] = None
+_compiled_checked = False
+_compiled_lock = threading.Lock()
+
+
+def _compiled_construction() -> Optional[object]:
+    """:mod:`weclip_infer.crf.lattice_numba` when numba imports (and the environment allows it),
+    else ``None``; decided once per process."""
+    global _compiled, _compiled_checked
+    if _compiled_checked:
+        return _compiled
+    with _compiled_lock:
+        if not _compiled_checked:
+            if os.environ.get(_COMPILED_ENV, "1").strip().lower() not in ("0", "false", "no", "off"):
+                try:
+                    from . import lattice_numba
+                except ImportError:
+                    logger.debug("numba is not installed: CPU lattices are built with torch operations")
+                else:
+                    _compiled = lattice_numba
+            _compiled_checked = True
+    return _compiled
 
 
 def _cat(ts: list) -> torch.Tensor:

@@ -85,6 +85,7 @@ class SegmentationService:
         """Load a checkpoint directory or export bundle with its ``serve_config.json``."""
         import torch
 
+        from ..crf import prepare_torch_crf
         from ..memory import reuse_freed_memory
         from ..predictor import Segmenter
 
@@ -102,6 +103,10 @@ class SegmentationService:
         logger.info("WeCLIP model loaded from %s (device %s) in %.2f s", model_dir, seg.device,
                     time.perf_counter() - t0)
         reuse_freed_memory(device=seg.device)  # per-request temporaries reused, not page-faulted in again
+        if seg.crf_backend in ("auto", "torch"):  # compiled now, not in the first CRF request
+            t0 = time.perf_counter()
+            if prepare_torch_crf(seg.device):
+                logger.info("torch CRF prepared in %.2f s", time.perf_counter() - t0)
         return cls(seg, cfg["max_pixels"], network_batch=cfg["network_batch"], serve_config=cfg, model_dir=model_dir)
     _annotator: Any = None
     _annotator_lock = threading.Lock()
