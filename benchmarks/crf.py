@@ -130,23 +130,43 @@ def main() -> int:
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
+    from weclip_infer.crf import permutohedral
+    from weclip_infer.crf.permutohedral import dense_crf_labels_torch
+
+    compiled = dev.type == "cpu" and permutohedral._compiled_construction() is not None
+    if compiled:
+        import numba
+
+        info["lattice_construction"] = f"compiled loops (numba {numba.__version__})"
+    else:
+        info["lattice_construction"] = "torch operations"
     timing = {"densecrf": time_call(lambda: dense_crf(img, probs), a.repeats)}
     for threads in sorted({1, a.threads}):
         torch.set_num_threads(threads)
         timing[f"torch_{threads}_threads"] = time_call(run_torch, a.repeats)
     torch.set_num_threads(a.threads)
-    from weclip_infer.crf import permutohedral
+    # the label map alone (what Segmenter and the server ask for: no softmax after the last step)
+    timing[f"torch_labels_{a.threads}_threads"] = time_call(lambda: dense_crf_labels_torch([img_t], [probs_t]),
+                                                           a.repeats)
+    if compiled:  # what runs without numba: the lattices built with torch operations
+        real = permutohedral._compiled_construction
+        permutohedral._compiled_construction = lambda: None
+        try:
+            timing[f"torch_{a.threads}_threads_torch_construction"] = time_call(run_torch, a.repeats)
+        finally:
+            permutohedral._compiled_construction = real
 
     permutohedral._CACHE.clear()  # first image of a new size: the smoothness lattice is built too
     t = time.perf_counter()
     run_torch()
     timing["torch_new_size_s"] = round(time.perf_counter() - t, 4)
     info["load_average_end"] = list(os.getloadavg())
+    shared = max(info["load_average_start"][0], info["load_average_end"][0]) > 1.5 * a.threads
     out = {
         "what": "DenseCRF: pydensecrf (reference) vs the torch backend (permutohedral lattice), same parameters",
         "machine": info,
         "note": ("measured while other jobs shared the machine (see load averages); times are indicative, "
-                 "the accuracy figures are exact"),
+                 "the accuracy figures are exact") if shared else "the machine was otherwise idle (load averages)",
         "val_images": n, "classes": C, "torch_device": str(dev),
         "miou": miou,
         "label_agreement_torch_vs_densecrf": round(float(np.mean(agree)), 6),
@@ -159,9 +179,10 @@ def main() -> int:
     (dest / f"{a.name}.json").write_text(json.dumps(out, indent=1) + "\n")
     md = [
         f"# DenseCRF backends ({n} demo-world val images, shipped demo model)", "",
-        f"Machine: {info['cpu']}, {a.threads} threads, torch {info['torch']}; torch CRF on `{dev}`. "
-        f"Load average {info['load_average_start'][0]:.1f} at start, {info['load_average_end'][0]:.1f} at end "
-        "(other jobs shared the machine: times are indicative).", "",
+        f"Machine: {info['cpu']}, {a.threads} threads, torch {info['torch']}; torch CRF on `{dev}`, lattices "
+        f"built by {info['lattice_construction']}. "
+        f"Load average {info['load_average_start'][0]:.1f} at start, {info['load_average_end'][0]:.1f} at end"
+        + (" (other jobs shared the machine: times are indicative)." if shared else "."), "",
         "| | mIoU |", "|---|---|",
         *[f"| {k} | {v * 100:.2f} |" for k, v in miou.items()], "",
         f"Labels of the two backends agree on {np.mean(agree) * 100:.3f} % of the pixels; largest difference of a "
