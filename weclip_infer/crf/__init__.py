@@ -16,7 +16,8 @@ label map is the argmax of the returned marginals.
   :class:`CRFUnavailableError` says how to install it — CRF is never skipped silently.
 * ``"auto"``: the torch backend.
 
-Both agree to about 1e-5 on the marginals (same lattice approximation). The cost of either grows
+Both compute the same CRF (same lattice approximation): their label maps agree on 100% of the
+demo-world val pixels, the marginals up to float rounding (``benchmarks/results/crf.md``). The cost of either grows
 with the number of pixels (and with the image's colour variety), so callers cap the size they
 refine: :class:`~weclip_infer.predictor.Segmenter` refines at most ``crf_max_pixels`` pixels.
 """
