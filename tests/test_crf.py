@@ -357,6 +357,17 @@ def test_lattice_overflow_and_unresolvable_features_are_errors(construction, mon
         P.PermutohedralLattice(torch.tensor([[0.0] * 5, [v, -v, v, -v, v], [-v, v, -v, v, -v]]))
     with pytest.raises(ValueError, match="too large for float32"):  # and no index out of range first
         P.PermutohedralLattice(torch.tensor([[0.0] * 5, [3e8] * 5]))
+    with pytest.raises(ValueError, match="N×d"):
+        P.PermutohedralLattice(torch.zeros(0, 5))
+
+
+@needs_numba
+def test_compiled_construction_refuses_non_finite_features():
+    torch = pytest.importorskip("torch")
+    from weclip_infer.crf import permutohedral as P
+
+    with pytest.raises(ValueError, match="NaN or inf"):
+        P.PermutohedralLattice(torch.tensor([[0.0, 1.0], [float("nan"), 2.0]]))
 
 
 @needs_numba

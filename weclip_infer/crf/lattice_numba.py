@@ -278,6 +278,10 @@ def build_lattice(features: np.ndarray, group: Optional[np.ndarray] = None) -> L
     d1 = d + 1
     if N * d1 >= 2**31:
         raise ValueError(f"lattice_numba: {N} points of dimension {d} need int64 indices")
+    if N < 1 or d < 1:
+        raise ValueError(f"lattice_numba: features must be N×d with N, d >= 1, got {f.shape}")
+    if not np.isfinite(f).all():
+        raise ValueError("permutohedral lattice: features contain NaN or inf")
     i = np.arange(d, dtype=np.float64)
     scale = (math.sqrt(2.0 / 3.0) * d1 / np.sqrt((i + 2) * (i + 1))).astype(np.float32)
     rem0, rank, bary, lo, hi, resolved = _embed(f, scale)

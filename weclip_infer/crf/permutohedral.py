@@ -58,8 +58,8 @@ class PermutohedralLattice:
     """
 
     def __init__(self, features: torch.Tensor, group: Optional[torch.Tensor] = None):
-        if features.ndim != 2:
-            raise ValueError(f"features must be N×d, got shape {tuple(features.shape)}")
+        if features.ndim != 2 or features.shape[0] < 1 or features.shape[1] < 1:
+            raise ValueError(f"features must be N×d with N, d >= 1, got shape {tuple(features.shape)}")
         f = features.detach().float()
         N, d = f.shape
         self.N, self.d = N, d
