@@ -374,3 +374,22 @@ def test_compiled_construction_refuses_non_finite_features():
 def test_prepare_torch_crf_compiles_on_cpu_only():
     assert crf.prepare_torch_crf("cpu") is True
     assert crf.prepare_torch_crf("cuda") is False  # nothing to compile there (no CUDA needed to say so)
+
+
+def test_unusable_numba_falls_back_to_the_torch_construction(monkeypatch, caplog):
+    """numba installed but unusable (e.g. no writable cache location: it raises at import) is
+    logged, and lattices are built with torch operations."""
+    pytest.importorskip("torch")
+    from weclip_infer.crf import permutohedral as P
+
+    def broken():
+        raise RuntimeError("cannot cache function '_embed': no locator available")
+
+    monkeypatch.delenv("WECLIP_CRF_COMPILED", raising=False)
+    monkeypatch.setattr(P, "_load_compiled", broken)
+    monkeypatch.setattr(P, "_compiled_checked", False)
+    monkeypatch.setattr(P, "_compiled", None)
+    with caplog.at_level("WARNING", logger=P.__name__):
+        assert P._compiled_construction() is None
+    assert "no locator available" in caplog.text
+    assert P.PermutohedralLattice(P.pixel_features(6, 7, 3.0)).M > 0

@@ -327,9 +327,16 @@ _compiled_checked = False
 _compiled_lock = threading.Lock()
 
 
+def _load_compiled() -> object:
+    from . import lattice_numba
+
+    return lattice_numba
+
+
 def _compiled_construction() -> Optional[object]:
     """:mod:`weclip_infer.crf.lattice_numba` when numba imports (and the environment allows it),
-    else ``None``; decided once per process."""
+    else ``None``; decided once per process. A numba that is installed but cannot be used (no
+    writable cache location, a broken LLVM) is logged and the torch construction is used."""
     global _compiled, _compiled_checked
     if _compiled_checked:
         return _compiled
@@ -337,11 +344,12 @@ def _compiled_construction() -> Optional[object]:
         if not _compiled_checked:
             if os.environ.get(_COMPILED_ENV, "1").strip().lower() not in ("0", "false", "no", "off"):
                 try:
-                    from . import lattice_numba
+                    _compiled = _load_compiled()
                 except ImportError:
                     logger.debug("numba is not installed: CPU lattices are built with torch operations")
-                else:
-                    _compiled = lattice_numba
+                except Exception as e:  # noqa: BLE001 - the torch construction computes the same lattice
+                    logger.warning("the compiled lattice construction is unavailable (%s: %s); CPU lattices are "
+                                   "built with torch operations", type(e).__name__, e)
             _compiled_checked = True
     return _compiled
 
