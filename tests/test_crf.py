@@ -393,3 +393,22 @@ def test_unusable_numba_falls_back_to_the_torch_construction(monkeypatch, caplog
         assert P._compiled_construction() is None
     assert "no locator available" in caplog.text
     assert P.PermutohedralLattice(P.pixel_features(6, 7, 3.0)).M > 0
+
+
+@needs_numba
+def test_a_failing_compiled_construction_falls_back_once(monkeypatch, caplog):
+    torch = pytest.importorskip("torch")
+    from weclip_infer.crf import lattice_numba
+    from weclip_infer.crf import permutohedral as P
+
+    def broken(*args):
+        raise RuntimeError("LLVM could not compile")
+
+    monkeypatch.setattr(P, "_compiled", P._compiled_construction())
+    monkeypatch.setattr(lattice_numba, "build_lattice", broken)
+    feats = P.pixel_features(6, 7, 3.0)
+    with caplog.at_level("WARNING", logger=P.__name__):
+        lat = P.PermutohedralLattice(feats)
+    assert "LLVM could not compile" in caplog.text and P._compiled is None
+    monkeypatch.setattr(P, "_compiled_construction", lambda: None)
+    assert torch.equal(lat._slice_w, P.PermutohedralLattice(feats)._slice_w)

@@ -68,9 +68,14 @@ class PermutohedralLattice:
         self._plan: Optional[_FilterPlan] = None
         kernels = _compiled_construction() if f.device.type == "cpu" and N * (d + 1) < 2**31 else None
         if kernels is not None:
-            self._build_compiled(kernels, f, group)
-        else:
-            self._build(f, group)
+            try:
+                self._build_compiled(kernels, f, group)
+                return
+            except (ValueError, OverflowError):  # about the features: the torch construction agrees
+                raise
+            except Exception as e:  # noqa: BLE001 - e.g. numba cannot compile here: same lattice below
+                _disable_compiled(e)
+        self._build(f, group)
 
     def _build_compiled(self, kernels, f: torch.Tensor, group: Optional[torch.Tensor]) -> None:
         """The construction as compiled loops (:mod:`weclip_infer.crf.lattice_numba`): same
@@ -352,6 +357,16 @@ def _compiled_construction() -> Optional[object]:
                                    "built with torch operations", type(e).__name__, e)
             _compiled_checked = True
     return _compiled
+
+
+def _disable_compiled(error: BaseException) -> None:
+    """The compiled construction failed at run time: log it once and use torch operations."""
+    global _compiled
+    with _compiled_lock:
+        if _compiled is not None:
+            logger.warning("the compiled lattice construction failed (%s: %s); CPU lattices are built with torch "
+                           "operations from now on", type(error).__name__, error)
+            _compiled = None
 
 
 def _cat(ts: list) -> torch.Tensor:
