@@ -275,7 +275,7 @@ def _lattice_pair(monkeypatch, features, group=None):
 
     calls = []
     real = lattice_numba.build_lattice
-    monkeypatch.setattr(lattice_numba, "build_lattice", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(lattice_numba, "build_lattice", lambda *a, **k: calls.append(1) or real(*a, **k))
     compiled = P.PermutohedralLattice(features, group)
     assert calls, "the compiled construction did not run"
     monkeypatch.setattr(P, "_compiled_construction", lambda: None)
@@ -401,7 +401,7 @@ def test_a_failing_compiled_construction_falls_back_once(monkeypatch, caplog):
     from weclip_infer.crf import lattice_numba
     from weclip_infer.crf import permutohedral as P
 
-    def broken(*args):
+    def broken(*args, **kwargs):
         raise RuntimeError("LLVM could not compile")
 
     monkeypatch.setattr(P, "_compiled", P._compiled_construction())
