@@ -412,3 +412,20 @@ def test_a_failing_compiled_construction_falls_back_once(monkeypatch, caplog):
     assert "LLVM could not compile" in caplog.text and P._compiled is None
     monkeypatch.setattr(P, "_compiled_construction", lambda: None)
     assert torch.equal(lat._slice_w, P.PermutohedralLattice(feats)._slice_w)
+
+
+def test_blur_bags_of_fixed_size_give_the_same_bits(torch_construction, monkeypatch):
+    """GPUs keep three entries per blur bag (an absent neighbour adds 0 with weight 0) to avoid a
+    wait for the device; CPU lists only the neighbours that exist. Same filtered values, bit for bit."""
+    torch = pytest.importorskip("torch")
+    from weclip_infer.crf import permutohedral as P
+
+    image, probs = _textured_problem(seed=10, h=33, w=47, C=3)
+    feats = P.pixel_features(33, 47, 64, torch.from_numpy(image), 5)
+    compact = P.PermutohedralLattice(feats)
+    monkeypatch.setattr(P, "_COMPACT_BLUR_DEVICES", ())
+    fixed = P.PermutohedralLattice(feats)
+    assert all(i.numel() == 3 * fixed.M for i, _, _ in fixed._blur)
+    assert sum(i.numel() for i, _, _ in compact._blur) < sum(i.numel() for i, _, _ in fixed._blur)
+    x = torch.from_numpy(probs).reshape(3, -1).t().contiguous()
+    assert torch.equal(compact.filter(x), fixed.filter(x))

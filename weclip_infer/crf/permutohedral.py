@@ -37,6 +37,9 @@ class LatticeTooLargeError(RuntimeError):
         self.limit = limit
 
 
+#: Devices whose blur bags list only the neighbours that exist (sizing them waits for the device).
+_COMPACT_BLUR_DEVICES = ("cpu",)
+
 _OVERFLOW = "permutohedral lattice: feature range too large for 64-bit vertex codes"
 _UNRESOLVED = ("permutohedral lattice: feature values too large for float32 (scale positions and colours by "
                "standard deviations of a sensible size)")
@@ -52,9 +55,8 @@ class PermutohedralLattice:
     approximation computes it (splat onto lattice vertices with barycentric weights, blur with
     ``[1/2, 1, 1/2]`` along each of the ``d + 1`` lattice axes, slice back).
 
-    Construction waits for the device four times (the coordinate range, the number of distinct
-    simplices, the number of vertices, the blur's entries per axis: sizes that the index tensors
-    need); filtering never does.
+    Construction waits for the device three times (the coordinate range, the number of distinct
+    simplices, the number of vertices: sizes that the index tensors need); filtering never does.
     """
 
     def __init__(self, features: torch.Tensor, group: Optional[torch.Tensor] = None):
@@ -180,8 +182,10 @@ class PermutohedralLattice:
         self.M = M
         # Blur along each lattice axis: vertex i becomes v_i + (v_n1 + v_n2) / 2, where n1/n2 add
         # (+d, -1, ..., -1) / (-d, +1, ..., +1) with the +-d on axis j. Only the n1 codes are
-        # looked up (all axes at once): n2 of a vertex is the vertex whose n1 it is. Each bag
-        # holds the vertex itself and the neighbours that exist (absent ones would add 0).
+        # looked up (all axes at once): n2 of a vertex is the vertex whose n1 it is. On CPU each
+        # bag holds the vertex itself and the neighbours that exist (about half of the appearance
+        # lattice's are absent); elsewhere bags keep three entries, which needs no wait for the
+        # device to size them.
         steps = torch.cat([d1 * strides, strides.new_zeros(1)]) - s_all  # d+1
         up = (vcodes[None, :] + steps[:, None]).reshape(-1)  # (d+1)·M, each run of M codes sorted
         pos = torch.searchsorted(vcodes, up).clamp_(max=M - 1)
@@ -194,17 +198,24 @@ class PermutohedralLattice:
         minus = minus.view(d1, M + 1)[:, :M]
         nbrs = torch.stack([own.expand(d1, M), torch.where(found, pos.view(d1, M), M), minus], 2)  # (d+1)×M×3
         keep = nbrs < M
-        lens = keep.sum(2)  # entries per bag, 1..3
-        sizes = lens.sum(1).tolist()  # entries per axis (a wait for the device)
-        total = sum(sizes)
-        # compaction by scatter (the kept entries in order; dropped ones go to a spare last slot)
-        kept = keep.reshape(-1)
-        dest = torch.where(kept, kept.cumsum(0) - 1, total)
-        flat_idx = nbrs.new_empty(total + 1).scatter_(0, dest, nbrs.reshape(-1))[:total]
-        w3 = torch.tensor([1.0, 0.5, 0.5], device=dev).expand(d1, M, 3).reshape(-1)
-        flat_w = w3.new_empty(total + 1).scatter_(0, dest, w3)[:total]
-        offs = lens.cumsum(1) - lens
-        self._blur = [(i, o, w) for i, o, w in zip(flat_idx.split(sizes), offs.unbind(0), flat_w.split(sizes))]
+        w3 = torch.tensor([1.0, 0.5, 0.5], device=dev).expand(d1, M, 3)
+        if dev.type not in _COMPACT_BLUR_DEVICES:
+            # three entries per bag, an absent neighbour as the vertex itself with weight 0 (adds
+            # exactly 0): no wait for the device
+            idx = torch.where(keep, nbrs, own[:, None])
+            offs = torch.arange(0, 3 * M, 3, device=dev)
+            self._blur = [(idx[j].reshape(-1), offs, (w3[j] * keep[j]).reshape(-1)) for j in range(d1)]
+        else:
+            lens = keep.sum(2)  # entries per bag, 1..3
+            sizes = lens.sum(1).tolist()  # entries per axis
+            total = sum(sizes)
+            # compaction by scatter (the kept entries in order; dropped ones go to a spare last slot)
+            kept = keep.reshape(-1)
+            dest = torch.where(kept, kept.cumsum(0) - 1, total)
+            flat_idx = nbrs.new_empty(total + 1).scatter_(0, dest, nbrs.reshape(-1))[:total]
+            flat_w = w3.new_empty(total + 1).scatter_(0, dest, w3.reshape(-1))[:total]
+            offs = lens.cumsum(1) - lens
+            self._blur = [(i, o, w) for i, o, w in zip(flat_idx.split(sizes), offs.unbind(0), flat_w.split(sizes))]
         if dev.type == "cpu" and N * d1 < 2**31:
             # int32 indices on CPU: the gather-sums are bound by memory traffic (same results)
             i32 = torch.int32
@@ -595,8 +606,8 @@ def dense_crf_torch(images: Sequence[torch.Tensor], probs: Sequence[torch.Tensor
     :class:`LatticeTooLargeError` before any mean-field step when the appearance lattice has
     more vertices (noise-like images), so the caller can retry at a smaller size.
 
-    On a GPU the call waits for the device five times (the input check and the appearance
-    lattice's four sizes; four more when the smoothness lattice of a new image size is built);
+    On a GPU the call waits for the device four times (the input check and the appearance
+    lattice's three sizes; three more when the smoothness lattice of a new image size is built);
     the mean-field steps queue without waiting.
     """
     q, sizes = _mean_field(images, probs, iters, gauss_sxy, gauss_compat, bi_sxy, bi_srgb, bi_compat, max_vertices)
