@@ -8,6 +8,8 @@ filtered approximately on a permutohedral lattice (Adams, Baek & Davis, 2010) wi
 normalisation, and the label compatibility is Potts. Every step is a tensor operation (sorting,
 sparse matrix products, gathers), so it runs on the model's device — CPU or CUDA — and a batch of
 images shares one lattice (images never interact: the image index is part of each lattice key).
+On CPU the lattices are built by compiled loops when numba is installed
+(:mod:`weclip_infer.crf.lattice_numba`: the same lattice, several times cheaper there).
 """
 from __future__ import annotations
 
@@ -57,6 +59,8 @@ class PermutohedralLattice:
 
     Construction waits for the device three times (the coordinate range, the number of distinct
     simplices, the number of vertices: sizes that the index tensors need); filtering never does.
+    Raises ``OverflowError`` when the features span too wide a range for 64-bit vertex codes and
+    ``ValueError`` when their values are too large for float32 to place them on the lattice.
     """
 
     def __init__(self, features: torch.Tensor, group: Optional[torch.Tensor] = None):
