@@ -21,7 +21,7 @@ from typing import List, NamedTuple, Optional, Tuple
 import numba
 import numpy as np
 
-from .permutohedral import _OVERFLOW, _UNRESOLVED
+from .permutohedral import _UNRESOLVED, _code_layout
 
 __all__ = ["LatticeArrays", "build_lattice"]
 
@@ -292,12 +292,8 @@ def build_lattice(features: np.ndarray, group: Optional[np.ndarray] = None) -> L
     radix = hi - lo + margin + 1
     g = np.empty(0, np.int64) if group is None else np.ascontiguousarray(group, dtype=np.int64)
     n_groups = int(g.max()) + 1 if g.size else 1
-    if math.prod(float(r) for r in radix) * n_groups >= 2.0**62:
-        raise OverflowError(_OVERFLOW)
-    strides = np.ones(d, np.int64)
-    for j in range(d - 2, -1, -1):
-        strides[j] = strides[j + 1] * radix[j + 1]
-    span = int(strides[0] * radix[0]) if d else 1
+    strides_l, span = _code_layout([int(r) for r in radix], n_groups)
+    strides = np.array(strides_l, np.int64)
     slice_idx, codes, keys, ids, shift = _vertices(rem0, rank, lo, strides, g, span)
     M = int(codes.shape[0])
     s_all = int(strides.sum())

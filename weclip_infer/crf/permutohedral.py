@@ -47,6 +47,19 @@ _UNRESOLVED = ("permutohedral lattice: feature values too large for float32 (sca
                "standard deviations of a sensible size)")
 
 
+def _code_layout(radix: Sequence[int], n_groups: int) -> tuple:
+    """``(strides, span)`` of the mixed-radix vertex codes: ``strides[i]`` = product of
+    ``radix[i+1:]`` and ``span`` the number of codes of one group (image). Raises
+    ``OverflowError`` where the codes of ``n_groups`` groups would not fit in 64 bits."""
+    if math.prod(float(r) for r in radix) * n_groups >= 2.0 ** 62:
+        raise OverflowError(_OVERFLOW)
+    d = len(radix)
+    strides = [1] * d
+    for i in range(d - 2, -1, -1):
+        strides[i] = strides[i + 1] * radix[i + 1]
+    return strides, (strides[0] * radix[0] if d else 1)
+
+
 class PermutohedralLattice:
     """Gaussian filtering of values attached to ``N`` points with ``d``-dimensional features.
 
@@ -165,12 +178,7 @@ class PermutohedralLattice:
             raise ValueError(_UNRESOLVED)
         radix_h = stats[:d]
         n_groups = int(stats[d + 1]) + 1 if group is not None else 1
-        if math.prod(float(r) for r in radix_h) * n_groups >= 2.0 ** 62:
-            raise OverflowError(_OVERFLOW)
-        strides_h = [1] * d
-        for i in range(d - 2, -1, -1):
-            strides_h[i] = strides_h[i + 1] * radix_h[i + 1]
-        span = strides_h[0] * radix_h[0] if d else 1
+        strides_h, span = _code_layout(radix_h, n_groups)
         base = ((rem0_i - lo) * strides).sum(1)
         if group is not None:
             base = base + group.to(device=dev, dtype=torch.int64) * span
