@@ -660,10 +660,11 @@ def _kernel_profile(tr: _Trainer, sync: Callable[[], None]) -> dict:
 
 
 def par_variants(plan: Plan, budget: Budget) -> dict:
-    """PAR (20 iterations, 48 neighbours) at the training size, B=4, 1+3 channels, four ways:
-    the sliced form (CPU's), the gathered form (the library's GPU path), the sliced form replayed
-    from a CUDA graph, and the sliced form under ``torch.compile``. Milliseconds per call and the
-    largest difference from the sliced form."""
+    """PAR (20 iterations, 48 neighbours) at the training size, B=4, 1+3 channels, five ways:
+    the sliced form (CPU's), the gathered form (the library's default off CPU), the sparse form
+    (CSR products, ``par.PAR_OFF_CPU_FORM = "sparse"``), the sliced form replayed from a CUDA
+    graph, and the sliced form under ``torch.compile``. Milliseconds per call and the largest
+    difference from the sliced form."""
     from weclip_infer import par
 
     dev = torch.device(plan.device)
@@ -689,6 +690,7 @@ def par_variants(plan: Plan, budget: Budget) -> dict:
     variants: Dict[str, Callable[[], torch.Tensor]] = {
         "sliced": lambda: sliced(cams, kern),
         "gathered": lambda: par._refine_gathered(img, cams, dil, 20, 0.3, 0.01),
+        "sparse": lambda: par._refine_sparse(img, cams, dil, 20, 0.3, 0.01),
     }
     if dev.type == "cuda":
         try:

@@ -14,10 +14,18 @@ Two implementations of the same arithmetic, chosen by device:
   kernels instead of ~50 tiny ones: on a GPU the sliced form is bound by kernel launches, not
   by memory. The gathered block is at most :data:`PAR_GATHER_BYTES`; more neighbours are taken
   in chunks.
+
+A third form computes the same iterations as sparse matrix products: each pixel's 48 weights
+are one row of a CSR matrix over the replicate-padded CAMs, so an iteration is one row gather
+and one sparse × dense product that reads the weights once, where the gathered form writes and
+reads ``B×K×48×H×W`` values. :data:`PAR_OFF_CPU_FORM` chooses between the two off CPU; the
+gathered form stays the default until the sparse one has been timed on a GPU
+(``benchmarks/gpu.py``, check ``par_variants``).
 """
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Sequence
 
 import torch
@@ -26,14 +34,18 @@ import torch.nn.functional as F
 from .cam import minmax_normalize
 from .tensor_ops import channel_argmax, to_device
 
-__all__ = ["NEIGHBOUR_OFFSETS", "PAR_GATHER_BYTES", "par_kernel", "pixel_adaptive_refine", "upsample_cams", "cam_stack",
-           "pseudo_labels_from_cams"]
+__all__ = ["NEIGHBOUR_OFFSETS", "PAR_GATHER_BYTES", "PAR_OFF_CPU_FORM", "par_kernel", "pixel_adaptive_refine",
+           "upsample_cams", "cam_stack", "pseudo_labels_from_cams"]
 
 # (dy, dx) of the 8 neighbours in the order of docs/method.md §5.2.
 NEIGHBOUR_OFFSETS = [(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)]
 
-# Largest gathered neighbour block (bytes) of the gathered implementation: B×K×n'×H×W floats.
+# Largest gathered neighbour block (bytes) of the gathered implementation: B×K×n'×H×W floats;
+# also the largest sparse matrix (weights and column indices) of the sparse one.
 PAR_GATHER_BYTES = 256 * 2**20
+
+# The form PAR takes off CPU: "gathered" or "sparse" (see the module docstring).
+PAR_OFF_CPU_FORM = "gathered"
 
 
 def _neighbours(x: torch.Tensor, dilations: Sequence[int]) -> list[torch.Tensor]:
@@ -153,7 +165,11 @@ def pixel_adaptive_refine(image: torch.Tensor, cams: torch.Tensor, dilations: Se
         return torch.cat([pixel_adaptive_refine(image[b : b + 1], cams[b : b + 1], dilations, num_iter, w1, w2)
                           for b in range(image.shape[0])])
     if image.device.type != "cpu":
-        return _refine_gathered(image.float(), cams.float(), dilations, num_iter, w1, w2)
+        form = _OFF_CPU_FORMS.get(PAR_OFF_CPU_FORM)
+        if form is None:
+            raise ValueError(f"par.PAR_OFF_CPU_FORM must be one of {', '.join(_OFF_CPU_FORMS)}, "
+                             f"got {PAR_OFF_CPU_FORM!r}")
+        return form(image.float(), cams.float(), dilations, num_iter, w1, w2)
     kern = par_kernel(image.float(), dilations, w1, w2)
     x = cams.float()
     for _ in range(num_iter):
@@ -178,6 +194,68 @@ def _refine_gathered(image: torch.Tensor, cams: torch.Tensor, dilations: Sequenc
             acc.add_(nb.mul_(kern[:, :, a : a + nb.shape[2]]).sum(2))
         x = acc.view(B, K, H, W)
     return x
+
+
+def _sparse_structure(h: int, w: int, dilations: Sequence[int], batch: int, device: torch.device):
+    """CSR structure of one PAR iteration as a sparse matrix product over replicate-padded CAMs.
+
+    The CAMs of ``batch`` images are padded by ``m = max(dilations)`` with their edge pixels
+    (``pad_index``: padded pixel → source pixel, rows of the pixel-major ``(batch·h·w)×K``
+    CAMs). Row ``p`` of the ``(batch·h·w) × (batch·(h+2m)·(w+2m))`` matrix holds the 48 kernel
+    weights of pixel ``p`` at its neighbours' padded positions: the neighbours are distinct
+    there, and sorting them by offset (``perm``) gives every row the ascending, duplicate-free
+    column indices that sparse libraries require. Returns ``(crow, col, perm, pad_index)``.
+    """
+    off = [(dy * d, dx * d) for d in dilations for dy, dx in NEIGHBOUR_OFFSETS]
+    n, m = len(off), max(dilations)
+    hp, wp = h + 2 * m, w + 2 * m
+    shift = [dy * wp + dx for dy, dx in off]  # distinct: |dx| <= m < wp / 2
+    order = sorted(range(n), key=shift.__getitem__)
+    itype = torch.int32 if batch * hp * wp < 2**31 and batch * h * w * n < 2**31 else torch.int64
+    perm = to_device(torch.tensor(order), device)
+    shifts = to_device(torch.tensor([shift[i] for i in order], dtype=itype), device)
+    ys = torch.arange(h, device=device, dtype=itype)
+    xs = torch.arange(w, device=device, dtype=itype)
+    centre = ((ys[:, None] + m) * wp + (xs[None, :] + m)).flatten()  # padded position of each pixel
+    images = torch.arange(batch, device=device, dtype=itype)
+    col = (images[:, None, None] * (hp * wp) + centre[None, :, None] + shifts).flatten()
+    crow = torch.arange(0, batch * h * w * n + 1, n, device=device, dtype=itype)
+    src_y = (torch.arange(hp, device=device, dtype=itype) - m).clamp_(0, h - 1)
+    src_x = (torch.arange(wp, device=device, dtype=itype) - m).clamp_(0, w - 1)
+    pad = (src_y[:, None] * w + src_x[None, :]).flatten()
+    pad_index = (images[:, None] * (h * w) + pad[None, :]).flatten()
+    return crow, col, perm, pad_index
+
+
+def _refine_sparse(image: torch.Tensor, cams: torch.Tensor, dilations: Sequence[int], num_iter: int, w1: float,
+                   w2: float) -> torch.Tensor:
+    """The PAR iterations as sparse matrix products (:func:`_sparse_structure`): per iteration
+    one row gather (the replicate padding) and one CSR × dense product, reading each pixel's 48
+    weights once instead of materialising the gathered neighbours. Same sizes in and out."""
+    B, K, H, W = cams.shape
+    n = 8 * len(dilations)
+    per_image = 8 * n * H * W  # float32 weight + int32 column per entry
+    if per_image > PAR_GATHER_BYTES:  # one image's matrix alone is over the bound: gathered blocks
+        return _refine_gathered(image, cams, dilations, num_iter, w1, w2)
+    step = max(1, PAR_GATHER_BYTES // per_image)
+    if B > step:
+        return torch.cat([_refine_sparse(image[a : a + step], cams[a : a + step], dilations, num_iter, w1, w2)
+                          for a in range(0, B, step)])
+    crow, col, perm, pad_index = _sparse_structure(H, W, dilations, B, cams.device)
+    index = _neighbour_index(H, W, dilations, cams.device)
+    kern = _par_kernel_gathered(image, index, dilations, w1, w2)  # B×n×H×W
+    vals = kern.flatten(2).transpose(1, 2)[:, :, perm].reshape(-1)  # pixel-major, rows sorted by offset
+    hp, wp = H + 2 * max(dilations), W + 2 * max(dilations)
+    with warnings.catch_warnings():  # torch flags its CSR layout as beta at every construction
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
+        A = torch.sparse_csr_tensor(crow, col, vals, size=(B * H * W, B * hp * wp), check_invariants=False)
+    x = cams.permute(0, 2, 3, 1).reshape(B * H * W, K)
+    for _ in range(num_iter):
+        x = A @ x.index_select(0, pad_index)
+    return x.view(B, H, W, K).permute(0, 3, 1, 2).contiguous()
+
+
+_OFF_CPU_FORMS = {"gathered": _refine_gathered, "sparse": _refine_sparse}
 
 
 def upsample_cams(cams: Sequence[torch.Tensor], size: Sequence[int]) -> list[torch.Tensor]:
