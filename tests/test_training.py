@@ -64,6 +64,38 @@ def test_lr_at_matches_spec_formulas():
     assert all(a < b for a, b in zip(seq[:50], seq[1:51])) and all(a > b for a, b in zip(seq[50:], seq[51:]))
 
 
+
+def test_optimizer_is_adamw_with_the_recipe_and_fused_where_supported():
+    from weclip_infer.training.schedule import build_optimizer, set_lr
+
+    cfg = TrainConfig(max_iters=100)
+    w = torch.nn.Parameter(torch.randn(4, 3))
+    frozen = torch.nn.Parameter(torch.randn(2), requires_grad=False)
+    opt = build_optimizer([w, frozen], cfg)
+    assert isinstance(opt, torch.optim.AdamW) and opt.param_groups[0]["params"] == [w]
+    g = opt.param_groups[0]
+    assert (g["betas"], g["eps"], g["weight_decay"], g["lr"]) == (tuple(cfg.betas), cfg.eps, cfg.weight_decay,
+                                                                  lr_at(0, cfg))
+    assert g["fused"] is True
+    # the fused update is AdamW's: equal to the per-tensor form up to rounding
+    ref = torch.nn.Parameter(w.detach().clone())
+    ref_opt = torch.optim.AdamW([ref], lr=1e-2, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay,
+                                foreach=False)
+    start = w.detach().clone()
+    set_lr(opt, 1e-2)
+    for k in range(3):
+        grad = torch.randn(4, 3, generator=torch.Generator().manual_seed(k))
+        w.grad, ref.grad = grad.clone(), grad.clone()
+        opt.step()
+        ref_opt.step()
+    torch.testing.assert_close(w.detach(), ref.detach(), rtol=1e-6, atol=1e-7)
+    assert (w.detach() - start).abs().min() > 1e-3  # every weight moved
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        build_optimizer([frozen], cfg)
+    # a device the fused kernel is not used on falls back to the default update
+    meta = torch.nn.Parameter(torch.empty(3, device="meta"))
+    assert not build_optimizer([meta], cfg).param_groups[0]["fused"]
+
 # ------------------------------------------------------------------------------------------------
 # config and data errors
 # ------------------------------------------------------------------------------------------------
