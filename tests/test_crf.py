@@ -361,13 +361,16 @@ def test_lattice_overflow_and_unresolvable_features_are_errors(construction, mon
         P.PermutohedralLattice(torch.zeros(0, 5))
 
 
-@needs_numba
-def test_compiled_construction_refuses_non_finite_features():
+@pytest.mark.parametrize("construction", ["default", "torch"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_features_are_one_clear_error(construction, bad, monkeypatch):
     torch = pytest.importorskip("torch")
     from weclip_infer.crf import permutohedral as P
 
+    if construction == "torch":
+        monkeypatch.setattr(P, "_compiled_construction", lambda: None)
     with pytest.raises(ValueError, match="NaN or inf"):
-        P.PermutohedralLattice(torch.tensor([[0.0, 1.0], [float("nan"), 2.0]]))
+        P.PermutohedralLattice(torch.tensor([[0.0, 1.0], [bad, 2.0], [0.5, 0.5]]))
 
 
 @needs_numba

@@ -21,7 +21,7 @@ from typing import List, NamedTuple, Optional, Tuple
 import numba
 import numpy as np
 
-from .permutohedral import _UNRESOLVED, _code_layout
+from .permutohedral import _NONFINITE, _UNRESOLVED, _code_layout
 
 __all__ = ["LatticeArrays", "build_lattice"]
 
@@ -281,7 +281,7 @@ def build_lattice(features: np.ndarray, group: Optional[np.ndarray] = None) -> L
     if N < 1 or d < 1:
         raise ValueError(f"lattice_numba: features must be N×d with N, d >= 1, got {f.shape}")
     if not np.isfinite(f).all():
-        raise ValueError("permutohedral lattice: features contain NaN or inf")
+        raise ValueError(_NONFINITE)
     i = np.arange(d, dtype=np.float64)
     scale = (math.sqrt(2.0 / 3.0) * d1 / np.sqrt((i + 2) * (i + 1))).astype(np.float32)
     rem0, rank, bary, lo, hi, resolved = _embed(f, scale)

@@ -43,6 +43,7 @@ class LatticeTooLargeError(RuntimeError):
 _COMPACT_BLUR_DEVICES = ("cpu",)
 
 _OVERFLOW = "permutohedral lattice: feature range too large for 64-bit vertex codes"
+_NONFINITE = "permutohedral lattice: features contain NaN or inf"
 _UNRESOLVED = ("permutohedral lattice: feature values too large for float32 (scale positions and colours by "
                "standard deviations of a sensible size)")
 
@@ -168,14 +169,16 @@ class PermutohedralLattice:
         lo = rem0_i.amin(0) - margin
         radix = rem0_i.amax(0) - lo + margin + 1
         strides = torch.cat([radix[1:].flip(0).cumprod(0).flip(0), radix.new_ones(1)])  # strides[i] = prod radix[i+1:]
-        # The one copy to the host that construction needs before the sorts: the radices (and the
-        # number of groups); the host-side numbers below are computed from them.
-        parts = [radix, unresolved.long()[None]]
+        # The one copy to the host that construction needs before the sorts: the radices, whether
+        # the features were usable (2: not finite, 1: unresolved) and the number of groups; the
+        # host-side numbers below are computed from them.
+        bad = torch.where(torch.isfinite(f).all(), unresolved.long(), 2)
+        parts = [radix, bad[None]]
         if group is not None:
             parts.append(group.to(device=dev, dtype=torch.int64).amax()[None])
         stats = torch.cat(parts).tolist()
         if stats[d]:
-            raise ValueError(_UNRESOLVED)
+            raise ValueError(_NONFINITE if stats[d] == 2 else _UNRESOLVED)
         radix_h = stats[:d]
         n_groups = int(stats[d + 1]) + 1 if group is not None else 1
         strides_h, span = _code_layout(radix_h, n_groups)
